@@ -1,0 +1,139 @@
+"""The line model, as pure tensor math on device scalars: nothing here syncs with the host.
+
+Along ℓ(s) = L(θ₀ − s·d/‖d‖) the loss samples of each position are summed (NaN / inf
+skipped and counted), a quadratic a·s² + b·s + c is fitted by least squares over all
+samples (its 3×3 normal equations, solved by Cramer's rule), weight decay's exact parabola
+is added, and the step rule of ALGORITHM.md turns the fit into `s_upd` and `η`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .hyper import Hyper
+
+PARTIALS = ("dd", "gd", "wd_dd", "wd_td", "wd_tt")  # the direction op's partial sums
+
+
+class Line:
+    """Device-resident state of the line search: samples, current rate, histories, counters."""
+
+    def __init__(self, hyper: Hyper, device: torch.device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.hyper = hyper
+        positions = hyper.line_positions
+        self.scale = max(positions)  # positions are fitted in t = s/scale, all O(1)
+        self.positions = torch.tensor(positions, **f64)
+        self.sums = torch.zeros(len(positions), **f64)
+        self.counts = torch.zeros(len(positions), **f64)
+        self.partials = torch.zeros(len(PARTIALS), **f64)
+        self.s_upd = torch.zeros((), **f64)  # 0 until a rate exists: moving there = staying
+        self.eta = torch.zeros((), **f64)
+        self.lr = torch.zeros((), **f64)  # what param_groups[i]["lr"] shows
+        self.hist_s = torch.zeros(hyper.averaging_window, **f64)
+        self.hist_eta = torch.zeros(hyper.averaging_window, **f64)
+        self.hist_n = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_samples = torch.zeros((), dtype=torch.int64, device=device)
+        self._slots = torch.arange(hyper.averaging_window, device=device)
+
+    # tensors that make up the state (for state_dict), in a fixed order
+    STATE = ("sums", "counts", "partials", "s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n",
+             "skipped_updates", "skipped_samples")
+
+    # -- samples --------------------------------------------------------------------
+    def reset_samples(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+
+    def record(self, j: int, loss: torch.Tensor) -> None:
+        """Add one loss sample at position index j; a non-finite sample is skipped and counted."""
+        y = loss.detach().reshape(()).to(self.sums.dtype)
+        finite = torch.isfinite(y)
+        self.sums[j:j + 1].add_(torch.where(finite, y, 0.0))
+        self.counts[j:j + 1].add_(finite)
+        self.skipped_samples.add_(~finite)
+
+    def set_partials(self, partials: torch.Tensor) -> None:
+        self.partials.copy_(partials)
+
+    # -- the direction ----------------------------------------------------------------
+    def _norm(self) -> torch.Tensor:
+        """max(‖d‖, ε): the divisor of every move along d/‖d‖."""
+        return self.partials[0].sqrt().clamp(min=self.hyper.epsilon)
+
+    def abandon_code(self) -> torch.Tensor:
+        """0 to go on; bit 1: −⟨ḡ,d⟩/‖d‖ is not negative; bit 2: ‖d‖ outside the range or not finite."""
+        low, high = self.hyper.direction_norm_range
+        norm = self.partials[0].sqrt()
+        slope = -self.partials[1] / self._norm()
+        bad_slope = ~(slope < 0)
+        bad_norm = ~((norm >= low) & (norm <= high))
+        return bad_slope.long() + 2 * bad_norm.long()
+
+    def position_coef(self, s: float) -> torch.Tensor:
+        """The factor of d that moves θ₀ to position s: −s/‖d‖."""
+        return -s / self._norm()
+
+    def target_coef(self) -> torch.Tensor:
+        """The factor of d for the measurement's own move, to s_upd (0 while no rate exists)."""
+        return -self.s_upd / self._norm()
+
+    def train_coef(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(factor of d, direction finite) for a TRAINING update; counts a skipped update."""
+        ok = torch.isfinite(self.partials[0])
+        if self.hyper.mode == "SGD":
+            coef = torch.where(ok, -self.eta, 0.0)
+        else:
+            step = self.s_upd / self._norm()
+            coef = torch.where(ok, -step, 0.0)
+            self.lr.copy_(torch.where(ok, step, self.lr))
+        self.skipped_updates.add_(~ok)
+        return coef, ok
+
+    # -- the fit and the step rule ----------------------------------------------------
+    def fit(self, averaged: bool) -> Dict[str, torch.Tensor]:
+        """Fit the parabola, apply the step rule, update s_upd / η / lr. Returns the record."""
+        h = self.hyper
+        t = self.positions / self.scale
+        n, y = self.counts, self.sums
+        m0, m1, m2, m3, m4 = ((n * t ** p).sum() for p in range(5))
+        r0, r1, r2 = ((y * t ** p).sum() for p in range(3))
+        # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ
+        det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
+        A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
+        B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
+        C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+        norm = self._norm()
+        _, _, wd_dd, wd_td, wd_tt = self.partials
+        a = A / self.scale ** 2 + 0.5 * wd_dd / norm ** 2
+        b = B / self.scale - wd_td / norm
+        c = C + 0.5 * wd_tt
+        valid = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b < 0)
+        s_min = torch.where(valid, -b / (2 * a), 0.0)
+        s_new = (h.update_step_adaptation * s_min.clamp(max=h.max_step_size)).clamp(min=h.epsilon)
+        eta_new = (s_new / norm).clamp(min=h.epsilon)
+        if averaged:
+            slot = valid & (self._slots == self.hist_n % h.averaging_window)
+            self.hist_s.copy_(torch.where(slot, s_new, self.hist_s))
+            self.hist_eta.copy_(torch.where(slot, eta_new, self.hist_eta))
+            self.hist_n.add_(valid)
+            filled = self._slots < self.hist_n
+            count = self.hist_n.clamp(min=1, max=h.averaging_window)
+            s_use = (self.hist_s * filled).sum() / count
+            eta_use = (self.hist_eta * filled).sum() / count
+        else:
+            s_use, eta_use = s_new, eta_new
+        self.s_upd.copy_(torch.where(valid, s_use, self.s_upd))
+        self.eta.copy_(torch.where(valid, eta_use, self.eta))
+        self.lr.copy_(self.eta if h.mode == "SGD" else self.s_upd / norm)
+        return {"sums": self.sums.clone(), "counts": self.counts.clone(),
+                "partials": self.partials.clone(), "a": a, "b": b, "c": c, "s_min": s_min,
+                "s_new": s_new, "eta_new": eta_new, "s_upd": self.s_upd.clone(),
+                "eta": self.eta.clone(), "valid": valid}
+
+
+def _det3(a, b, c, d, e, f, g, h, i):
+    """Determinant of [[a b c] [d e f] [g h i]]."""
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)

@@ -1,0 +1,441 @@
+"""LABPAL as a torch.optim.Optimizer: the phases as a small host-side state machine.
+
+The optimizer keeps integer counters only and decides with them; every value computed from
+tensors stays on the device (`line.Line`) and every pass over parameter memory is an op of
+the backend (`ops`). The host reads a device value exactly twice per measurement: whether
+to abandon it (after the direction is formed) and whether the fit gave a rate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from . import ops as backends
+from .flat import Flat, build_flats
+from .hyper import NAMES, Hyper
+from .line import Line
+from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
+
+TRAINING, MEASURING = "training", "measuring"
+_ABANDON_REASONS = {1: "abandoned: directional derivative not negative",
+                    2: "abandoned: direction norm outside direction_norm_range or not finite",
+                    3: "abandoned: directional derivative not negative and direction norm out of range"}
+_COUNTERS = ("calls", "updates", "m", "acc", "pending", "warm_measured", "last_end", "has_rate",
+             "measure_start_call", "measure_start_update")
+_STATE_VERSION = 1
+
+
+class LABPAL(torch.optim.Optimizer):
+    """Large-batch parabolic approximation line search (Mutschler, Laube & Zell, 2021).
+
+    ``loss = opt.step(closure)``: the closure runs the forward pass on its own batch and returns
+    the mean loss as a scalar tensor; it must not call ``backward()`` and must be callable again
+    on the same batch (measurements evaluate it at other points of the line).
+
+    Hyper-parameters are keyword-only, named as in ALGORITHM.md. Per parameter group only
+    ``weight_decay`` (L2, part of the objective the line measures) may be set. ``model=``
+    lets repeated evaluations leave the model's buffers (BatchNorm statistics) untouched.
+    """
+
+    def __init__(self, params, *, backend: str = "auto", model: Optional[torch.nn.Module] = None,
+                 weight_decay: float = 0.0, **hyper: Any):
+        unknown = sorted(set(hyper) - set(NAMES))
+        if unknown:
+            raise TypeError(f"LABPAL got unknown hyper-parameter(s) {unknown}; "
+                            f"known: {', '.join(NAMES)}")
+        self.hyper = Hyper(**hyper)
+        _check_weight_decay(weight_decay, "weight_decay")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        super().__init__(params, {"weight_decay": weight_decay})
+        self._check_groups()
+        self.flats: List[Flat] = build_flats(self.param_groups)
+        if not self.flats:
+            raise ValueError("params: LABPAL got no parameter that requires grad")
+        self.ops = backends.resolve(backend, [f.device for f in self.flats])
+        self.backend = self.ops.NAME
+        self._device = self.flats[0].device
+        self._cuda = cuda_indices(f.device for f in self.flats)
+        self.line = Line(self.hyper, self._device)
+        for group in self.param_groups:
+            group["lr"] = self.line.lr
+        self._buffers = BufferSnapshot(model)
+        # host-side counters: the whole state machine
+        self._calls = 0            # closure calls made (0-based index of the next one)
+        self._updates = 0          # updates made
+        self._m = 0                # micro-batches per update (0: not yet set)
+        self._acc = 0              # micro-batches accumulated toward the next update
+        self._pending = False      # a measurement starts at the next boundary
+        self._warm_measured = False  # a measurement has started with >= warmup_updates updates
+        self._last_end = 0         # updates when the last measurement ended
+        self._has_rate = False     # some measurement has produced a rate
+        self._phase = TRAINING
+        self._measure_start_call = 0
+        self._measure_start_update = 0
+        self._mcall = 0            # calls made in the current measurement
+        self._formed = False       # the measurement's direction is formed (old d in origin)
+        self._closures: List[Callable] = []
+        self._rngs: list = []
+        self._records: List[Dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ public
+    @property
+    def phase(self) -> str:
+        """"training" or "measuring" (a measurement is collecting its batches)."""
+        return self._phase
+
+    @property
+    def updates(self) -> int:
+        return self._updates
+
+    @property
+    def multiplier(self) -> int:
+        """m, the number of closure calls averaged into one update (0 before the first call)."""
+        return self._m
+
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+        """One closure call: returns its loss (detached). Updates when m calls are averaged."""
+        if closure is None or not callable(closure):
+            raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
+                            "pass on its batch and returns the mean loss (without backward())")
+        for flat in self.flats:
+            flat.attach_params()
+        if self._phase == TRAINING and self._acc == 0:
+            self._boundary()
+        if self._phase == MEASURING:
+            return self._measure_call(closure)
+        return self._train_call(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the flat gradient buffer (gradients stay views into it, never None)."""
+        with torch.no_grad():
+            for flat in self.flats:
+                flat.attach_grads()
+                self.ops.zero_grad(flat)
+
+    def measurements(self) -> List[Dict[str, Any]]:
+        """One record per measurement, as Python numbers (this reads device values)."""
+        return [_record_to_python(r, self.hyper) for r in self._records]
+
+    # ------------------------------------------------------------------ phases
+    def _boundary(self) -> None:
+        """Start of an update's accumulation: apply the schedule, check the triggers."""
+        h = self.hyper
+        m = h.multiplier_at(self._calls)
+        trigger = self._pending or self._calls == 0 or m != self._m
+        self._m = m
+        trigger |= not self._warm_measured and self._updates >= h.warmup_updates
+        trigger |= self._updates - self._last_end >= h.reuse_updates
+        if trigger:
+            self._start_measurement()
+
+    def _start_measurement(self) -> None:
+        self._phase = MEASURING
+        self._pending = False
+        self._mcall = 0
+        self._formed = False
+        self._measure_start_call = self._calls
+        self._measure_start_update = self._updates
+        if self._updates >= self.hyper.warmup_updates:
+            self._warm_measured = True
+        self.line.reset_samples()
+        self._closures, self._rngs = [], []
+
+    def _train_call(self, closure: Callable) -> torch.Tensor:
+        loss = self._forward_backward(closure)
+        self._calls += 1
+        self._acc += 1
+        with torch.no_grad():
+            if self._acc < self._m:
+                for flat in self.flats:
+                    self.ops.accumulate(flat, first=self._acc == 1)
+                return loss
+            self._form_direction(line_terms=False)
+            coef, ok = self.line.train_coef()
+            for flat in self.flats:
+                self.ops.train_update(flat, coef, ok)
+        self._acc = 0
+        self._updates += 1
+        return loss
+
+    def _measure_call(self, closure: Callable) -> torch.Tensor:
+        m, total = self._m, self.hyper.approximation_batches * self._m
+        rng = capture_rng(self._cuda)
+        j = self._mcall + 1
+        if j <= m:
+            loss = self._forward_backward(closure)
+        else:
+            loss = self._forward(closure)
+        self._calls += 1
+        self._mcall = j
+        self._closures.append(closure)
+        self._rngs.append(rng)
+        with torch.no_grad():
+            self.line.record(0, loss)
+            if j < m:
+                for flat in self.flats:
+                    self.ops.accumulate(flat, first=j == 1)
+            elif j == m:
+                for flat in self.flats:
+                    self.ops.save_direction(flat)
+                self._form_direction(line_terms=True)
+                self._formed = True
+                code = int(self.line.abandon_code().item())  # host sync 1 of 2
+                if code:
+                    for flat in self.flats:
+                        self.ops.restore_direction(flat)
+                    self._end_measurement(_ABANDON_REASONS[code])
+                    return loss
+        if j == total:
+            self._evaluate_line()
+        return loss
+
+    def _form_direction(self, line_terms: bool) -> None:
+        decays = [[self.param_groups[g]["weight_decay"] for g, _, _ in flat.segments]
+                  for flat in self.flats]
+        parts = [self.ops.form_direction(flat, summed=self._m > 1, inv_m=1.0 / self._m,
+                                         momentum=self.hyper.momentum, decays=d,
+                                         line_terms=line_terms)
+                 for flat, d in zip(self.flats, decays)]
+        total = parts[0] if len(parts) == 1 else torch.stack(
+            [p.to(self._device) for p in parts]).sum(0)
+        self.line.set_partials(total)
+
+    def _evaluate_line(self) -> None:
+        """Call k·m: evaluate every kept closure at the other positions, fit, move to s_upd."""
+        for flat in self.flats:
+            self.ops.save_origin(flat)
+        self._buffers.save()
+        rng_after = capture_rng(self._cuda)
+        try:
+            for j, s in enumerate(self.hyper.line_positions[1:], start=1):
+                coef = self.line.position_coef(s)
+                for flat in self.flats:
+                    self.ops.line_move(flat, coef)
+                for closure, rng in zip(self._closures, self._rngs):
+                    restore_rng(rng)
+                    self.line.record(j, self._forward(closure))
+        except BaseException:
+            for flat in self.flats:
+                self.ops.restore_origin(flat)
+            self._buffers.restore()
+            restore_rng(rng_after)
+            self._end_measurement("interrupted: a closure raised during the line evaluations")
+            raise
+        self._buffers.restore()
+        restore_rng(rng_after)
+        record = self.line.fit(averaged=self._measure_start_update >= self.hyper.warmup_updates)
+        valid = bool(record["valid"].item())  # host sync 2 of 2
+        self._has_rate |= valid
+        if self._has_rate:
+            coef = self.line.target_coef()
+            for flat in self.flats:
+                self.ops.line_move(flat, coef)
+            self._updates += 1
+        else:
+            for flat in self.flats:
+                self.ops.restore_origin(flat)
+        self._end_measurement(None if valid else "fit invalid", record)
+
+    def _end_measurement(self, reason: Optional[str], record: Optional[dict] = None) -> None:
+        record = dict(record or {})
+        record.update(call=self._measure_start_call, update=self._measure_start_update,
+                      m=self._m, reason=reason,
+                      averaged=self._measure_start_update >= self.hyper.warmup_updates,
+                      partials=self.line.partials.clone(), sums=self.line.sums.clone(),
+                      counts=self.line.counts.clone())
+        self._records.append(record)
+        self._closures, self._rngs = [], []
+        self._phase = TRAINING
+        self._acc = 0
+        self._formed = False
+        self._last_end = self._updates
+        if not self._has_rate:
+            # no update has been made yet: measure again, from a direction of zero
+            for flat in self.flats:
+                self.ops.clear_direction(flat)
+            self._pending = True
+
+    # ------------------------------------------------------------------ closures
+    def _forward_backward(self, closure: Callable) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = _checked_loss(closure())
+            if not loss.requires_grad:
+                raise RuntimeError("the closure's loss does not require grad: LABPAL needs a loss "
+                                   "computed from the parameters, with autograd enabled")
+            loss.backward()
+        for flat in self.flats:
+            flat.attach_grads()
+        return loss.detach()
+
+    def _forward(self, closure: Callable) -> torch.Tensor:
+        with torch.no_grad():
+            return _checked_loss(closure()).detach()
+
+    # ------------------------------------------------------------------ groups and state
+    def _check_groups(self) -> None:
+        hyper_names = set(NAMES) | {"lr", "backend", "model"}
+        for i, group in enumerate(self.param_groups):
+            bad = sorted(set(group) & hyper_names)
+            if bad:
+                raise ValueError(f"param_groups[{i}] sets {bad}: LABPAL measures one line across "
+                                 "all groups, so only 'weight_decay' may differ per group")
+            _check_weight_decay(group["weight_decay"], f"param_groups[{i}]['weight_decay']")
+            devices = {p.device for p in group["params"] if p.requires_grad}
+            if len(devices) > 1:
+                raise ValueError(f"param_groups[{i}] has parameters on several devices "
+                                 f"{sorted(map(str, devices))}; put each group on one device")
+            for p in group["params"]:
+                if p.requires_grad and not p.is_floating_point():
+                    raise ValueError(f"param_groups[{i}] has a parameter of dtype {p.dtype}; "
+                                     "LABPAL needs floating-point parameters")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "flats", None) is not None:
+            raise RuntimeError("LABPAL cannot add parameter groups after construction: its flat "
+                               "buffers and the line span all groups; pass every group up front")
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue bit for bit. Saved while a measurement collects its
+        batches (closures cannot be saved), the state resumes by starting that measurement over."""
+        index = {}
+        groups = []
+        for group in self.param_groups:
+            ids = []
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+                ids.append(index[id(p)])
+            groups.append({"params": ids, "weight_decay": group["weight_decay"],
+                           "lr": float("nan")})
+        measuring = self._phase == MEASURING
+        state: Dict[int, Dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for flat in self.flats:
+                direction = flat.origin if measuring and self._formed else flat.direction
+                sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and not measuring \
+                    and self._acc > 0 else [None] * len(flat.params)
+                for p, d, s in zip(flat.params, flat.slices(direction), sums):
+                    entry = {"direction": d.clone()}
+                    if s is not None:
+                        entry["grad_sum"] = s.clone()
+                    state[index[id(p)]] = entry
+        counters = {name: getattr(self, "_" + name) for name in _COUNTERS}
+        if measuring:  # resume by starting this measurement over, parameters untouched
+            counters.update(acc=0, pending=True)
+        return {
+            "state": state,
+            "param_groups": groups,
+            "labpal": {
+                "version": _STATE_VERSION,
+                "hyper": self.hyper.as_dict(),
+                "shapes": {index[id(p)]: (tuple(p.shape), str(p.dtype))
+                           for f in self.flats for p in f.params},
+                "counters": counters,
+                "line": {name: getattr(self.line, name).clone() for name in Line.STATE},
+                "records": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in r.items()}
+                            for r in self._records],
+            },
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores a state saved by `state_dict` from an optimizer over the same parameters."""
+        try:
+            extra, groups, state = (state_dict["labpal"], state_dict["param_groups"],
+                                    state_dict["state"])
+        except (TypeError, KeyError):
+            raise ValueError("state_dict was not saved by LABPAL.state_dict()") from None
+        if extra.get("version") != _STATE_VERSION:
+            raise ValueError(f"state_dict has LABPAL state version {extra.get('version')!r}, "
+                             f"this LABPAL reads version {_STATE_VERSION}")
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(mine["params"]) for g, mine in zip(groups, self.param_groups)):
+            raise ValueError("state_dict holds parameter groups of other sizes "
+                             f"({[len(g['params']) for g in groups]}) than this optimizer's "
+                             f"({[len(g['params']) for g in self.param_groups]})")
+        index = {}
+        for g, mine in zip(groups, self.param_groups):
+            for i, p in zip(g["params"], mine["params"]):
+                index[id(p)] = i
+        for flat in self.flats:
+            for p in flat.params:
+                saved = extra["shapes"].get(index[id(p)])
+                if saved is None or tuple(saved[0]) != tuple(p.shape) or saved[1] != str(p.dtype):
+                    raise ValueError(f"state_dict parameter {index[id(p)]} is {saved} but this "
+                                     f"optimizer's is {(tuple(p.shape), str(p.dtype))}: the state "
+                                     "belongs to other parameters")
+        saved_hyper = dict(extra["hyper"])
+        if saved_hyper.get("averaging_window") != self.hyper.averaging_window or \
+                tuple(saved_hyper.get("sample_positions", ())) != self.hyper.sample_positions:
+            raise ValueError("state_dict was saved with other averaging_window / sample_positions "
+                             "than this optimizer's; its line state does not fit")
+        with torch.no_grad():
+            for flat in self.flats:
+                entries = [state[index[id(p)]] for p in flat.params]
+                for d, e in zip(flat.slices(flat.direction), entries):
+                    d.copy_(e["direction"])
+                if any("grad_sum" in e for e in entries):
+                    for s, e in zip(flat.slices(flat.need_grad_sum()), entries):
+                        s.copy_(e["grad_sum"])
+                self.ops.zero_grad(flat)
+            for name in Line.STATE:
+                getattr(self.line, name).copy_(extra["line"][name])
+        for g, mine in zip(groups, self.param_groups):
+            mine["weight_decay"] = g["weight_decay"]
+            mine["lr"] = self.line.lr
+        for name, value in extra["counters"].items():
+            setattr(self, "_" + name, value)
+        self._phase, self._mcall, self._formed = TRAINING, 0, False
+        self._closures, self._rngs = [], []
+        self._records = [{k: (v.to(self._device) if torch.is_tensor(v) else v)
+                          for k, v in r.items()} for r in extra["records"]]
+
+
+def _check_weight_decay(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _checked_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
+    return loss
+
+
+def _record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
+    """A measurement record with device tensors turned into Python numbers."""
+    def num(name):
+        return float(r[name]) if name in r else float("nan")
+
+    counts = r["counts"].tolist()
+    sums = r["sums"].tolist()
+    partials = r["partials"].tolist()
+    reason = r["reason"]
+    if reason == "fit invalid":
+        if min(counts) == 0:
+            reason = "fit invalid: a position has no finite loss sample"
+        elif not (math.isfinite(num("a")) and math.isfinite(num("b"))):
+            reason = "fit invalid: the normal equations have no finite solution"
+        elif num("a") <= 0:
+            reason = "fit invalid: curvature a <= 0"
+        else:
+            reason = "fit invalid: slope b >= 0"
+    return {
+        "call": r["call"], "update": r["update"], "m": r["m"], "averaged": r["averaged"],
+        "positions": list(hyper.line_positions),
+        "mean_losses": [s / c if c else float("nan") for s, c in zip(sums, counts)],
+        "counts": [int(c) for c in counts],
+        "a": num("a"), "b": num("b"), "c": num("c"), "s_min": num("s_min"),
+        "s_upd": num("s_upd"), "eta": num("eta"),
+        "s_new": num("s_new"), "eta_new": num("eta_new"),
+        "direction_norm": math.sqrt(partials[0]) if partials[0] >= 0 else float("nan"),
+        "directional_derivative": (-partials[1] / max(math.sqrt(partials[0]), hyper.epsilon)
+                                   if partials[0] >= 0 else float("nan")),
+        "valid": reason is None,
+        "reason": reason,
+    }
