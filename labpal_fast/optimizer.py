@@ -58,7 +58,7 @@ class LABPAL(torch.optim.Optimizer):
         self.backend = self.ops.NAME
         self._device = self.flats[0].device
         self._cuda = cuda_indices(f.device for f in self.flats)
-        self.line = Line(self.hyper, self._device)
+        self.line: Line = getattr(self.ops, "Line", Line)(self.hyper, self._device)
         for group in self.param_groups:
             group["lr"] = self.line.lr
         self._buffers = BufferSnapshot(model)

@@ -1,28 +1,58 @@
-"""Backend choice. Every backend is a module implementing the op set of `eager` (ops.eager.OPS).
+"""Backend choice. A backend is a module of this package implementing the op set of `eager`
+(see `eager.OPS`), with `NAME` and `unavailable_reason(devices) -> Optional[str]`.
+A backend may also provide `Line`, a subclass of `labpal_fast.line.Line` with fused math.
 
-"auto" picks the fastest backend that works for the parameters' device and falls back to
-eager; an explicit request that cannot work raises. `LABPAL_FAST_BACKEND` overrides "auto".
+"auto" takes the fastest backend that works for the parameters' devices (Triton, then the
+compiled extension, on CUDA; the extension on CPU) and falls back to eager. An explicit
+request that cannot work raises. `LABPAL_FAST_BACKEND` overrides "auto".
 """
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
-from typing import Iterable
+from typing import Iterable, List, Optional
 
 import torch
 
 from . import eager
 
-BACKENDS = ("auto", "eager")
+BACKENDS = ("auto", "eager", "triton", "ext")
+
+
+def load(name: str) -> ModuleType:
+    """The backend module `name`; ImportError when it (or what it needs) is not installed."""
+    if name == "eager":
+        return eager
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def why_unavailable(name: str, devices: Iterable[torch.device]) -> Optional[str]:
+    """None when backend `name` can run on `devices`, else the reason in words."""
+    try:
+        module = load(name)
+    except ImportError as exc:
+        return f"it cannot be imported ({exc})"
+    return module.unavailable_reason(list(devices))
 
 
 def resolve(name: str, devices: Iterable[torch.device]) -> ModuleType:
     """The backend module for `name` on parameters living on `devices`."""
+    devices = list(devices)
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        name = os.environ.get("LABPAL_FAST_BACKEND", "auto") or "auto"
+        name = os.environ.get("LABPAL_FAST_BACKEND", "") or "auto"
         if name not in BACKENDS:
             raise ValueError(f"LABPAL_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
-    list(devices)  # every device is served by eager; faster backends choose per device
+    if name != "auto":
+        reason = why_unavailable(name, devices)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} cannot run on {sorted(map(str, set(devices)))}: "
+                               f"{reason}")
+        return load(name)
+    candidates: List[str] = ["triton", "ext"] if any(d.type == "cuda" for d in devices) else ["ext"]
+    for candidate in candidates:
+        if why_unavailable(candidate, devices) is None:
+            return load(candidate)
     return eager

@@ -14,6 +14,11 @@ from ..flat import Flat
 
 NAME = "eager"
 
+
+def unavailable_reason(devices) -> None:
+    """Plain PyTorch runs wherever the parameters do."""
+    return None
+
 # Decays: per-segment weight decay, aligned with flat.segments (Python floats).
 Decays = Sequence[float]
 
