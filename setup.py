@@ -1,5 +1,97 @@
-"""Build script. The package itself is pure Python (metadata lives in pyproject.toml);
-this file exists so the compiled extension in csrc/ can be added to the build."""
+"""Build script. The package itself is pure Python (metadata lives in pyproject.toml); this
+file adds the optional compiled extension `labpal_fast._C` built from csrc/.
+
+- torch must be importable at build time: install with `pip install --no-build-isolation`.
+- `LABPAL_FAST_NO_EXT=1` skips the extension; `LABPAL_FAST_NO_CUDA=1` builds the CPU kernels only.
+- CUDA kernels are built when torch is a CUDA build and a CUDA toolkit (nvcc) is found.
+- A build that fails prints why and leaves the pure-Python package (the eager backend) working.
+"""
+import os
+import shutil
+import sys
+
 from setuptools import setup
 
-setup()
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _say(message):
+    print(f"labpal_fast setup: {message}", file=sys.stderr)
+
+
+def _extension_kwargs():
+    if _flag("LABPAL_FAST_NO_EXT"):
+        _say("LABPAL_FAST_NO_EXT is set: installing without the compiled extension")
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # torch missing (e.g. an isolated build): pure Python
+        _say(f"torch is not importable at build time ({exc}): installing without the compiled "
+             "extension (use `pip install --no-build-isolation` to build it)")
+        return {}
+
+    cxx = ["-O3", "-fopenmp"]  # OpenMP: torch's at::parallel_for backend; no -march (portable)
+    sources = ["csrc/labpal_ops.cpp"]
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
+    use_cuda = bool(torch.version.cuda) and nvcc is not None and os.path.exists(nvcc) \
+        and not _flag("LABPAL_FAST_NO_CUDA")
+    if use_cuda:
+        sources += ["csrc/cuda/kernels.cu", "csrc/cuda/cuda_ops.cpp"]
+        ext = cpp_extension.CUDAExtension(
+            "labpal_fast._C", sources,
+            extra_compile_args={"cxx": cxx + ["-DLABPAL_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension("labpal_fast._C", sources,
+                                         extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
+    _say(f"building labpal_fast._C ({'CPU + CUDA' if use_cuda else 'CPU'} kernels)")
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """BuildExtension that warns and goes on when the extension does not build."""
+
+        failed = ()
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # compiler missing, compile or link error
+                self.failed = tuple(self.failed) + (extension.name,)
+                _say(f"building {extension.name} failed ({exc}); installing without it: "
+                     "labpal_fast falls back to the eager backend")
+
+        def _built(self):
+            return [e for e in self.extensions if e.name not in self.failed]
+
+        def copy_extensions_to_source(self):
+            kept, self.extensions = self.extensions, self._built()
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = kept
+
+        def get_outputs(self):
+            kept, self.extensions = self.extensions, self._built()
+            try:
+                return super().get_outputs()
+            finally:
+                self.extensions = kept
+
+        def get_output_mapping(self):
+            kept, self.extensions = self.extensions, self._built()
+            try:
+                return super().get_output_mapping()
+            finally:
+                self.extensions = kept
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        _say("no C++ compiler found: installing without the compiled extension")
+        return {}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(
+        use_ninja=shutil.which("ninja") is not None)}}
+
+
+setup(**_extension_kwargs())

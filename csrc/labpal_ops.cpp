@@ -1,0 +1,311 @@
+// The LABPAL op set as custom operators in the `labpal_fast` namespace: the schemas, the CPU
+// kernels (one pass over memory per op) and the Python module `labpal_fast._C` that loads them.
+// Semantics are those of labpal_fast/ops/eager.py; the CUDA kernels live in csrc/cuda/.
+//
+// Buffers are flat and contiguous: param / grad in the parameter dtype P, direction /
+// grad_sum / origin in the accumulation dtype A (fp32 for fp16 / bf16, else P).
+// Reductions are deterministic: a fixed grid of CHUNK-element chunks (independent of the
+// thread count), fp64 partial sums per chunk, added in chunk order.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace labpal_fast {
+namespace {
+
+constexpr int64_t CHUNK = 4096;        // reduction grid: elements per chunk (fixed)
+constexpr int64_t GRAIN = 32768;       // elementwise ops: elements per task, at least
+constexpr int64_t CHUNK_GRAIN = GRAIN / CHUNK;
+constexpr int L = 8;                   // accumulator lanes: a fixed summation order
+
+template <typename T> struct Acc { using type = T; };
+template <> struct Acc<c10::Half> { using type = float; };
+template <> struct Acc<c10::BFloat16> { using type = float; };
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+void check_flat(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
+                const at::Tensor& like) {
+  TORCH_CHECK(t.is_contiguous(), "labpal_fast: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, "labpal_fast: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK(t.numel() == numel, "labpal_fast: ", name, " has ", t.numel(), " elements, expected ",
+              numel);
+  TORCH_CHECK(t.device() == like.device(), "labpal_fast: ", name, " is on ", t.device(),
+              ", expected ", like.device());
+}
+
+void check_param(const at::Tensor& param) {
+  auto t = param.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "labpal_fast: parameters must be float32/float64/float16/bfloat16, got ", t);
+  TORCH_CHECK(param.is_contiguous(), "labpal_fast: param must be contiguous");
+}
+
+// The value of a 0-dim (or one-element) CPU tensor, as a double / bool.
+double cpu_scalar(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1, "labpal_fast: ", name, " must hold one value");
+  TORCH_CHECK(t.device().is_cpu(), "labpal_fast: ", name, " must be on the CPU for CPU parameters");
+  double v = 0;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, t.scalar_type(), "cpu_scalar",
+                             [&] { v = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return v;
+}
+
+// ---------------------------------------------------------------------------- accumulate
+// grad_sum (+)= grad; grad = 0.
+void accumulate_cpu(at::Tensor grad_sum, at::Tensor grad, bool first) {
+  check_param(grad);
+  const int64_t n = grad.numel();
+  check_flat(grad_sum, "grad_sum", acc_type(grad.scalar_type()), n, grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "accumulate", [&] {
+    using P = scalar_t;
+    using A = typename Acc<P>::type;
+    A* __restrict__ s = grad_sum.data_ptr<A>();
+    P* __restrict__ g = grad.data_ptr<P>();
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      if (first) {
+        for (int64_t i = b; i < e; ++i) { s[i] = static_cast<A>(g[i]); g[i] = P(0); }
+      } else {
+        for (int64_t i = b; i < e; ++i) { s[i] = s[i] + static_cast<A>(g[i]); g[i] = P(0); }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------- form_direction
+// ḡ = (grad_sum + grad)·inv_m (or grad) + wd·θ per segment;  d = β·d + ḡ;  grad = 0.
+// Returns fp64[5]: ‖d‖², ⟨ḡ,d⟩, Σ wd‖d‖², Σ wd⟨θ,d⟩, Σ wd‖θ‖² (the last four with line_terms).
+
+struct Piece { int64_t start, end; double wd; };
+
+// [a, b) of one chunk, one weight decay; adds its unweighted sums to r[0..4]:
+// Σd², Σḡd, (unused), Σθd, Σθ².
+template <typename P, typename A, bool SUMMED, bool MOM, bool WD, bool TERMS>
+void direction_range(A* __restrict__ d, P* __restrict__ grad, const A* __restrict__ gs,
+                     const P* __restrict__ th, int64_t a, int64_t b, A inv_m, A beta, A wd,
+                     double* r) {
+  A sdd[L] = {}, sgd[L] = {}, std_[L] = {}, stt[L] = {};
+  auto body = [&](int64_t i, int j) {
+    A g = static_cast<A>(grad[i]);
+    if constexpr (SUMMED) g = (gs[i] + g) * inv_m;
+    A t = A(0);
+    if constexpr (WD) { t = static_cast<A>(th[i]); g = g + wd * t; }
+    A dn = g;
+    if constexpr (MOM) dn = g + beta * d[i];
+    d[i] = dn;
+    grad[i] = P(0);
+    sdd[j] += dn * dn;
+    if constexpr (TERMS) {
+      sgd[j] += g * dn;
+      if constexpr (WD) { std_[j] += t * dn; stt[j] += t * t; }
+    }
+  };
+  int64_t i = a;
+  for (; i + L <= b; i += L) {
+    for (int j = 0; j < L; ++j) body(i + j, j);
+  }
+  for (int j = 0; i < b; ++i, ++j) body(i, j);
+  for (int j = 0; j < L; ++j) {
+    r[0] += sdd[j];
+    r[1] += sgd[j];
+    r[3] += std_[j];
+    r[4] += stt[j];
+  }
+}
+
+template <typename P, typename A, bool SUMMED, bool MOM, bool TERMS>
+void direction_chunks(A* d, P* grad, const A* gs, const P* th, const std::vector<Piece>& pieces,
+                      int64_t n, A inv_m, A beta, double* out) {
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  std::vector<double> part(static_cast<size_t>(chunks) * 5, 0.0);
+  at::parallel_for(0, chunks, CHUNK_GRAIN, [&](int64_t cb, int64_t ce) {
+    size_t p = 0;
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t c0 = c * CHUNK, c1 = std::min(n, c0 + CHUNK);
+      double* r = &part[static_cast<size_t>(c) * 5];
+      while (p < pieces.size() && pieces[p].end <= c0) ++p;
+      for (size_t q = p; q < pieces.size() && pieces[q].start < c1; ++q) {
+        const int64_t a = std::max(c0, pieces[q].start), b = std::min(c1, pieces[q].end);
+        if (a >= b) continue;
+        const double wd = pieces[q].wd;
+        double s[5] = {0, 0, 0, 0, 0};
+        if (wd != 0.0) {
+          direction_range<P, A, SUMMED, MOM, true, TERMS>(d, grad, gs, th, a, b, inv_m, beta,
+                                                          static_cast<A>(wd), s);
+        } else {
+          direction_range<P, A, SUMMED, MOM, false, TERMS>(d, grad, gs, th, a, b, inv_m, beta,
+                                                           A(0), s);
+        }
+        r[0] += s[0];
+        if (TERMS) {
+          r[1] += s[1];
+          if (wd != 0.0) { r[2] += wd * s[0]; r[3] += wd * s[3]; r[4] += wd * s[4]; }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c)  // fixed order: deterministic whatever the threads
+    for (int k = 0; k < 5; ++k) out[k] += part[static_cast<size_t>(c) * 5 + k];
+}
+
+template <typename P, typename A>
+void direction_dispatch(bool summed, bool mom, bool terms, A* d, P* g, const A* gs, const P* th,
+                        const std::vector<Piece>& pieces, int64_t n, A inv_m, A beta, double* o) {
+#define LABPAL_DIR(S, M, T) direction_chunks<P, A, S, M, T>(d, g, gs, th, pieces, n, inv_m, beta, o)
+  switch ((summed ? 4 : 0) + (mom ? 2 : 0) + (terms ? 1 : 0)) {
+    case 0: LABPAL_DIR(false, false, false); break;
+    case 1: LABPAL_DIR(false, false, true); break;
+    case 2: LABPAL_DIR(false, true, false); break;
+    case 3: LABPAL_DIR(false, true, true); break;
+    case 4: LABPAL_DIR(true, false, false); break;
+    case 5: LABPAL_DIR(true, false, true); break;
+    case 6: LABPAL_DIR(true, true, false); break;
+    default: LABPAL_DIR(true, true, true); break;
+  }
+#undef LABPAL_DIR
+}
+
+std::vector<Piece> make_pieces(int64_t n, c10::ArrayRef<int64_t> starts, c10::ArrayRef<int64_t> ends,
+                               c10::ArrayRef<double> decays) {
+  TORCH_CHECK(starts.size() == ends.size() && starts.size() == decays.size(),
+              "labpal_fast: seg_starts, seg_ends and decays must have the same length");
+  std::vector<Piece> segs;
+  for (size_t k = 0; k < starts.size(); ++k) {
+    TORCH_CHECK(0 <= starts[k] && starts[k] <= ends[k] && ends[k] <= n,
+                "labpal_fast: segment ", k, " [", starts[k], ", ", ends[k], ") is outside [0, ", n, ")");
+    if (starts[k] < ends[k]) segs.push_back({starts[k], ends[k], decays[k]});
+  }
+  std::sort(segs.begin(), segs.end(), [](const Piece& x, const Piece& y) { return x.start < y.start; });
+  std::vector<Piece> pieces;  // covers [0, n): gaps between segments have no weight decay
+  int64_t at = 0;
+  for (const Piece& s : segs) {
+    TORCH_CHECK(s.start >= at, "labpal_fast: segments overlap at ", s.start);
+    if (s.start > at) pieces.push_back({at, s.start, 0.0});
+    pieces.push_back(s);
+    at = s.end;
+  }
+  if (at < n) pieces.push_back({at, n, 0.0});
+  return pieces;
+}
+
+at::Tensor form_direction_cpu(at::Tensor direction, at::Tensor grad, const c10::optional<at::Tensor>& grad_sum,
+                              const at::Tensor& param, c10::ArrayRef<int64_t> seg_starts,
+                              c10::ArrayRef<int64_t> seg_ends, c10::ArrayRef<double> decays,
+                              double inv_m, double momentum, bool line_terms) {
+  check_param(param);
+  const int64_t n = param.numel();
+  const auto acc = acc_type(param.scalar_type());
+  check_flat(grad, "grad", param.scalar_type(), n, param);
+  check_flat(direction, "direction", acc, n, param);
+  const bool summed = grad_sum.has_value() && grad_sum->defined();
+  if (summed) check_flat(*grad_sum, "grad_sum", acc, n, param);
+  const auto pieces = make_pieces(n, seg_starts, seg_ends, decays);
+  at::Tensor out = at::zeros({5}, param.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "form_direction", [&] {
+    using P = scalar_t;
+    using A = typename Acc<P>::type;
+    A* d = direction.data_ptr<A>();
+    P* g = grad.data_ptr<P>();
+    const A* gs = summed ? grad_sum->const_data_ptr<A>() : nullptr;
+    const P* th = param.const_data_ptr<P>();
+    direction_dispatch<P, A>(summed, momentum != 0.0, line_terms, d, g, gs, th, pieces, n,
+                             static_cast<A>(inv_m), static_cast<A>(momentum), o);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------- train_update
+// ok: θ += coef·d.  not ok (d not finite): d = 0, θ += coef·0.
+void train_update_cpu(at::Tensor param, at::Tensor direction, const at::Tensor& coef,
+                      const at::Tensor& ok) {
+  check_param(param);
+  const int64_t n = param.numel();
+  check_flat(direction, "direction", acc_type(param.scalar_type()), n, param);
+  const double c = cpu_scalar(coef, "coef");
+  const bool fine = cpu_scalar(ok, "ok") != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "train_update", [&] {
+    using P = scalar_t;
+    using A = typename Acc<P>::type;
+    P* __restrict__ th = param.data_ptr<P>();
+    A* __restrict__ d = direction.data_ptr<A>();
+    const A ca = static_cast<A>(c);
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      if (fine) {
+        for (int64_t i = b; i < e; ++i) th[i] = static_cast<P>(static_cast<A>(th[i]) + ca * d[i]);
+      } else {
+        for (int64_t i = b; i < e; ++i) {
+          d[i] = A(0);
+          th[i] = static_cast<P>(static_cast<A>(th[i]) + ca * A(0));
+        }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------- line_move
+// θ = θ₀ + coef·d, θ₀ (origin) in the accumulation dtype.
+void line_move_cpu(at::Tensor param, const at::Tensor& origin, const at::Tensor& direction,
+                   const at::Tensor& coef) {
+  check_param(param);
+  const int64_t n = param.numel();
+  const auto acc = acc_type(param.scalar_type());
+  check_flat(origin, "origin", acc, n, param);
+  check_flat(direction, "direction", acc, n, param);
+  const double c = cpu_scalar(coef, "coef");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "line_move", [&] {
+    using P = scalar_t;
+    using A = typename Acc<P>::type;
+    P* __restrict__ th = param.data_ptr<P>();
+    const A* __restrict__ o = origin.const_data_ptr<A>();
+    const A* __restrict__ d = direction.const_data_ptr<A>();
+    const A ca = static_cast<A>(c);
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) th[i] = static_cast<P>(o[i] + ca * d[i]);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(labpal_fast, m) {
+  m.def("accumulate(Tensor(a!) grad_sum, Tensor(b!) grad, bool first) -> ()");
+  m.def("form_direction(Tensor(a!) direction, Tensor(b!) grad, Tensor? grad_sum, Tensor param, "
+        "int[] seg_starts, int[] seg_ends, float[] decays, float inv_m, float momentum, "
+        "bool line_terms) -> Tensor");
+  m.def("train_update(Tensor(a!) param, Tensor(b!) direction, Tensor coef, Tensor ok) -> ()");
+  m.def("line_move(Tensor(a!) param, Tensor origin, Tensor direction, Tensor coef) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(labpal_fast, CPU, m) {
+  m.impl("accumulate", &accumulate_cpu);
+  m.impl("form_direction", &form_direction_cpu);
+  m.impl("train_update", &train_update_cpu);
+  m.impl("line_move", &line_move_cpu);
+}
+
+}  // namespace labpal_fast
+
+// An importable module with no functions: importing it runs the registrations above.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* mod = PyModule_Create(&def);
+#ifdef LABPAL_WITH_CUDA
+  if (mod) PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
+#else
+  if (mod) PyModule_AddIntConstant(mod, "WITH_CUDA", 0);
+#endif
+  return mod;
+}
+}

@@ -1,0 +1,104 @@
+"""The op set on the compiled extension `labpal_fast._C` (csrc/): fused C++ / CUDA passes.
+
+Importing this module never fails: when the extension is not built (or does not load),
+`available` is False and `why` / `unavailable_reason` say why. The fused passes call
+`torch.ops.labpal_fast.*`; plain copies and fills stay torch ops (already one pass).
+
+One difference from eager, by design: `form_direction` with m > 1 reads `grad_sum` and
+does not write the mean gradient back into it (it is scratch after the direction is formed).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..flat import Flat
+from . import eager
+from .eager import Decays
+
+NAME = "ext"
+
+try:
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.labpal_fast.*)
+except Exception as exc:  # ImportError, or OSError from the dynamic loader
+    _C = None
+    available = False
+    why: Optional[str] = f"the compiled extension labpal_fast._C is not built ({exc})"
+    cuda_built = False
+else:
+    available = True
+    why = None
+    cuda_built = bool(getattr(_C, "WITH_CUDA", 0))
+
+
+def unavailable_reason(devices) -> Optional[str]:
+    """None when the extension is loaded and has kernels for every device, else the reason."""
+    if not available:
+        return why
+    for device in devices:
+        device = torch.device(device)
+        if device.type == "cuda" and not cuda_built:
+            return ("labpal_fast._C was built without CUDA kernels (it needs a CUDA build of torch "
+                    "and a CUDA toolkit at build time)")
+        if device.type not in ("cpu", "cuda"):
+            return f"labpal_fast._C has no kernels for device type {device.type!r}"
+    return None
+
+
+if available:
+    @torch.library.register_fake("labpal_fast::accumulate")
+    def _accumulate_fake(grad_sum, grad, first):
+        return None
+
+    @torch.library.register_fake("labpal_fast::form_direction")
+    def _form_direction_fake(direction, grad, grad_sum, param, seg_starts, seg_ends, decays,
+                             inv_m, momentum, line_terms):
+        return direction.new_empty(5, dtype=torch.float64)
+
+    @torch.library.register_fake("labpal_fast::train_update")
+    def _train_update_fake(param, direction, coef, ok):
+        return None
+
+    @torch.library.register_fake("labpal_fast::line_move")
+    def _line_move_fake(param, origin, direction, coef):
+        return None
+
+
+def _on(t: torch.Tensor, flat: Flat) -> torch.Tensor:
+    """A device scalar where the op runs (a copy only when the line lives elsewhere)."""
+    return t if t.device == flat.device else t.to(flat.device)
+
+
+def accumulate(flat: Flat, first: bool) -> None:
+    """grad_sum (+)= grad; grad = 0: one pass."""
+    torch.ops.labpal_fast.accumulate(flat.need_grad_sum(), flat.grad, bool(first))
+
+
+def form_direction(flat: Flat, *, summed: bool, inv_m: float, momentum: float, decays: Decays,
+                   line_terms: bool) -> torch.Tensor:
+    """d = β·d + ḡ (+ wd·θ per segment), the partial sums and grad = 0: one pass.
+    Returns fp64 [5] as eager.form_direction does."""
+    starts = [start for _, start, _ in flat.segments]
+    ends = [end for _, _, end in flat.segments]
+    return torch.ops.labpal_fast.form_direction(
+        flat.direction, flat.grad, flat.need_grad_sum() if summed else None, flat.param,
+        starts, ends, [float(w) for w in decays], float(inv_m), float(momentum), bool(line_terms))
+
+
+def train_update(flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
+    """θ += coef·d, or (direction not finite) d = 0: one pass."""
+    torch.ops.labpal_fast.train_update(flat.param, flat.direction, _on(coef, flat), _on(ok, flat))
+
+
+def line_move(flat: Flat, coef: torch.Tensor) -> None:
+    """θ = θ₀ + coef·d: one pass."""
+    torch.ops.labpal_fast.line_move(flat.param, flat.origin, flat.direction, _on(coef, flat))
+
+
+save_origin = eager.save_origin
+restore_origin = eager.restore_origin
+save_direction = eager.save_direction
+restore_direction = eager.restore_direction
+clear_direction = eager.clear_direction
+zero_grad = eager.zero_grad
