@@ -31,9 +31,9 @@ class Quadratic(torch.nn.Module):
         return self.loss_at(self.flat())
 
 
-def batches(n_calls: int, n: int, dim: int, seed: int):
+def batches(n_calls: int, n: int, dim: int, seed: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, dim, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return [(torch.randn(n, dim, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g))
             for _ in range(n_calls)]
 
 
