@@ -29,6 +29,7 @@ from labpal_fast.line import Line  # noqa: E402
 from labpal_fast.ops import eager  # noqa: E402
 from labpal_fast.ops import triton as tri  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not tri._INTERPRETED:
     pytest.skip("labpal_fast.ops.triton was imported before TRITON_INTERPRET=1 was set; "
