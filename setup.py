@@ -35,6 +35,7 @@ def _extension_kwargs():
 
     cxx = ["-O3", "-fopenmp"]  # OpenMP: torch's at::parallel_for backend; no -march (portable)
     sources = ["csrc/labpal_ops.cpp"]
+    depends = ["csrc/common.h", "csrc/cuda/kernels.h"]
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
     use_cuda = bool(torch.version.cuda) and nvcc is not None and os.path.exists(nvcc) \
         and not _flag("LABPAL_FAST_NO_CUDA")
@@ -43,11 +44,11 @@ def _extension_kwargs():
         ext = cpp_extension.CUDAExtension(
             "labpal_fast._C", sources,
             extra_compile_args={"cxx": cxx + ["-DLABPAL_WITH_CUDA"], "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=["-fopenmp"], depends=depends)
     else:
         ext = cpp_extension.CppExtension("labpal_fast._C", sources,
                                          extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+                                         extra_link_args=["-fopenmp"], depends=depends)
     _say(f"building labpal_fast._C ({'CPU + CUDA' if use_cuda else 'CPU'} kernels)")
 
     class OptionalBuildExt(cpp_extension.BuildExtension):

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -28,28 +30,6 @@ constexpr int L = 8;                   // accumulator lanes: a fixed summation o
 template <typename T> struct Acc { using type = T; };
 template <> struct Acc<c10::Half> { using type = float; };
 template <> struct Acc<c10::BFloat16> { using type = float; };
-
-at::ScalarType acc_type(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
-
-void check_flat(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
-                const at::Tensor& like) {
-  TORCH_CHECK(t.is_contiguous(), "labpal_fast: ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == dtype, "labpal_fast: ", name, " has dtype ", t.scalar_type(),
-              ", expected ", dtype);
-  TORCH_CHECK(t.numel() == numel, "labpal_fast: ", name, " has ", t.numel(), " elements, expected ",
-              numel);
-  TORCH_CHECK(t.device() == like.device(), "labpal_fast: ", name, " is on ", t.device(),
-              ", expected ", like.device());
-}
-
-void check_param(const at::Tensor& param) {
-  auto t = param.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-              "labpal_fast: parameters must be float32/float64/float16/bfloat16, got ", t);
-  TORCH_CHECK(param.is_contiguous(), "labpal_fast: param must be contiguous");
-}
 
 // The value of a 0-dim (or one-element) CPU tensor, as a double / bool.
 double cpu_scalar(const at::Tensor& t, const char* name) {
@@ -85,8 +65,6 @@ void accumulate_cpu(at::Tensor grad_sum, at::Tensor grad, bool first) {
 // ---------------------------------------------------------------------------- form_direction
 // ḡ = (grad_sum + grad)·inv_m (or grad) + wd·θ per segment;  d = β·d + ḡ;  grad = 0.
 // Returns fp64[5]: ‖d‖², ⟨ḡ,d⟩, Σ wd‖d‖², Σ wd⟨θ,d⟩, Σ wd‖θ‖² (the last four with line_terms).
-
-struct Piece { int64_t start, end; double wd; };
 
 // [a, b) of one chunk, one weight decay; adds its unweighted sums to r[0..4]:
 // Σd², Σḡd, (unused), Σθd, Σθ².
@@ -173,29 +151,6 @@ void direction_dispatch(bool summed, bool mom, bool terms, A* d, P* g, const A* 
     default: LABPAL_DIR(true, true, true); break;
   }
 #undef LABPAL_DIR
-}
-
-std::vector<Piece> make_pieces(int64_t n, c10::ArrayRef<int64_t> starts, c10::ArrayRef<int64_t> ends,
-                               c10::ArrayRef<double> decays) {
-  TORCH_CHECK(starts.size() == ends.size() && starts.size() == decays.size(),
-              "labpal_fast: seg_starts, seg_ends and decays must have the same length");
-  std::vector<Piece> segs;
-  for (size_t k = 0; k < starts.size(); ++k) {
-    TORCH_CHECK(0 <= starts[k] && starts[k] <= ends[k] && ends[k] <= n,
-                "labpal_fast: segment ", k, " [", starts[k], ", ", ends[k], ") is outside [0, ", n, ")");
-    if (starts[k] < ends[k]) segs.push_back({starts[k], ends[k], decays[k]});
-  }
-  std::sort(segs.begin(), segs.end(), [](const Piece& x, const Piece& y) { return x.start < y.start; });
-  std::vector<Piece> pieces;  // covers [0, n): gaps between segments have no weight decay
-  int64_t at = 0;
-  for (const Piece& s : segs) {
-    TORCH_CHECK(s.start >= at, "labpal_fast: segments overlap at ", s.start);
-    if (s.start > at) pieces.push_back({at, s.start, 0.0});
-    pieces.push_back(s);
-    at = s.end;
-  }
-  if (at < n) pieces.push_back({at, n, 0.0});
-  return pieces;
 }
 
 at::Tensor form_direction_cpu(at::Tensor direction, at::Tensor grad, const c10::optional<at::Tensor>& grad_sum,
