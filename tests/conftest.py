@@ -16,3 +16,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """Make backend="auto" resolve to eager: the ground truth the optimizer tests pin down."""
+    monkeypatch.setenv("LABPAL_FAST_BACKEND", "eager")

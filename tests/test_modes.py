@@ -6,6 +6,8 @@ from labpal_fast import LABPAL
 
 from helpers import batches, small_net, closure_for
 
+pytestmark = pytest.mark.usefixtures("eager_backend")
+
 
 def hand_loop(model, data, *, mode, momentum, m, k, decays, s_upd, eta, n_updates):
     """Plain PyTorch: the first measurement's move to s_upd, then n_updates training updates."""

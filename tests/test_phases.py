@@ -9,6 +9,8 @@ from labpal_fast import LABPAL
 
 from helpers import Quadratic
 
+pytestmark = pytest.mark.usefixtures("eager_backend")
+
 ALWAYS_VALID = dict(mode="NSGD", momentum=0.0, direction_norm_range=(0.0, math.inf))
 
 

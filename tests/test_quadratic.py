@@ -9,6 +9,8 @@ from labpal_fast.hyper import Hyper
 
 from helpers import Quadratic
 
+pytestmark = pytest.mark.usefixtures("eager_backend")
+
 
 def _exact_first_update(quad, decays):
     """θ₁ from the closed form: s* = ∇F·u / uᵀ(H+W)u with F = L + Σ wd/2 ‖θ‖²."""

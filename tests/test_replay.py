@@ -1,9 +1,13 @@
 """Repeated closure evaluations: same random numbers, untouched buffers, global RNG unchanged."""
+
+import pytest
 import torch
 
 from labpal_fast import LABPAL
 
 from helpers import batches
+
+pytestmark = pytest.mark.usefixtures("eager_backend")
 
 
 class MaskLog(torch.nn.Module):

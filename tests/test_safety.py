@@ -8,6 +8,8 @@ from labpal_fast import LABPAL
 
 from helpers import Quadratic, batches, small_net, closure_for
 
+pytestmark = pytest.mark.usefixtures("eager_backend")
+
 ALWAYS_VALID = dict(direction_norm_range=(0.0, math.inf))
 
 

@@ -8,6 +8,8 @@ from labpal_fast import LABPAL
 
 from helpers import batches, small_net, closure_for
 
+pytestmark = pytest.mark.usefixtures("eager_backend")
+
 HYPER = dict(mode="NSGD", momentum=0.9, approximation_batches=2, reuse_updates=5,
              warmup_updates=8, averaging_window=3, batch_size_schedule=((0, 1), (12, 2)),
              noise_factor=1.0, direction_norm_range=(0.0, float("inf")))
