@@ -147,18 +147,23 @@ class LABPAL(torch.optim.Optimizer):
         loss = self._forward_backward(closure)
         self._calls += 1
         self._acc += 1
-        with torch.no_grad():
-            if self._acc < self._m:
+        if self._acc < self._m:
+            with torch.no_grad():
                 for flat in self.flats:
                     self.ops.accumulate(flat, first=self._acc == 1)
-                return loss
+        else:
+            self._update()
+        return loss
+
+    def _update(self) -> None:
+        """The m-th call of a TRAINING update: form d, move θ along it (the optimizer-side work)."""
+        with torch.no_grad():
             self._form_direction(line_terms=False)
             coef, ok = self.line.train_coef()
             for flat in self.flats:
                 self.ops.train_update(flat, coef, ok)
         self._acc = 0
         self._updates += 1
-        return loss
 
     def _measure_call(self, closure: Callable) -> torch.Tensor:
         m, total = self._m, self.hyper.approximation_batches * self._m
