@@ -33,7 +33,9 @@ def _extension_kwargs():
              "extension (use `pip install --no-build-isolation` to build it)")
         return {}
 
-    cxx = ["-O3", "-fopenmp"]  # OpenMP: torch's at::parallel_for backend; no -march (portable)
+    # OpenMP: the backend of torch's at::parallel_for. No -march (portable). -fno-wrapv undoes
+    # Python's -fwrapv, which kept GCC from vectorizing the fused loops (3x slower).
+    cxx = ["-O3", "-fno-wrapv", "-fopenmp"]
     sources = ["csrc/labpal_ops.cpp"]
     depends = ["csrc/common.h", "csrc/cuda/kernels.h"]
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None

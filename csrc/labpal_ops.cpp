@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace labpal_fast {
@@ -25,7 +27,6 @@ namespace {
 constexpr int64_t CHUNK = 4096;        // reduction grid: elements per chunk (fixed)
 constexpr int64_t GRAIN = 32768;       // elementwise ops: elements per task, at least
 constexpr int64_t CHUNK_GRAIN = GRAIN / CHUNK;
-constexpr int L = 8;                   // accumulator lanes: a fixed summation order
 
 template <typename T> struct Acc { using type = T; };
 template <> struct Acc<c10::Half> { using type = float; };
@@ -66,14 +67,75 @@ void accumulate_cpu(at::Tensor grad_sum, at::Tensor grad, bool first) {
 // ḡ = (grad_sum + grad)·inv_m (or grad) + wd·θ per segment;  d = β·d + ḡ;  grad = 0.
 // Returns fp64[5]: ‖d‖², ⟨ḡ,d⟩, Σ wd‖d‖², Σ wd⟨θ,d⟩, Σ wd‖θ‖² (the last four with line_terms).
 
-// [a, b) of one chunk, one weight decay; adds its unweighted sums to r[0..4]:
-// Σd², Σḡd, (unused), Σθd, Σθ².
+// 16-byte vectors of the accumulation type (GCC / Clang vector extensions): 4 floats or 2
+// doubles; SSE2 / NEON without -march, and vector code whatever the auto-vectorizer decides.
+template <typename A> struct Vec {
+  typedef A type __attribute__((vector_size(16)));
+  static constexpr int W = 16 / sizeof(A);
+};
+
+template <typename A, typename P>
+__attribute__((always_inline)) inline typename Vec<A>::type load_vec(const P* p) {
+  typename Vec<A>::type v;
+  if constexpr (std::is_same_v<A, P>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int j = 0; j < Vec<A>::W; ++j) v[j] = static_cast<A>(p[j]);
+  }
+  return v;
+}
+
+template <typename A, typename P>
+__attribute__((always_inline)) inline void store_vec(P* p, typename Vec<A>::type v) {
+  if constexpr (std::is_same_v<A, P>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    for (int j = 0; j < Vec<A>::W; ++j) p[j] = static_cast<P>(v[j]);
+  }
+}
+
+// [a, b) of one chunk, one weight decay: the fused pass. Adds its unweighted sums to
+// r = [Σd², Σḡd, (unused), Σθd, Σθ²], in a fixed order (U·W accumulator lanes, then the tail).
 template <typename P, typename A, bool SUMMED, bool MOM, bool WD, bool TERMS>
-void direction_range(A* __restrict__ d, P* __restrict__ grad, const A* __restrict__ gs,
-                     const P* __restrict__ th, int64_t a, int64_t b, A inv_m, A beta, A wd,
-                     double* r) {
-  A sdd[L] = {}, sgd[L] = {}, std_[L] = {}, stt[L] = {};
-  auto body = [&](int64_t i, int j) {
+__attribute__((noinline)) void direction_range(A* __restrict__ d, P* __restrict__ grad,
+                                               const A* __restrict__ gs, const P* __restrict__ th,
+                                               int64_t a, int64_t b, A inv_m, A beta, A wd,
+                                               double* r) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  constexpr int U = 2;  // independent accumulators: no add-latency chain
+  V sdd[U] = {}, sgd[U] = {}, std_[U] = {}, stt[U] = {};
+  const V zero = {};
+  auto step = [&](int64_t i, int u) __attribute__((always_inline)) {
+    V g = load_vec<A>(grad + i);
+    if constexpr (SUMMED) g = (load_vec<A>(gs + i) + g) * inv_m;
+    V t = {};
+    if constexpr (WD) { t = load_vec<A>(th + i); g = g + wd * t; }
+    V dn = g;
+    if constexpr (MOM) dn = g + beta * load_vec<A>(d + i);
+    store_vec<A>(d + i, dn);
+    store_vec<A>(grad + i, zero);
+    sdd[u] += dn * dn;
+    if constexpr (TERMS) {
+      sgd[u] += g * dn;
+      if constexpr (WD) { std_[u] += t * dn; stt[u] += t * t; }
+    }
+  };
+  int64_t i = a;
+  for (; i + U * W <= b; i += U * W) {
+    step(i, 0);
+    step(i + W, 1);
+  }
+  double s[5] = {0, 0, 0, 0, 0};
+  for (int u = 0; u < U; ++u) {
+    for (int j = 0; j < W; ++j) {
+      s[0] += sdd[u][j];
+      s[1] += sgd[u][j];
+      s[3] += std_[u][j];
+      s[4] += stt[u][j];
+    }
+  }
+  for (; i < b; ++i) {  // the tail, one element at a time
     A g = static_cast<A>(grad[i]);
     if constexpr (SUMMED) g = (gs[i] + g) * inv_m;
     A t = A(0);
@@ -82,23 +144,13 @@ void direction_range(A* __restrict__ d, P* __restrict__ grad, const A* __restric
     if constexpr (MOM) dn = g + beta * d[i];
     d[i] = dn;
     grad[i] = P(0);
-    sdd[j] += dn * dn;
+    s[0] += static_cast<double>(dn) * dn;
     if constexpr (TERMS) {
-      sgd[j] += g * dn;
-      if constexpr (WD) { std_[j] += t * dn; stt[j] += t * t; }
+      s[1] += static_cast<double>(g) * dn;
+      if constexpr (WD) { s[3] += static_cast<double>(t) * dn; s[4] += static_cast<double>(t) * t; }
     }
-  };
-  int64_t i = a;
-  for (; i + L <= b; i += L) {
-    for (int j = 0; j < L; ++j) body(i + j, j);
   }
-  for (int j = 0; i < b; ++i, ++j) body(i, j);
-  for (int j = 0; j < L; ++j) {
-    r[0] += sdd[j];
-    r[1] += sgd[j];
-    r[3] += std_[j];
-    r[4] += stt[j];
-  }
+  for (int k = 0; k < 5; ++k) r[k] += s[k];
 }
 
 template <typename P, typename A, bool SUMMED, bool MOM, bool TERMS>
