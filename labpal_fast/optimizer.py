@@ -158,10 +158,18 @@ class LABPAL(torch.optim.Optimizer):
     def _update(self) -> None:
         """The m-th call of a TRAINING update: form d, move θ along it (the optimizer-side work)."""
         with torch.no_grad():
-            self._form_direction(line_terms=False)
-            coef, ok = self.line.train_coef()
-            for flat in self.flats:
-                self.ops.train_update(flat, coef, ok)
+            if self.hyper.mode == "SGD" and hasattr(self.ops, "sgd_step"):
+                # one pass: form d and move θ by −η·d where d is finite; a direction found
+                # non-finite afterwards is undone (θ back up to one rounding) and cleared
+                self._form_direction(line_terms=False, eta=self.line.eta)
+                _, ok = self.line.train_coef()
+                for flat in self.flats:
+                    self.ops.sgd_revert(flat, self.line.eta, ok)
+            else:
+                self._form_direction(line_terms=False)
+                coef, ok = self.line.train_coef()
+                for flat in self.flats:
+                    self.ops.train_update(flat, coef, ok)
         self._acc = 0
         self._updates += 1
 
@@ -197,13 +205,18 @@ class LABPAL(torch.optim.Optimizer):
             self._evaluate_line()
         return loss
 
-    def _form_direction(self, line_terms: bool) -> None:
+    def _form_direction(self, line_terms: bool, eta: Optional[torch.Tensor] = None) -> None:
+        """d ← β·d + ḡ on every flat; the partial sums go to the line. With `eta`, the fused
+        SGD step (`ops.sgd_step`) also moves θ in the same pass."""
         decays = [[self.param_groups[g]["weight_decay"] for g, _, _ in flat.segments]
                   for flat in self.flats]
-        parts = [self.ops.form_direction(flat, summed=self._m > 1, inv_m=1.0 / self._m,
-                                         momentum=self.hyper.momentum, decays=d,
-                                         line_terms=line_terms)
-                 for flat, d in zip(self.flats, decays)]
+        common = dict(summed=self._m > 1, inv_m=1.0 / self._m, momentum=self.hyper.momentum)
+        if eta is None:
+            parts = [self.ops.form_direction(flat, decays=d, line_terms=line_terms, **common)
+                     for flat, d in zip(self.flats, decays)]
+        else:
+            parts = [self.ops.sgd_step(flat, decays=d, eta=eta, **common)
+                     for flat, d in zip(self.flats, decays)]
         total = parts[0] if len(parts) == 1 else torch.stack(
             [p.to(self._device) for p in parts]).sum(0)
         self.line.set_partials(total)
@@ -214,14 +227,18 @@ class LABPAL(torch.optim.Optimizer):
             self.ops.save_origin(flat)
         self._buffers.save()
         rng_after = capture_rng(self._cuda)
+        held = None  # the last sample, recorded by the launch that moves on (fused backends)
         try:
             for j, s in enumerate(self.hyper.line_positions[1:], start=1):
-                coef = self.line.position_coef(s)
-                for flat in self.flats:
-                    self.ops.line_move(flat, coef)
+                self._move(self.line.position_coef(s), held)
+                held = None
                 for closure, rng in zip(self._closures, self._rngs):
                     restore_rng(rng)
-                    self.line.record(j, self._forward(closure))
+                    loss = self._forward(closure)
+                    if held is not None:
+                        self.line.record(*held)
+                    held = (j, loss)
+            self.line.record(*held)
         except BaseException:
             for flat in self.flats:
                 self.ops.restore_origin(flat)
@@ -235,14 +252,23 @@ class LABPAL(torch.optim.Optimizer):
         valid = bool(record["valid"].item())  # host sync 2 of 2
         self._has_rate |= valid
         if self._has_rate:
-            coef = self.line.target_coef()
-            for flat in self.flats:
-                self.ops.line_move(flat, coef)
+            self._move(self.line.target_coef(), None)
             self._updates += 1
         else:
             for flat in self.flats:
                 self.ops.restore_origin(flat)
         self._end_measurement(None if valid else "fit invalid", record)
+
+    def _move(self, coef: torch.Tensor, held: Optional[tuple]) -> None:
+        """θ = θ₀ + coef·d on every flat; `held` = (j, loss) is recorded on the way."""
+        for i, flat in enumerate(self.flats):
+            if held is not None and i == 0 and hasattr(self.ops, "line_move_record"):
+                self.ops.line_move_record(flat, coef, self.line, *held)
+                held = None
+            else:
+                self.ops.line_move(flat, coef)
+        if held is not None:
+            self.line.record(*held)
 
     def _end_measurement(self, reason: Optional[str], record: Optional[dict] = None) -> None:
         record = dict(record or {})

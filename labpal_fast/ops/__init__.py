@@ -1,6 +1,8 @@
 """Backend choice. A backend is a module of this package implementing the op set of `eager`
 (see `eager.OPS`), with `NAME` and `unavailable_reason(devices) -> Optional[str]`.
-A backend may also provide `Line`, a subclass of `labpal_fast.line.Line` with fused math.
+A backend may also provide `Line`, a subclass of `labpal_fast.line.Line` with fused math, and
+two optional fused ops the optimizer uses when present: `sgd_step` + `sgd_revert` (the SGD-mode
+update in one pass) and `line_move_record` (a line move that also records a loss sample).
 
 "auto" takes the fastest backend that works for the parameters' devices (Triton, then the
 compiled extension, on CUDA; the extension on CPU) and falls back to eager. An explicit

@@ -47,7 +47,8 @@ def _mean_gradient(flat: Flat, summed: bool, inv_m: float) -> torch.Tensor:
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if x.dtype != y.dtype:
+    """⟨x, y⟩ in fp64; low-precision inputs are summed in fp32 (fp16 overflows past 65504)."""
+    if x.dtype != y.dtype or x.dtype in (torch.float16, torch.bfloat16):
         x, y = x.float(), y.float()
     return torch.dot(x, y).to(torch.float64)
 
