@@ -80,8 +80,6 @@ def unavailable_reason(devices) -> Optional[str]:
                         "labpal_fast.ops.triton was imported before it was set")
         else:
             return f"Triton does not run on {dev.type} tensors"
-    if _INTERPRETED and any(torch.device(d).type == "cuda" for d in devices):
-        return None  # the interpreter copies CUDA tensors through the host: slow but correct
     return None
 
 
