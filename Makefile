@@ -8,7 +8,8 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: setup test bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+# csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,triton]'
