@@ -155,7 +155,7 @@ def digits_task(seed: int, device: torch.device) -> Task:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
     return Task("digits", "scikit-learn digits (8×8), small CNN with BatchNorm",
                 t(x[tr, None]), t(y[tr]), t(x[va, None]), t(y[va]), DigitsCNN,
-                TaskDefaults(steps=3000, batch_size=128, eval_every=100, sgd_lr=0.1,
+                TaskDefaults(steps=2000, batch_size=128, eval_every=100, sgd_lr=0.1,
                              target_loss=0.05))
 
 
@@ -220,7 +220,7 @@ def charlm_text() -> str:
         return f.read()
 
 
-def charlm_task(seed: int, device: torch.device, context: int = 64) -> Task:
+def charlm_task(seed: int, device: torch.device, context: int = 32) -> Task:
     text = charlm_text()
     vocab = sorted(set(text))
     lookup = {c: i for i, c in enumerate(vocab)}
@@ -240,7 +240,7 @@ def charlm_task(seed: int, device: torch.device, context: int = 64) -> Task:
     return Task("charlm", f"character LM on argparse.py ({len(text)} chars, {len(vocab)} symbols), "
                 f"causal transformer, context {context}",
                 t(xt), t(yt), t(xv), t(yv), lambda: CharTransformer(len(vocab), context),
-                TaskDefaults(steps=2000, batch_size=64, eval_every=100, sgd_lr=0.1,
+                TaskDefaults(steps=2000, batch_size=32, eval_every=100, sgd_lr=0.1,
                              target_loss=2.0), sequence=True)
 
 

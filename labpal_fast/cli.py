@@ -1,0 +1,459 @@
+"""`labpal-fast`: train LABPAL on a built-in task, compare it with the optimizers a
+practitioner would otherwise pick, and look at the result.
+
+    labpal-fast train   --optimizer labpal --task digits --out runs/one
+    labpal-fast compare --task digits --out runs/digits
+    labpal-fast report  runs/digits
+
+Every run writes metrics.csv, summary.json, lines.json (LABPAL's line measurements), PNG plots
+and results.md into --out. `compare` trains the optimizers in turns of --eval-every steps each
+(same seed, same initial weights, same batch sequence), so that a change in the machine's
+load during the run falls on all of them alike; time spent evaluating is never counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import __version__
+from . import compare_optimizers as registry
+from . import report as rep
+from .hyper import NAMES, Hyper
+from .tasks import TASK_HELP, TASKS, BatchStream, DataError, Task, load_task
+
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- arguments
+def _floats(text: str):
+    return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+
+
+def _schedule(text: str):
+    pairs = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        call, _, mult = part.partition(":")
+        if not mult:
+            raise argparse.ArgumentTypeError(f"expected CALL:MULTIPLIER pairs, got {part!r}")
+        pairs.append((int(call), float(mult)))
+    return tuple(pairs)
+
+
+def _optional_float(text: str):
+    return None if text.lower() in ("none", "auto", "") else float(text)
+
+
+_HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
+                "batch_size_schedule": (_schedule, "CALL:MULT,..."),
+                "sample_positions": (_floats, "S0,S1,..."),
+                "direction_norm_range": (_floats, "LOW,HIGH")}
+# set elsewhere: mode comes from the optimizer's name, batch_size is --batch-size
+_HYPER_SKIP = ("mode", "batch_size")
+
+
+def _add_common(p: argparse.ArgumentParser, compare: bool) -> None:
+    p.add_argument("--task", default="digits", choices=TASKS,
+                   help="; ".join(f"{k}: {v}" for k, v in TASK_HELP.items()))
+    p.add_argument("--data-dir", default=None,
+                   help="cifar10 only: directory holding cifar-10-batches-py (never downloaded)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (closure calls, one batch each); default: the task's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", default=None, help="output directory (default runs/<task>-<command>)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between validation evaluations; default: the task's")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="training loss (running mean) for 'steps to reach'; default: the task's")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 weight decay for every optimizer (default 0)")
+    p.add_argument("--sgd-lr", type=float, default=None,
+                   help="SGD's base rate; default: the task's usual (0.1)")
+    p.add_argument("--backend", default="auto", help="LABPAL backend (auto, eager, ...)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write the files but no PNGs")
+    g = p.add_argument_group("LABPAL hyper-parameters (public names; unset = LABPAL's default)")
+    defaults = Hyper()
+    for name in NAMES:
+        if name in _HYPER_SKIP:
+            continue
+        default = getattr(defaults, name)
+        conv, metavar = _HYPER_TYPES.get(name, (type(default), None))
+        flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
+        g.add_argument(*flags, dest="hp_" + name, type=conv, default=None, metavar=metavar,
+                       help=f"default {default!r}")
+    if not compare:
+        g.add_argument("--mode", dest="hp_mode", choices=("NSGD", "SGD"), default=None,
+                       help="LABPAL's mode (default: NSGD for labpal, SGD for labpal-sgd)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="labpal-fast",
+        description="Train with LABPAL, compare it with other optimizers, and plot the result.")
+    parser.add_argument("--version", action="version", version=f"labpal-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,report}")
+    sub.required = True
+    p = sub.add_parser("train", help="one optimizer on one task")
+    p.add_argument("--optimizer", default="labpal", choices=list(registry.SPECS))
+    _add_common(p, compare=False)
+    p = sub.add_parser("compare", help="several optimizers on the same task, data and seed")
+    p.add_argument("--optimizers", default=None,
+                   help="comma-separated; default: " + ",".join(registry.BUILTIN) +
+                   " and every optional one installed (" +
+                   ",".join(n for n in registry.SPECS if n not in registry.BUILTIN) + ")")
+    _add_common(p, compare=True)
+    p = sub.add_parser("report", help="rebuild plots and table from a finished run's files")
+    p.add_argument("dir")
+    return parser
+
+
+def labpal_hyper(args) -> Dict[str, Any]:
+    return {name[3:]: v for name, v in vars(args).items()
+            if name.startswith("hp_") and name != "hp_mode" and v is not None}
+
+
+# ---------------------------------------------------------------------------- one run
+@dataclass
+class Run:
+    """One optimizer training its own copy of the model on the task."""
+    name: str
+    label: str
+    task: Task
+    model: torch.nn.Module
+    built: registry.Built
+    stream: BatchStream
+    aug_gen: torch.Generator
+    device: torch.device
+    steps_done: int = 0
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    diverged: bool = False
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    _pending: List[tuple] = field(default_factory=list)
+    last_loss: float = float("nan")
+    last_lr: float = float("nan")
+    last_acc: Optional[float] = None
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        x, y = self.task.batch(self.stream.next(), self.aug_gen)
+        model, task, opt = self.model, self.task, self.built.optimizer
+
+        def closure():
+            return task.loss(model(x), y)
+        if self.built.labpal:
+            before = opt.phase
+            loss = opt.step(closure)
+            phase = "measuring" if "measuring" in (before, opt.phase) else "training"
+            updates = opt.updates
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = closure()
+            loss.backward()
+            opt.step()
+            if self.built.scheduler is not None:
+                self.built.scheduler.step()
+            loss = loss.detach()
+            phase, updates = "training", self.steps_done + 1
+        lr = registry.current_lr(self.built)
+        self.train_time += time.perf_counter() - t0
+        self.steps_done += 1
+        self._pending.append((self.steps_done, loss, lr, phase, updates, self.train_time))
+
+    def flush(self) -> None:
+        """Waits for the device, counts that wait as training time, records pending steps."""
+        if self.device.type == "cuda":
+            t0 = time.perf_counter()
+            torch.cuda.synchronize(self.device)
+            self.train_time += time.perf_counter() - t0
+        if not self._pending:
+            return
+        losses = torch.stack([p[1].float().reshape(()) for p in self._pending]).tolist()
+        lrs = [registry.lr_value(p[2]) for p in self._pending]
+        for i, (step, _, _, phase, updates, wall) in enumerate(self._pending):
+            wall = self.train_time if i == len(self._pending) - 1 else wall
+            self.rows.append({"optimizer": self.name, "step": step, "kind": "train",
+                              "loss": losses[i], "lr": lrs[i], "phase": phase,
+                              "updates": updates, "wall_time": wall})
+        self.last_loss, self.last_lr = losses[-1], lrs[-1]
+        if all(not math.isfinite(v) for v in losses[-min(len(losses), 20):]):
+            self.diverged = True
+        self._pending = []
+
+    def evaluate(self) -> None:
+        t0 = time.perf_counter()
+        opt = self.built.optimizer
+        if self.built.schedule_free:
+            opt.eval()
+            _recompute_batchnorm(self.model, self.task)
+        val_loss, val_acc = self.task.evaluate(self.model)
+        if self.built.schedule_free:
+            opt.train()
+        self.rows.append({"optimizer": self.name, "step": self.steps_done, "kind": "eval",
+                          "wall_time": self.train_time, "val_loss": val_loss,
+                          "val_accuracy": val_acc})
+        self.last_acc = val_acc
+        self.eval_time += time.perf_counter() - t0
+
+    def measurements(self) -> List[Dict[str, Any]]:
+        return self.built.optimizer.measurements() if self.built.labpal else []
+
+
+def _recompute_batchnorm(model: torch.nn.Module, task: Task, batches: int = 10) -> None:
+    """Schedule-free evaluates at averaged weights: BatchNorm statistics are refreshed there
+    (as schedulefree's documentation advises), from a fixed stream apart from the training one."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None        # cumulative average over the batches below
+    stream = BatchStream(task.train_size, min(256, task.train_size), seed=12345)
+    was = model.training
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(task.batch(stream.next())[0])
+    for m in bns:
+        m.momentum = 0.1
+    model.train(was)
+
+
+def _after_step(run: Run) -> None:
+    """Called after every training step (outside the timed region). Tests patch it."""
+
+
+# ---------------------------------------------------------------------------- the command
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to this PyTorch "
+                         f"({torch.__version__}); use --device cpu or auto")
+    return torch.device(name)
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    import importlib.metadata as md
+    out: Dict[str, Optional[str]] = {"python": platform.python_version(),
+                                     "labpal_fast": __version__, "torch": torch.__version__}
+    for dist in ("numpy", "scikit-learn", "matplotlib", "tqdm", "schedulefree", "prodigyopt",
+                 "dadaptation", "dog-optimizer", "triton"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_info(device: torch.device) -> Dict[str, Any]:
+    info: Dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(),
+                            "platform": platform.platform(), "cpu": platform.processor() or
+                            platform.machine(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _make_runs(names: Sequence[str], task: Task, args, device: torch.device) -> List[Run]:
+    runs = []
+    hyper = labpal_hyper(args)
+    for name in names:
+        spec = registry.SPECS[name]
+        torch.manual_seed(args.seed)                 # same initial weights for everyone
+        model = task.make_model().to(device)
+        model.train()
+        build = spec.build
+        if name in ("labpal", "labpal-sgd") and getattr(args, "hp_mode", None):
+            build = registry._labpal(args.hp_mode)
+        built = build([p for p in model.parameters() if p.requires_grad], model=model,
+                      task_size=task.train_size, batch_size=args.batch_size, steps=args.steps,
+                      sgd_lr=args.sgd_lr, weight_decay=args.weight_decay, labpal_hyper=hyper,
+                      backend=args.backend)
+        if built.schedule_free:
+            built.optimizer.train()
+        label = spec.label
+        if built.labpal and getattr(args, "hp_mode", None):
+            label = f"LABPAL ({args.hp_mode})"
+        runs.append(Run(name, label, task, model, built,
+                        BatchStream(task.train_size, args.batch_size, args.seed),
+                        torch.Generator().manual_seed(args.seed + 1), device))
+    return runs
+
+
+def _progress(total: int, quiet: bool):
+    if quiet:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def train_runs(runs: List[Run], steps: int, eval_every: int, quiet: bool) -> bool:
+    """Trains every run for `steps` steps and evaluates each every `eval_every` steps.
+    Returns True when interrupted (Ctrl-C); what was done until then is recorded either way.
+
+    On the CPU the runs take turns step by step, so that a change of the machine's load
+    falls on all of them alike. On a GPU each run trains `eval_every` steps in a row between
+    two synchronizations, so that its time is its own (kernels run asynchronously)."""
+    bar = _progress(steps * len(runs), quiet)
+    interrupted = False
+    try:
+        for run in runs:
+            run.evaluate()
+        done = 0
+        while done < steps:
+            chunk = min(eval_every, steps - done)
+            live = [r for r in runs if not r.diverged]
+            cuda = any(r.device.type == "cuda" for r in live)
+            turn = chunk if cuda else 1
+            for start in range(0, chunk, turn):
+                for run in live:
+                    if cuda:
+                        torch.cuda.synchronize(run.device)
+                    for _ in range(min(turn, chunk - start)):
+                        run.step()
+                        _after_step(run)
+                        if bar is not None:
+                            bar.update(1)
+                    if cuda:
+                        run.flush()
+            for run in runs:
+                if run in live:
+                    run.flush()
+                    run.evaluate()
+                elif bar is not None:
+                    bar.update(chunk)
+            done += chunk
+            if bar is not None:
+                bar.set_postfix_str("  ".join(
+                    f"{r.name}: {r.last_loss:.3g}/{r.last_lr:.2g}/{100 * (r.last_acc or 0):.1f}%"
+                    for r in runs) + "  (loss/lr/val acc)", refresh=False)
+    except KeyboardInterrupt:
+        interrupted = True
+        for run in runs:
+            run.flush()
+            last_eval = max((r["step"] for r in run.rows if r["kind"] == "eval"), default=-1)
+            if run.steps_done != last_eval:
+                run.evaluate()
+    finally:
+        if bar is not None:
+            bar.close()
+    return interrupted
+
+
+def _resolve_defaults(args, task: Task) -> None:
+    d = task.defaults
+    args.steps = d.steps if args.steps is None else args.steps
+    args.batch_size = d.batch_size if args.batch_size is None else args.batch_size
+    args.eval_every = d.eval_every if args.eval_every is None else args.eval_every
+    args.target_loss = d.target_loss if args.target_loss is None else args.target_loss
+    args.sgd_lr = d.sgd_lr if args.sgd_lr is None else args.sgd_lr
+    for name in ("steps", "batch_size", "eval_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    args.eval_every = min(args.eval_every, args.steps)
+    if args.batch_size > task.train_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training split "
+                         f"of {task.name} ({task.train_size} examples)")
+
+
+def run_training(args, names: Sequence[str]) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    task = load_task(args.task, args.seed, device, args.data_dir)
+    _resolve_defaults(args, task)
+    try:
+        Hyper(**dict(labpal_hyper(args), batch_size=args.batch_size))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"LABPAL hyper-parameter: {e}") from None
+    out = args.out or os.path.join("runs", f"{args.task}-{args.command}")
+    os.makedirs(out, exist_ok=True)
+    runs = _make_runs(names, task, args, device)
+    started = time.time()
+    interrupted = train_runs(runs, args.steps, args.eval_every, args.quiet)
+    rows = [r for run in runs for r in run.rows]
+    rep.write_metrics(os.path.join(out, rep.METRICS), rows)
+    rep.write_json(os.path.join(out, rep.LINES),
+                   {run.name: run.measurements() for run in runs if run.built.labpal})
+    figs = rep.figures(rows, args.target_loss)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("hp_")}
+    settings["labpal_hyper"] = labpal_hyper(args)
+    summary = {
+        "command": args.command,
+        "interrupted": interrupted,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_time_s": time.time() - started,
+        "settings": settings,
+        "task": {"name": task.name, "description": task.description,
+                 "train_size": task.train_size, "val_size": int(task.x_val.shape[0]),
+                 "parameters": sum(p.numel() for p in runs[0].model.parameters())},
+        "versions": _versions(),
+        "device": _device_info(device),
+        "runs": [dict(optimizer=run.name, label=run.label, settings=run.built.settings,
+                      diverged=run.diverged, eval_time_s=run.eval_time,
+                      **figs.get(run.name, {})) for run in runs],
+    }
+    rep.write_json(os.path.join(out, rep.SUMMARY), summary)
+    if args.no_plots:
+        text = rep.table(figs, {r.name: r.label for r in runs}, args.target_loss)
+        with open(os.path.join(out, rep.TABLE), "w") as f:
+            f.write(text)
+    else:
+        text = rep.rebuild(out)["table"]
+    print(f"\n{task.description}; {args.steps} steps of batch {args.batch_size} on {device}"
+          + (" — INTERRUPTED, report covers the steps done" if interrupted else ""))
+    print(text)
+    print(f"files in {out}: " + ", ".join(sorted(os.listdir(out))))
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "report":
+            result = rep.rebuild(args.dir)
+            print(result["table"])
+            print("wrote " + ", ".join(result["files"]))
+            return 0
+        if args.command == "train":
+            names = [args.optimizer]
+            if not registry.SPECS[args.optimizer].available():
+                raise UsageError(f"--optimizer {args.optimizer} needs the "
+                                 f"'{registry.SPECS[args.optimizer].package}' package")
+        else:
+            try:
+                names = registry.parse_names(args.optimizers) if args.optimizers else \
+                    registry.default_compare_set()
+            except ValueError as e:
+                raise UsageError(f"--optimizers: {e}") from None
+        return run_training(args, names)
+    except (DataError, UsageError, rep.ReportError) as e:
+        print(f"labpal-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

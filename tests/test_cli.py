@@ -1,0 +1,325 @@
+"""The `labpal-fast` command: subcommands on tiny budgets, files and columns, errors,
+interrupted runs and determinism. Everything runs on the CPU in a few seconds."""
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from labpal_fast import cli, report  # noqa: E402
+from labpal_fast import compare_optimizers as registry  # noqa: E402
+from labpal_fast import tasks  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = ["--quiet", "--device", "cpu", "--threads", "1"]
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv] + TINY)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def train_rows(rows, name):
+    return [r for r in rows if r["optimizer"] == name and r["kind"] == "train"]
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == PNG and os.path.getsize(path) > 2000
+
+
+# ---------------------------------------------------------------------------- train
+def test_train_writes_metrics_summary_lines_and_plots(tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--optimizer", "labpal", "--task", "digits", "--steps", 14,
+               "--eval-every", 7, "--out", out) == 0
+    header, rows = read_csv(out / "metrics.csv")
+    assert tuple(header) == report.COLUMNS
+    train = train_rows(rows, "labpal")
+    assert [int(r["step"]) for r in train] == list(range(1, 15))
+    for r in train:
+        assert float(r["loss"]) > 0 and r["phase"] in ("training", "measuring")
+        assert float(r["lr"]) >= 0 and float(r["wall_time"]) > 0
+    # the first measurement takes approximation_batches = 10 calls, then training follows
+    assert [r["phase"] for r in train[:10]] == ["measuring"] * 10
+    assert train[-1]["phase"] == "training" and float(train[-1]["lr"]) > 0
+    walls = [float(r["wall_time"]) for r in train]
+    assert walls == sorted(walls)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [int(r["step"]) for r in evals] == [0, 7, 14]
+    for r in evals:
+        assert 0 <= float(r["val_accuracy"]) <= 1 and float(r["val_loss"]) > 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is False and summary["command"] == "train"
+    assert summary["settings"]["steps"] == 14 and summary["settings"]["seed"] == 0
+    assert summary["versions"]["torch"] == torch.__version__
+    assert summary["device"]["device"] == "cpu"
+    assert summary["task"]["train_size"] + summary["task"]["val_size"] == 1797
+    (r,) = summary["runs"]
+    assert r["optimizer"] == "labpal" and r["steps_done"] == 14
+    assert r["settings"]["mode"] == "NSGD"
+    assert r["settings"]["dataset_size"] == summary["task"]["train_size"]
+    assert r["settings"]["batch_size"] == 128
+    assert r["ms_per_step"] > 0 and r["final_val_accuracy"] == float(evals[-1]["val_accuracy"])
+
+    lines = json.loads((out / "lines.json").read_text())
+    (m,) = lines["labpal"][:1]
+    assert m["positions"] == [0.0, 1.77e-4, 0.01] and m["valid"] is True
+    assert m["s_upd"] > 0 and len(m["mean_losses"]) == 3
+    for name in ("loss_lr.png", "val_accuracy.png", "lines_labpal.png"):
+        assert is_png(out / name), name
+    assert "LABPAL (NSGD)" in (out / "results.md").read_text()
+
+
+def test_labpal_flags_reach_the_optimizer(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("train", "--task", "spirals", "--steps", 6, "--out", out, "--no-plots",
+               "--approximation-batches", 3, "--reuse_updates", 2, "--warmup-updates", 1,
+               "--sample-positions", "0,0.001,0.02", "--noise-factor", 2.0,
+               "--mode", "SGD", "--batch-size", 32) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["runs"][0]["settings"]
+    assert s["mode"] == "SGD" and s["approximation_batches"] == 3 and s["reuse_updates"] == 2
+    assert s["sample_positions"] == [0.0, 0.001, 0.02] and s["noise_factor"] == 2.0
+    assert s["batch_size"] == 32
+    assert summary["runs"][0]["label"] == "LABPAL (SGD)"
+    _, rows = read_csv(out / "metrics.csv")
+    # m = floor(2.0) = 2 calls per update, 3·2 = 6 calls for the first measurement
+    assert [r["phase"] for r in train_rows(rows, "labpal")] == ["measuring"] * 6
+    assert not (out / "loss_lr.png").exists()
+    # a bad value is refused with a message that names it
+    assert run("train", "--task", "spirals", "--steps", 2, "--out", tmp_path / "bad",
+               "--max-step-size", -1) == 2
+    assert "max_step_size" in capsys.readouterr().err
+
+
+def test_every_builtin_optimizer_trains(tmp_path):
+    for name in ("labpal-sgd", "sgd", "adam"):
+        out = tmp_path / name
+        assert run("train", "--optimizer", name, "--task", "spirals", "--steps", 4,
+                   "--batch-size", 16, "--out", out, "--no-plots") == 0
+        _, rows = read_csv(out / "metrics.csv")
+        assert len(train_rows(rows, name)) == 4
+
+
+def test_sgd_schedule_divides_by_ten_at_half_and_three_quarters(tmp_path):
+    out = tmp_path / "sgd"
+    assert run("train", "--optimizer", "sgd", "--task", "spirals", "--steps", 8,
+               "--batch-size", 16, "--sgd-lr", 0.2, "--out", out, "--no-plots") == 0
+    _, rows = read_csv(out / "metrics.csv")
+    lrs = [float(r["lr"]) for r in train_rows(rows, "sgd")]   # rate in force after each step
+    assert lrs == pytest.approx([0.2] * 3 + [0.02] * 2 + [0.002] * 3)
+
+
+# ---------------------------------------------------------------------------- compare
+def test_compare_same_data_and_start_and_a_table(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run("compare", "--optimizers", "labpal,sgd,adam", "--task", "spirals",
+               "--steps", 12, "--eval-every", 6, "--out", out) == 0
+    printed = capsys.readouterr().out
+    _, rows = read_csv(out / "metrics.csv")
+    first = {n: float(train_rows(rows, n)[0]["loss"]) for n in ("labpal", "sgd", "adam")}
+    # same initial weights, same first batch: the first loss is the same for everyone
+    assert len(set(first.values())) == 1
+    # and the same batches afterwards: LABPAL measures at s = 0 in its first 10 calls, i.e.
+    # without moving, so its losses there are the initial model's on the common batches
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["optimizer"] for r in summary["runs"]] == ["labpal", "sgd", "adam"]
+    by = {r["optimizer"]: r for r in summary["runs"]}
+    assert by["sgd"]["ms_per_step_vs_sgd"] == pytest.approx(1.0)
+    assert by["labpal"]["ms_per_step_vs_sgd"] == pytest.approx(
+        by["labpal"]["ms_per_step"] / by["sgd"]["ms_per_step"])
+    table = (out / "results.md").read_text()
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| optimizer | val acc (final) | val loss (final) | steps to")
+    assert "ms/step" in lines[0] and "× SGD" in lines[0]
+    assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["LABPAL (NSGD)", "SGD+momentum",
+                                                               "Adam"]
+    assert table in printed
+    assert is_png(out / "loss_lr.png") and is_png(out / "val_accuracy.png")
+
+
+def test_compare_batches_are_the_same_sequence(tmp_path):
+    """Runs in a compare draw identical index batches (one stream per run, same seed)."""
+    task = tasks.load_task("spirals", 0, torch.device("cpu"))
+    args = cli.build_parser().parse_args(["compare", "--task", "spirals", "--steps", "3"])
+    cli._resolve_defaults(args, task)
+    a, b = cli._make_runs(["sgd", "adam"], task, args, torch.device("cpu"))
+    for _ in range(30):
+        assert torch.equal(a.stream.next(), b.stream.next())
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_default_compare_set_has_the_builtins_first():
+    names = registry.default_compare_set()
+    assert names[:4] == ["labpal", "labpal-sgd", "sgd", "adam"]
+    for n in names[4:]:
+        assert registry.SPECS[n].available()
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        registry.parse_names("labpal,lion")
+
+
+# ---------------------------------------------------------------------------- report
+def test_report_rebuilds_plots_and_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("compare", "--optimizers", "labpal,sgd", "--task", "spirals", "--steps", 12,
+               "--eval-every", 4, "--out", out) == 0
+    table = (out / "results.md").read_text()
+    for name in ("loss_lr.png", "val_accuracy.png", "lines_labpal.png", "results.md"):
+        os.remove(out / name)
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    assert table in capsys.readouterr().out
+    assert (out / "results.md").read_text() == table
+    for name in ("loss_lr.png", "val_accuracy.png", "lines_labpal.png"):
+        assert is_png(out / name), name
+
+
+def test_report_of_a_directory_without_a_run(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "metrics.csv not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- interrupts
+def test_ctrl_c_stops_cleanly_and_reports_the_steps_done(tmp_path, monkeypatch, capsys):
+    def interrupt(r):
+        if r.name == "sgd" and r.steps_done == 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_after_step", interrupt)
+    out = tmp_path / "cut"
+    assert run("compare", "--optimizers", "labpal,sgd", "--task", "spirals", "--steps", 40,
+               "--eval-every", 20, "--out", out) == cli.EXIT_INTERRUPTED
+    assert "INTERRUPTED" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    _, rows = read_csv(out / "metrics.csv")
+    # CPU runs take turns step by step: LABPAL had done 5 steps when SGD's 5th raised
+    assert len(train_rows(rows, "labpal")) == 5 and len(train_rows(rows, "sgd")) == 5
+    by = {r["optimizer"]: r for r in summary["runs"]}
+    assert by["sgd"]["steps_done"] == 5
+    # a final evaluation covers the steps done
+    evals = [r for r in rows if r["optimizer"] == "sgd" and r["kind"] == "eval"]
+    assert [int(r["step"]) for r in evals] == [0, 5]
+    assert is_png(out / "loss_lr.png") and (out / "results.md").exists()
+
+
+# ---------------------------------------------------------------------------- determinism
+def test_same_seed_same_metrics(tmp_path):
+    def losses(seed, name):
+        out = tmp_path / f"{name}-{seed}"
+        assert run("train", "--optimizer", "labpal", "--task", "digits", "--steps", 14,
+                   "--eval-every", 7, "--seed", seed, "--out", out, "--no-plots") == 0
+        _, rows = read_csv(out / "metrics.csv")
+        return [(r["step"], r["kind"], r["loss"], r["lr"], r["phase"], r["updates"],
+                 r["val_loss"], r["val_accuracy"]) for r in rows]
+    a, b, c = losses(3, "a"), losses(3, "b"), losses(4, "c")
+    assert a == b
+    assert a != c
+
+
+def test_digits_split_is_deterministic_by_seed():
+    d0 = tasks.load_task("digits", 0, torch.device("cpu"))
+    d0b = tasks.load_task("digits", 0, torch.device("cpu"))
+    d1 = tasks.load_task("digits", 1, torch.device("cpu"))
+    assert torch.equal(d0.y_val, d0b.y_val) and torch.equal(d0.x_train, d0b.x_train)
+    assert not torch.equal(d0.x_val, d1.x_val)
+    assert d0.train_size + d0.x_val.shape[0] == 1797 and d0.x_val.shape[0] == 359
+
+
+# ---------------------------------------------------------------------------- tasks
+def write_fake_cifar(root, per_batch=12, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}, f)
+        written[name] = (data, labels)
+    return written
+
+
+def test_cifar10_reads_torchvision_pickles_and_trains(tmp_path):
+    written = write_fake_cifar(tmp_path / "data")
+    task = tasks.load_task("cifar10", 0, torch.device("cpu"), str(tmp_path / "data"))
+    assert task.x_train.shape == (60, 3, 32, 32) and task.x_val.shape == (12, 3, 32, 32)
+    first, labels = written["data_batch_1"]
+    assert torch.equal(task.x_train[:12], torch.from_numpy(first.reshape(12, 3, 32, 32)))
+    assert task.y_train[:12].tolist() == labels
+    assert task.y_val.tolist() == written["test_batch"][1]
+    # augmentation: crops and flips of the padded image, same shape
+    x = task.prepare(task.x_train[:4])
+    aug = tasks.cifar_augment(x, torch.Generator().manual_seed(0))
+    assert aug.shape == x.shape and not torch.equal(aug, x)
+    model = tasks.ResNet20()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(272_474, rel=0.01)
+    out = tmp_path / "run"
+    assert run("train", "--optimizer", "sgd", "--task", "cifar10", "--data-dir",
+               tmp_path / "data", "--steps", 2, "--batch-size", 8, "--out", out,
+               "--no-plots") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"]["train_size"] == 60 and summary["runs"][0]["steps_done"] == 2
+
+
+@pytest.mark.parametrize("given", ["missing", "empty", "none"])
+def test_cifar10_without_data_says_so_and_downloads_nothing(tmp_path, capsys, given):
+    argv = ["train", "--task", "cifar10", "--steps", 1, "--out", tmp_path / "out"]
+    if given == "missing":
+        argv += ["--data-dir", tmp_path / "nowhere"]
+    elif given == "empty":
+        (tmp_path / "empty").mkdir()
+        argv += ["--data-dir", tmp_path / "empty"]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "nothing is downloaded" in err
+    if given == "missing":
+        assert "does not exist" in err
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_charlm_task_trains(tmp_path):
+    task = tasks.load_task("charlm", 0, torch.device("cpu"))
+    assert task.sequence and task.x_train.shape[1] == task.y_train.shape[1]
+    # targets are the inputs shifted by one character
+    assert torch.equal(task.x_train[0, 1:], task.y_train[0, :-1])
+    out = tmp_path / "lm"
+    assert run("train", "--optimizer", "adam", "--task", "charlm", "--steps", 3,
+               "--out", out, "--no-plots") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["runs"][0]["final_val_accuracy"] <= 1
+
+
+def test_progress_bar_unless_quiet(tmp_path, capsys):
+    argv = ["train", "--optimizer", "sgd", "--task", "spirals", "--steps", "5", "--batch-size",
+            "16", "--no-plots", "--device", "cpu"]
+    assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert "5/5" in capsys.readouterr().err
+    assert cli.main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "5/5" not in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command():
+    proc = subprocess.run([sys.executable, "-m", "labpal_fast", "train", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--optimizer", "--task", "--steps", "--batch-size", "--seed", "--device",
+                 "--out", "--quiet", "--reuse-updates", "--update-step-adaptation"):
+        assert flag in proc.stdout
