@@ -6,16 +6,20 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test bench clean
+.PHONY: setup demo test bench clean
 
 # csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,triton]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,triton,cli]'
 	touch $@
 
 setup: $(VENV)/.installed
+
+# the first thing to run: LABPAL against SGD, Adam, ... on scikit-learn's digits (CPU, minutes)
+demo: $(VENV)/.installed
+	$(VENV)/bin/labpal-fast compare --task digits --out runs/digits-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -24,4 +28,4 @@ bench: $(VENV)/.installed
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=min,median,mean,rounds
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks runs
