@@ -1,0 +1,182 @@
+"""The compiled extension (labpal_fast._C) on CPU: each C++ op against its eager counterpart,
+and a LABPAL TRAINING update on "ext" against torch.optim.SGD(foreach=True).
+
+GB/s = bytes the op must move (each buffer read or written once) / time; the reference is a
+plain `torch.Tensor.copy_` of fp32 (8 bytes per element) at the same size; the target is
+>= 80% of it. Sizes: 1M and 16M elements (LABPAL_BENCH_EXT_SIZES to choose, e.g. "1e6,16e6").
+
+Run: `pytest benchmarks/bench_ext.py --benchmark-enable` (pytest-benchmark table), or
+`python benchmarks/bench_ext.py` for the side-by-side table with GB/s and ratios (what
+benchmarks/RESULTS.md records). The machine may be shared: absolute numbers are noisy; each
+figure is the best of several repeats, and ext and eager are measured interleaved.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+
+from labpal_fast import LABPAL
+from labpal_fast.flat import Flat
+from labpal_fast.ops import eager, ext
+
+SIZES = [int(float(s)) for s in os.environ.get("LABPAL_BENCH_EXT_SIZES", "1e6,16e6").split(",")]
+needs_ext = pytest.mark.skipif(not ext.available, reason=f"extension not built: {ext.why}")
+
+
+def make_flat(n: int, seed: int = 0) -> Flat:
+    g = torch.Generator().manual_seed(seed)
+    half = n // 2
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in (half, n - half)]
+    flat = Flat(params, [0, 1])
+    flat.grad.normal_(generator=g)
+    flat.direction.normal_(generator=g)
+    flat.need_grad_sum().normal_(generator=g)
+    flat.need_origin().copy_(flat.param)
+    return flat
+
+
+def cases(flat: Flat) -> Dict[str, Tuple[Callable[[object], None], int]]:
+    """name -> (call(backend module), bytes moved). Gradients are refreshed by nothing: the ops
+    are timed on whatever values the buffers hold (zeros after the first call; same cost)."""
+    n, f = flat.numel, 4
+    coef = torch.tensor(-1e-4, dtype=torch.float64)
+    ok = torch.tensor(True)
+    direction = dict(summed=False, inv_m=1.0, momentum=0.9, decays=[0.0, 0.0], line_terms=False)
+    direction_m2 = dict(summed=True, inv_m=0.5, momentum=0.9, decays=[1e-4, 0.0], line_terms=True)
+    return {
+        # grad_sum += grad; grad = 0: read 2, write 2
+        "accumulate": (lambda ops: ops.accumulate(flat, False), 4 * f * n),
+        # d = 0.9 d + g, ‖d‖², grad = 0: read g, d; write d, g
+        "form_direction (m=1, momentum)": (lambda ops: ops.form_direction(flat, **direction),
+                                           4 * f * n),
+        # + grad_sum read, weight decay on half (θ read there), all five partial sums
+        "form_direction (m=2, wd, line terms)": (
+            lambda ops: ops.form_direction(flat, **direction_m2), (5 * n + n // 2) * f),
+        # θ += coef·d: read θ, d; write θ
+        "train_update": (lambda ops: ops.train_update(flat, coef, ok), 3 * f * n),
+        # θ = θ₀ + coef·d: read θ₀, d; write θ
+        "line_move": (lambda ops: ops.line_move(flat, coef), 3 * f * n),
+    }
+
+
+def best_time(fn: Callable[[], object], repeats: int, inner: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best
+
+
+def side_by_side(sizes: List[int], repeats: int = 15) -> List[dict]:
+    rows = []
+    for n in sizes:
+        inner = max(1, int(4e6 // n))
+        src, dst = torch.randn(n), torch.empty(n)
+        t_copy = best_time(lambda: dst.copy_(src), repeats, inner)
+        copy_gbs = 8 * n / t_copy / 1e9
+        rows.append(dict(n=n, op="copy_ (reference)", ext_gbs=copy_gbs, eager_gbs=copy_gbs,
+                         ratio=1.0, of_copy=1.0))
+        flat = make_flat(n)
+        for name, (call, nbytes) in cases(flat).items():
+            t_x, t_e = float("inf"), float("inf")
+            for _ in range(3):  # interleaved, so that noise hits both alike
+                t_x = min(t_x, best_time(lambda: call(ext), repeats // 3 + 1, inner))
+                t_e = min(t_e, best_time(lambda: call(eager), repeats // 3 + 1, inner))
+            rows.append(dict(n=n, op=name, ext_gbs=nbytes / t_x / 1e9, eager_gbs=nbytes / t_e / 1e9,
+                             ratio=t_e / t_x, of_copy=nbytes / t_x / 1e9 / copy_gbs))
+    return rows
+
+
+def training_update(n_total: int = 10_000_000, n_tensors: int = 100, repeats: int = 15) -> dict:
+    """One TRAINING update's optimizer-side work, momentum 0.9: LABPAL (ext, eager) vs SGD."""
+    def params():
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n_total // n_tensors, generator=g))
+              for _ in range(n_tensors)]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        return ps
+
+    sgd = torch.optim.SGD(params(), lr=1e-3, momentum=0.9, foreach=True)
+    out = {"SGD(foreach=True)": best_time(sgd.step, repeats, 1)}
+    for backend in ("ext", "eager"):
+        for mode in ("SGD", "NSGD"):
+            opt = labpal_for_update(params(), backend, mode)
+            out[f"LABPAL {mode} ({backend})"] = best_time(lambda: labpal_update(opt), repeats, 1)
+    return out
+
+
+def labpal_for_update(params, backend: str, mode: str) -> LABPAL:
+    opt = LABPAL(params, mode=mode, momentum=0.9, backend=backend)
+    opt.line.eta.fill_(1e-3)  # a rate, as after a measurement
+    opt.line.s_upd.fill_(1e-3)
+    opt._m = 1
+    return opt
+
+
+def labpal_update(opt: LABPAL) -> None:
+    for flat in opt.flats:
+        flat.attach_params()
+        flat.attach_grads()
+    opt._update()
+
+
+# ------------------------------------------------------------------------------ pytest-benchmark
+@needs_ext
+@pytest.mark.parametrize("backend", ["ext", "eager"])
+@pytest.mark.parametrize("op", list(cases(make_flat(8)).keys()))
+@pytest.mark.parametrize("n", SIZES)
+def test_op(benchmark, n, op, backend):
+    benchmark.group = f"{op}, {n} elements"
+    flat = make_flat(n)
+    call, nbytes = cases(flat)[op]
+    module = ext if backend == "ext" else eager
+    benchmark.extra_info["bytes"] = nbytes
+    benchmark(call, module)
+    benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.min / 1e9
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["sgd", "ext-SGD", "ext-NSGD"])
+def test_training_update(benchmark, name):
+    benchmark.group = "training update, 10M params in 100 tensors, momentum 0.9"
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(100_000, generator=g)) for _ in range(100)]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1e-3
+    if name == "sgd":
+        opt = torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)
+        opt.step()
+        benchmark(opt.step)
+    else:
+        opt = labpal_for_update(ps, "ext", name.split("-")[1])
+        labpal_update(opt)
+        benchmark(labpal_update, opt)
+
+
+def main() -> None:
+    threads = int(os.environ.get("LABPAL_BENCH_THREADS", torch.get_num_threads()))
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {threads} threads, ext: {ext.available} {ext.why or ''}")
+    print("| elements | op | ext GB/s | eager GB/s | ext speed-up | ext / copy_ |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in side_by_side(SIZES):
+        print(f"| {r['n']:,} | {r['op']} | {r['ext_gbs']:.1f} | {r['eager_gbs']:.1f} | "
+              f"{r['ratio']:.2f}× | {100 * r['of_copy']:.0f}% |")
+    times = training_update()
+    ref = times["SGD(foreach=True)"]
+    print("\n| 10M params in 100 tensors, momentum 0.9 | ms | vs SGD(foreach) |")
+    print("|---|---:|---:|")
+    for name, t in times.items():
+        print(f"| {name} | {1e3 * t:.2f} | {ref / t:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
