@@ -140,7 +140,8 @@ def test_op(benchmark, n, op, backend):
     module = ext if backend == "ext" else eager
     benchmark.extra_info["bytes"] = nbytes
     benchmark(call, module)
-    benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.min / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.min / 1e9
 
 
 @needs_ext
