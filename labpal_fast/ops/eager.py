@@ -6,7 +6,7 @@ number of launches does not depend on the number of parameter tensors. Device sc
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -21,6 +21,22 @@ def unavailable_reason(devices) -> None:
 
 # Decays: per-segment weight decay, aligned with flat.segments (Python floats).
 Decays = Sequence[float]
+
+
+# The TRAINING ops walk their buffers in pieces of this many elements, so a piece written by
+# one op is still in cache for the next (the direction's norm, zeroing the gradient): about
+# eight streams over memory per update instead of twelve. A pure speed choice: every result
+# is the same elementwise; ‖d‖² is summed per piece in a fixed order.
+PIECE = 1 << 18
+
+
+def _pieces(flat: Flat, buf: torch.Tensor) -> List[torch.Tensor]:
+    """Views of `buf` in pieces of PIECE elements, made once per buffer."""
+    cache = flat.__dict__.setdefault("_eager_pieces", {})
+    key = (buf.data_ptr(), buf.numel(), buf.dtype)
+    if key not in cache:
+        cache[key] = list(buf.split(PIECE))
+    return cache[key]
 
 
 def accumulate(flat: Flat, first: bool) -> None:
@@ -65,14 +81,13 @@ def form_direction(flat: Flat, *, summed: bool, inv_m: float, momentum: float, d
     for (_, start, end), wd in zip(flat.segments, decays):
         if wd != 0.0:
             g[start:end].add_(theta[start:end], alpha=wd)
-    if momentum != 0.0:
-        torch.add(g, d, alpha=momentum, out=d)
-    else:
-        d.copy_(g)
-    parts = [_dot(d, d)]
     zero = torch.zeros((), dtype=torch.float64, device=d.device)
-    if line_terms:
-        parts.append(_dot(g, d))
+    if line_terms:  # a measurement: whole-buffer passes, clearest over speed
+        if momentum != 0.0:
+            torch.add(g, d, alpha=momentum, out=d)
+        else:
+            d.copy_(g)
+        parts = [_dot(d, d), _dot(g, d)]
         wdd, wtd, wtt = zero, zero, zero
         for (_, start, end), wd in zip(flat.segments, decays):
             if wd != 0.0:
@@ -81,10 +96,18 @@ def form_direction(flat: Flat, *, summed: bool, inv_m: float, momentum: float, d
                 wtd = wtd + wd * _dot(ts, ds)
                 wtt = wtt + wd * _dot(ts, ts)
         parts += [wdd, wtd, wtt]
-    else:
-        parts += [zero] * 4
-    flat.grad.zero_()
-    return torch.stack(parts)
+        flat.grad.zero_()
+        return torch.stack(parts)
+    squares = []
+    for gp, dp, zp in zip(_pieces(flat, g), _pieces(flat, d), _pieces(flat, flat.grad)):
+        if momentum != 0.0:
+            torch.add(gp, dp, alpha=momentum, out=dp)
+        else:
+            dp.copy_(gp)
+        squares.append(_dot(dp, dp))
+        zp.zero_()
+    nsq = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+    return torch.stack([nsq, zero, zero, zero, zero])
 
 
 def train_update(flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
@@ -93,8 +116,11 @@ def train_update(flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
     A non-finite direction is cleared (the momentum restarts) and never reaches θ: coef is 0
     then, and 0·d must not be NaN.
     """
-    flat.direction.masked_fill_(~ok, 0.0)
-    flat.param.addcmul_(flat.direction, coef)
+    keep = ok.to(flat.direction.dtype)
+    for dp, tp in zip(_pieces(flat, flat.direction), _pieces(flat, flat.param)):
+        torch.nan_to_num_(dp, nan=0.0, posinf=0.0, neginf=0.0)  # identity on a finite d
+        dp.mul_(keep)
+        tp.addcmul_(dp, coef)
 
 
 def line_move(flat: Flat, coef: torch.Tensor) -> None:
