@@ -323,3 +323,42 @@ def test_python_dash_m_runs_the_command():
     for flag in ("--optimizer", "--task", "--steps", "--batch-size", "--seed", "--device",
                  "--out", "--quiet", "--reuse-updates", "--update-step-adaptation"):
         assert flag in proc.stdout
+
+
+FAKE_SCHEDULEFREE = '''
+import torch
+calls = []
+
+class _Base(torch.optim.SGD):
+    def __init__(self, params, lr=0.05, weight_decay=0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+    def train(self):
+        calls.append("train")
+    def eval(self):
+        calls.append("eval")
+
+class SGDScheduleFree(_Base):
+    pass
+
+class AdamWScheduleFree(_Base):
+    pass
+'''
+
+
+def test_installed_optional_optimizers_join_compare(tmp_path, monkeypatch):
+    """An installed optional package (here a stand-in `schedulefree`) joins the default
+    compare set, and schedule-free runs are switched to eval mode around evaluations."""
+    (tmp_path / "pkgs").mkdir()
+    (tmp_path / "pkgs" / "schedulefree.py").write_text(FAKE_SCHEDULEFREE)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.delitem(sys.modules, "schedulefree", raising=False)
+    names = registry.default_compare_set()
+    assert "sf-sgd" in names and "sf-adamw" in names
+    out = tmp_path / "cmp"
+    assert run("compare", "--optimizers", "sgd,sf-sgd", "--task", "digits", "--steps", 4,
+               "--eval-every", 2, "--out", out, "--no-plots") == 0
+    import schedulefree
+    # train() at the start, then eval()/train() around each of the 3 evaluations
+    assert schedulefree.calls == ["train"] + ["eval", "train"] * 3
+    table = (out / "results.md").read_text()
+    assert "Schedule-free SGD" in table
