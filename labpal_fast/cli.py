@@ -453,6 +453,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, UsageError, rep.ReportError) as e:
         print(f"labpal-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # before training began, or a second Ctrl-C while writing
+        print(f"labpal-fast {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

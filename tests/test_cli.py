@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import matplotlib
 import numpy as np
@@ -362,3 +363,32 @@ def test_installed_optional_optimizers_join_compare(tmp_path, monkeypatch):
     assert schedulefree.calls == ["train"] + ["eval", "train"] * 3
     table = (out / "results.md").read_text()
     assert "Schedule-free SGD" in table
+
+
+def test_real_sigint_writes_the_report(tmp_path):
+    """Ctrl-C from outside (SIGINT to the process) ends the run with the files written."""
+    import signal
+    out = tmp_path / "sig"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labpal_fast", "train", "--optimizer", "sgd", "--task",
+         "spirals", "--steps", "1000000", "--eval-every", "1000", "--device", "cpu",
+         "--threads", "1", "--no-plots", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "step" not in seen:           # the progress bar is running: training has begun
+            ch = proc.stderr.read(1)
+            assert ch, "the command ended before training began"
+            seen += ch
+        time.sleep(1.5)                      # some steps (about 1 ms each)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == cli.EXIT_INTERRUPTED
+    assert "INTERRUPTED" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and 0 < summary["runs"][0]["steps_done"] < 1000000
+    _, rows = read_csv(out / "metrics.csv")
+    assert len(train_rows(rows, "sgd")) == summary["runs"][0]["steps_done"]
