@@ -392,3 +392,11 @@ def test_real_sigint_writes_the_report(tmp_path):
     assert summary["interrupted"] is True and 0 < summary["runs"][0]["steps_done"] < 1000000
     _, rows = read_csv(out / "metrics.csv")
     assert len(train_rows(rows, "sgd")) == summary["runs"][0]["steps_done"]
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["train", "--task", "spirals", "--steps", "1", "--quiet", "--device",
+                     "cuda", "--out", str(tmp_path / "x")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert cli.pick_device("auto") == torch.device("cpu")
