@@ -27,7 +27,7 @@ Decays = Sequence[float]
 # one op is still in cache for the next (the direction's norm, zeroing the gradient): about
 # eight streams over memory per update instead of twelve. A pure speed choice: every result
 # is the same elementwise; ‖d‖² is summed per piece in a fixed order.
-PIECE = 1 << 18
+PIECE = 1 << 19
 
 
 def _pieces(flat: Flat, buf: torch.Tensor) -> List[torch.Tensor]:
