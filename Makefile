@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=min,median,mean,rounds
+	$(PY) -m pytest -q -s benchmarks --benchmark-enable --benchmark-columns=min,median,mean,rounds
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks runs

@@ -9,6 +9,9 @@
 Run: `make bench` (or `pytest benchmarks --benchmark-enable`). Ratios: compare the means in
 one run's table (group by `group`); the machine is shared, so absolute times are noisy.
 """
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -75,34 +78,64 @@ def _cnn_data(n=64, batch=64):
             for _ in range(n)]
 
 
-@pytest.mark.benchmark(group="small CNN training loop, ms per step")
-@pytest.mark.parametrize("name", ["sgd", "labpal"])
-def test_cnn_step(benchmark, name):
-    torch.manual_seed(0)
-    model = SmallCNN()
+def _interleaved(benchmark, steps, rounds=40):
+    """Time the optimizers' steps alternately, so machine load hits each alike. pytest-benchmark
+    times one round (a step of each); the per-optimizer medians and ratios go to extra_info."""
+    times = {name: [] for name in steps}
+
+    def one_round():
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=3)
+    median = {name: statistics.median(t[3:]) * 1e3 for name, t in times.items()}
+    base = next(iter(median.values()))
+    for name, ms in median.items():
+        benchmark.extra_info[f"{name} ms"] = round(ms, 3)
+        benchmark.extra_info[f"{name} / first"] = round(ms / base, 3)
+    print("\n" + benchmark.name + ": " + ", ".join(f"{n} {ms:.2f} ms ({ms / base:.2f}x)"
+                                                   for n, ms in median.items()))
+
+
+@pytest.mark.benchmark(group="training update, interleaved (ratios in extra_info)")
+def test_update_interleaved(benchmark):
+    sgd_params = _with_grads(_params())
+    sgd = torch.optim.SGD(sgd_params, lr=1e-3, momentum=0.9, foreach=True)
+    steps = {"SGD(foreach)": sgd.step}
+    for mode in ("SGD", "NSGD"):
+        opt = LABPAL(_params(), mode=mode, momentum=0.9, backend="eager")
+        opt.line.eta.fill_(1e-3)
+        opt.line.s_upd.fill_(1e-3)
+        opt._m = 1
+        steps[f"LABPAL eager {mode}"] = (lambda o: lambda: (
+            [(f.attach_params(), f.attach_grads()) for f in o.flats], o._update()))(opt)
+    _interleaved(benchmark, steps, rounds=30)
+
+
+@pytest.mark.benchmark(group="small CNN training loop, interleaved (ratios in extra_info)")
+def test_cnn_loop_interleaved(benchmark):
     data = _cnn_data()
     loss_fn = torch.nn.functional.cross_entropy
-    if name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    torch.manual_seed(0)
+    sgd_model, labpal_model = SmallCNN(), SmallCNN()
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    labpal = LABPAL(labpal_model.parameters(), model=labpal_model, momentum=0.9, backend="eager",
+                    approximation_batches=2, direction_norm_range=(0.0, float("inf")))
+    batches = iter(data * 1000)
 
-        def step(x, y):
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-    else:
-        opt = LABPAL(model.parameters(), model=model, momentum=0.9, backend="eager",
-                     approximation_batches=2, direction_norm_range=(0.0, float("inf")))
+    def sgd_step():
+        x, y = next(batches)
+        sgd.zero_grad()
+        loss_fn(sgd_model(x), y).backward()
+        sgd.step()
 
-        def step(x, y):
-            opt.step(lambda: loss_fn(model(x), y))
-    for x, y in data[:4]:  # LABPAL's first measurement happens here
-        step(x, y)
-    if name == "labpal":
-        assert opt.phase == "training" and opt.updates >= 1
-    it = iter(data * 1000)
+    def labpal_step():
+        x, y = next(batches)
+        labpal.step(lambda: loss_fn(labpal_model(x), y))
 
-    def one_step():
-        step(*next(it))
-
-    benchmark.pedantic(one_step, rounds=60, iterations=1, warmup_rounds=5)
+    for _ in range(4):  # LABPAL's first measurement happens here
+        labpal_step()
+    assert labpal.phase == "training" and labpal.updates >= 1
+    _interleaved(benchmark, {"SGD": sgd_step, "LABPAL eager": labpal_step}, rounds=60)
