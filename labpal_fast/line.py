@@ -133,6 +133,19 @@ class Line:
                 "s_new": s_new, "eta_new": eta_new, "s_upd": self.s_upd.clone(),
                 "eta": self.eta.clone(), "valid": valid}
 
+    def fit_and_move(self, flats, ops, averaged: bool) -> Dict[str, torch.Tensor]:
+        """`fit`, then move every flat to the target θ₀ − s_upd·d/‖d‖ (`ops.line_move`).
+
+        While no rate exists and the fit is invalid, s_upd is 0 and the move leaves θ₀ as it
+        is (θ₀ + (−0)·d == θ₀ for a finite d). A backend's `Line` may fuse both into one
+        launch per flat. Returns the record of `fit`.
+        """
+        record = self.fit(averaged)
+        coef = self.target_coef()
+        for flat in flats:
+            ops.line_move(flat, coef)
+        return record
+
 
 def _det3(a, b, c, d, e, f, g, h, i):
     """Determinant of [[a b c] [d e f] [g h i]]."""

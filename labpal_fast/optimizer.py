@@ -248,15 +248,14 @@ class LABPAL(torch.optim.Optimizer):
             raise
         self._buffers.restore()
         restore_rng(rng_after)
-        record = self.line.fit(averaged=self._measure_start_update >= self.hyper.warmup_updates)
+        # fit, step rule and the move to s_upd, on the device (fused per flat where the
+        # backend can); without any rate yet s_upd is 0 and the move lands on θ₀ itself
+        averaged = self._measure_start_update >= self.hyper.warmup_updates
+        record = self.line.fit_and_move(self.flats, self.ops, averaged)
         valid = bool(record["valid"].item())  # host sync 2 of 2
         self._has_rate |= valid
         if self._has_rate:
-            self._move(self.line.target_coef(), None)
             self._updates += 1
-        else:
-            for flat in self.flats:
-                self.ops.restore_origin(flat)
         self._end_measurement(None if valid else "fit invalid", record)
 
     def _move(self, coef: torch.Tensor, held: Optional[tuple]) -> None:

@@ -391,6 +391,119 @@ def test_line_fit_sequence(mode, averaged):
     assert int(out.hist_n) == int(ref.hist_n)
 
 
+# -- the fused finish: fit + step rule + move to s_upd, one launch per flat ----------------
+FINISH_CASES = {
+    # name: (curvature, slope, empty position, wd partials, previous s_upd, averaged, hist_n)
+    "valid": (50.0, -1.0, None, (0.0, 0.0, 0.0), 0.02, False, 0),
+    "invalid_keeps_rate": (-5.0, -1.0, None, (0.0, 0.0, 0.0), 0.03, False, 0),
+    "no_rate": (30.0, 0.5, None, (0.0, 0.0, 0.0), 0.0, False, 0),
+    "no_rate_empty_position": (30.0, -0.5, 1, (0.0, 0.0, 0.0), 0.0, False, 0),
+    "averaged_wrap_wd": (400.0, -2.0, None, (0.1, 0.05, 3.0), 0.04, True, 7),
+    "averaged_invalid": (20.0, 0.3, None, (0.01, -0.2, 1.0), 0.05, True, 5),
+}
+
+
+class _NoLaunch:
+    """Stands in for a kernel that must not be launched."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched by fit_and_move")
+
+
+def _finish_state(case: str, seed: int):
+    """An eager Line, a Triton Line and a Triton Line for the three-launch path, all in the
+    same random state of `case`."""
+    curv, slope, empty, wd, s_prev, averaged, hist_n = FINISH_CASES[case]
+    h = Hyper(mode="SGD" if seed % 2 else "NSGD", averaging_window=3,
+              sample_positions=(0.0, 1.77e-4, 0.01, 0.02))
+    lines = (Line(h, DEVICE), tri.Line(h, DEVICE), tri.Line(h, DEVICE))
+    g = torch.Generator().manual_seed(seed)
+    _set_partials(lines, 2.0 + float(torch.rand((), generator=g)), -1.0, wd)
+    _samples(lines, g, curv, slope, nan_at=empty)
+    hist_s, hist_eta = torch.rand(3, generator=g).double() * 0.1, torch.rand(3, generator=g).double()
+    for line in lines:
+        line.s_upd.fill_(s_prev)
+        line.eta.fill_(s_prev * 0.7)
+        line.lr.fill_(0.123)
+        line.hist_s.copy_(hist_s)
+        line.hist_eta.copy_(hist_eta)
+        line.hist_n.fill_(hist_n)
+    return lines, averaged
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", list(FINISH_CASES))
+def test_fit_and_move_matches_eager(n, case, monkeypatch):
+    """Line.fit_and_move on Triton (one launch per flat + one commit) == eager Line.fit +
+    target_coef + line_move, on an fp32 and an fp16 flat: parameters, line state, record."""
+    (l_ref, l_out, l_three), averaged = _finish_state(case, seed=n + len(case))
+    flats = [make_flat(n, torch.float32, seed=29 * n), make_flat(n, torch.float16, seed=31 * n + 1)]
+    refs, outs, threes = ([twin(f) for f in flats] for _ in range(3))
+    for f in refs + outs + threes:
+        poison(f, ["param"])
+    l_out._next.fill_(float("nan"))
+    l_out._next_n.fill_(-7)
+    # the ground truth: eager fit, eager move
+    r_ref = l_ref.fit_and_move(refs, eager, averaged)
+    # the three-launch Triton path it replaces
+    r_three = l_three.fit(averaged)
+    coef = l_three.target_coef()
+    for f in threes:
+        tri.line_move(f, coef)
+    with monkeypatch.context() as mp:
+        for name in ("_fit_kernel", "_coef_kernel", "_move_kernel"):
+            mp.setattr(tri, name, _NoLaunch(name))
+        r_out = l_out.fit_and_move(outs, tri, averaged)
+    valid = bool(r_ref["valid"])
+    assert valid == (case in ("valid", "averaged_wrap_wd"))
+    assert set(r_out) == set(r_ref)
+    for key in r_ref:
+        a, b = r_ref[key], r_out[key]
+        if a.dtype == torch.bool:
+            assert bool(a) == bool(b), key
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, equal_nan=True, msg=key)
+            assert torch.equal(b, r_three[key]) or torch.isnan(b).all(), key
+    _same_state(l_ref, l_out, rtol=1e-9)
+    _same_state(l_three, l_out, rtol=0)
+    for f_ref, f_out, f_three in zip(refs, outs, threes):
+        compare(f"fit_and_move[{case}]", f_ref, f_out, f_ref.dtype)
+        assert torch.equal(f_out.param, f_three.param), "differs from the three-launch path"
+        if float(l_ref.s_upd) == 0.0:  # no rate: the move lands on θ₀ itself, eager too
+            origin = f_out.origin.to(f_out.dtype)
+            assert torch.equal(f_out.param, origin) and torch.equal(f_ref.param, origin)
+    if averaged and valid:
+        assert int(l_out.hist_n) == FINISH_CASES[case][6] + 1
+
+
+def test_fit_and_move_sequence_and_unfused_flat():
+    """Several finishes in a row (window wrap-around) with an fp32, an fp16 and an fp64 flat
+    (the last moved by the eager op after the commit): state and parameters follow eager."""
+    h, ref, out, g = _lines(6, averaging_window=2, sample_positions=(0.0, 1.77e-4, 0.01))
+    flats = [make_flat(4097, torch.float32, seed=1), make_flat(1023, torch.float16, seed=2),
+             make_flat(1023, torch.float64, seed=3)]
+    refs, outs = [twin(f) for f in flats], [twin(f) for f in flats]
+    cases = [(50.0, -1.0), (-5.0, -1.0), (10.0, -2.0), (80.0, -3.0), (30.0, 0.5), (400.0, -4.0)]
+    for i, (curv, slope) in enumerate(cases):
+        _set_partials((ref, out), 3.0 + i, -1.0, (0.0, 0.01 * i, 0.5))
+        _samples((ref, out), g, curv, slope)
+        for f in refs + outs:
+            poison(f, ["param"])
+        r_ref = ref.fit_and_move(refs, eager, averaged=i >= 1)
+        r_out = out.fit_and_move(outs, tri, averaged=i >= 1)
+        assert bool(r_ref["valid"]) == bool(r_out["valid"])
+        for key in ("a", "b", "s_upd", "eta", "s_new"):
+            torch.testing.assert_close(r_out[key], r_ref[key], rtol=1e-9, atol=1e-12)
+        _same_state(ref, out, rtol=1e-9)
+        for f_ref, f_out in zip(refs, outs):
+            compare("fit_and_move[seq]", f_ref, f_out, f_ref.dtype if f_ref.dtype in TOL
+                    else torch.float32)
+    assert int(out.hist_n) == 4
+
+
 # -- backend choice -------------------------------------------------------------------------
 def test_unavailable_reason_cpu(monkeypatch):
     assert tri.unavailable_reason([torch.device("cpu")]) is None if tri._INTERPRETED else True

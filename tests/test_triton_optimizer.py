@@ -3,7 +3,8 @@
 Both modes, momentum, weight decay on some groups, two (device, dtype) groups (fp32 and fp16
 parameters), a measurement that is abandoned (‖d‖ out of range), NaN loss samples, a change of
 the multiplier, and several measurements (averaged ones too). On Triton the optimizer uses the
-fused ops (one-pass SGD, move + record in one launch). No training step reads a device value
+fused ops (one-pass SGD, move + record in one launch, the fit + step rule + move to s_upd in
+one launch per flat). No training step reads a device value
 on the host.
 """
 from __future__ import annotations
@@ -105,6 +106,32 @@ def test_trajectory_matches_eager(mode, momentum):
     ref = trajectory("eager", mode=mode, momentum=momentum)
     out = trajectory("triton", mode=mode, momentum=momentum)
     _compare(ref, out, f"{mode} β={momentum}")
+
+
+class _Counted:
+    """A kernel wrapper that counts launches (or refuses them, with forbid)."""
+
+    def __init__(self, kernel, forbid=False):
+        self.kernel, self.forbid, self.launches = kernel, forbid, 0
+
+    def __getitem__(self, grid):
+        assert not self.forbid, "a kernel of the three-launch finish was launched"
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_measurement_finish_is_one_launch_per_flat(monkeypatch):
+    """Each finished measurement: one fused fit+move launch per flat (fp32 and fp16 here) and
+    one commit of the line state; the single-program fit kernel is not used."""
+    fit_move = _Counted(tri._fit_move_kernel)
+    commit = _Counted(tri._commit_kernel)
+    monkeypatch.setattr(tri, "_fit_move_kernel", fit_move)
+    monkeypatch.setattr(tri, "_commit_kernel", commit)
+    monkeypatch.setattr(tri, "_fit_kernel", _Counted(tri._fit_kernel, forbid=True))
+    *_, records, opt = trajectory("triton", mode="NSGD", momentum=0.0)
+    finished = sum(r["reason"] is None or r["reason"].startswith("fit invalid") for r in records)
+    assert finished >= 2 and len(opt.flats) == 2
+    assert fit_move.launches == 2 * finished and commit.launches == finished
 
 
 def test_training_steps_do_not_sync():

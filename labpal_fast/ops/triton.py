@@ -3,7 +3,10 @@
 Three tiers, as elsewhere in this package: private ``@triton.jit`` kernels (``_name_kernel``),
 host launchers, and the public ops of ``eager.OPS`` with the same signatures and semantics.
 A ``Line`` subclass replaces the line model's small tensor expressions (each several eager
-launches) by one single-program kernel each, all in fp64 on the device.
+launches) by one single-program kernel each, all in fp64 on the device; its ``fit_and_move``
+finishes a measurement (fit, step rule, move to s_upd) in one launch per flat, every program
+redoing the tiny fit from the unchanged line state, plus one single-program commit of the new
+state (staged by the first launch, so no program ever reads a half-updated state).
 
 Rules kept throughout:
 - hyper-parameter *values* (inverse multiplier, momentum, weight decays, step rule constants)
@@ -295,14 +298,16 @@ def _abandon_kernel(code_ptr, partials_ptr, consts_ptr):
 
 
 @triton.jit
-def _fit_kernel(out_ptr, valid_ptr, positions_ptr, sums_ptr, counts_ptr, partials_ptr, consts_ptr,
-                s_upd_ptr, eta_ptr, lr_ptr, hist_s_ptr, hist_eta_ptr, hist_n_ptr,
-                npos, window, averaged, sgd,
-                P_BLOCK: tl.constexpr, A_BLOCK: tl.constexpr):
-    """Least-squares parabola through the samples, the step rule, the averaging window.
+def _fit_math(positions_ptr, sums_ptr, counts_ptr, partials_ptr, consts_ptr, s_upd_ptr, eta_ptr,
+              hist_s_ptr, hist_eta_ptr, hist_n_ptr, npos, window, averaged,
+              P_BLOCK: tl.constexpr, A_BLOCK: tl.constexpr):
+    """Least-squares parabola through the samples, the step rule, the averaging window, all
+    from the line state (read only, nothing stored). A few dozen fp64 flops: cheap enough for
+    every program of a launch to do it redundantly.
 
-    Writes the new s_upd / η / lr / histories, and the measurement record into out:
-    [a, b, c, s_min, s_new, eta_new, s_upd, eta, partials(5), sums(npos), counts(npos)].
+    Returns (a, b, c, s_min, s_new, eta_new, valid, norm, s_upd, eta, hist_s, hist_eta, hist_n,
+    sums, counts): the record values, the new s_upd / η and the new history (ring and count;
+    the old ones unless `averaged`), sums / counts as loaded (P_BLOCK, padded with 0).
     """
     eps = tl.load(consts_ptr)
     alpha = tl.load(consts_ptr + 3)
@@ -348,17 +353,16 @@ def _fit_kernel(out_ptr, valid_ptr, positions_ptr, sums_ptr, counts_ptr, partial
     eta_new = tl.where(eta_new < eps, eps, eta_new)
     s_old = tl.load(s_upd_ptr)
     eta_old = tl.load(eta_ptr)
+    k = tl.arange(0, A_BLOCK)
+    km = k < window
+    hist_n = tl.load(hist_n_ptr)
+    hs = tl.load(hist_s_ptr + k, mask=km, other=0.0)
+    he = tl.load(hist_eta_ptr + k, mask=km, other=0.0)
     if averaged != 0:
-        k = tl.arange(0, A_BLOCK)
-        km = k < window
-        hist_n = tl.load(hist_n_ptr)
         slot = valid & (k == hist_n % window)
-        hs = tl.where(slot, s_new, tl.load(hist_s_ptr + k, mask=km, other=0.0))
-        he = tl.where(slot, eta_new, tl.load(hist_eta_ptr + k, mask=km, other=0.0))
-        tl.store(hist_s_ptr + k, hs, mask=km)
-        tl.store(hist_eta_ptr + k, he, mask=km)
+        hs = tl.where(slot, s_new, hs)
+        he = tl.where(slot, eta_new, he)
         hist_n = hist_n + tl.where(valid, 1, 0).to(tl.int64)
-        tl.store(hist_n_ptr, hist_n)
         filled = km & (k < hist_n)
         count = tl.where(hist_n < 1, 1, tl.where(hist_n > window, window, hist_n)).to(tl.float64)
         s_use = tl.sum(tl.where(filled, hs, 0.0), axis=0) / count
@@ -368,12 +372,14 @@ def _fit_kernel(out_ptr, valid_ptr, positions_ptr, sums_ptr, counts_ptr, partial
         eta_use = eta_new
     s_upd = tl.where(valid, s_use, s_old)
     eta = tl.where(valid, eta_use, eta_old)
-    tl.store(s_upd_ptr, s_upd)
-    tl.store(eta_ptr, eta)
-    if sgd != 0:
-        tl.store(lr_ptr, eta)
-    else:
-        tl.store(lr_ptr, s_upd / norm)
+    return a, b, c, s_min, s_new, eta_new, valid, norm, s_upd, eta, hs, he, hist_n, y, n
+
+
+@triton.jit
+def _store_record(out_ptr, valid_ptr, partials_ptr, a, b, c, s_min, s_new, eta_new, s_upd, eta,
+                  valid, y, n, npos, P_BLOCK: tl.constexpr):
+    """The measurement record: valid, and out = [a, b, c, s_min, s_new, eta_new, s_upd, eta,
+    partials(5), sums(npos), counts(npos)]."""
     tl.store(valid_ptr, valid)
     tl.store(out_ptr, a)
     tl.store(out_ptr + 1, b)
@@ -385,8 +391,94 @@ def _fit_kernel(out_ptr, valid_ptr, positions_ptr, sums_ptr, counts_ptr, partial
     tl.store(out_ptr + 7, eta)
     q = tl.arange(0, 8)
     tl.store(out_ptr + 8 + q, tl.load(partials_ptr + q, mask=q < 5, other=0.0), mask=q < 5)
+    p = tl.arange(0, P_BLOCK)
+    pm = p < npos
     tl.store(out_ptr + 13 + p, y, mask=pm)
     tl.store(out_ptr + 13 + npos + p, n, mask=pm)
+
+
+@triton.jit
+def _fit_kernel(out_ptr, valid_ptr, positions_ptr, sums_ptr, counts_ptr, partials_ptr, consts_ptr,
+                s_upd_ptr, eta_ptr, lr_ptr, hist_s_ptr, hist_eta_ptr, hist_n_ptr,
+                npos, window, averaged, sgd,
+                P_BLOCK: tl.constexpr, A_BLOCK: tl.constexpr):
+    """`_fit_math` in one program, storing the new s_upd / η / lr / histories in place and the
+    measurement record (`_store_record`)."""
+    a, b, c, s_min, s_new, eta_new, valid, norm, s_upd, eta, hs, he, hist_n, y, n = _fit_math(
+        positions_ptr, sums_ptr, counts_ptr, partials_ptr, consts_ptr, s_upd_ptr, eta_ptr,
+        hist_s_ptr, hist_eta_ptr, hist_n_ptr, npos, window, averaged,
+        P_BLOCK=P_BLOCK, A_BLOCK=A_BLOCK)
+    if averaged != 0:
+        k = tl.arange(0, A_BLOCK)
+        km = k < window
+        tl.store(hist_s_ptr + k, hs, mask=km)
+        tl.store(hist_eta_ptr + k, he, mask=km)
+        tl.store(hist_n_ptr, hist_n)
+    tl.store(s_upd_ptr, s_upd)
+    tl.store(eta_ptr, eta)
+    if sgd != 0:
+        tl.store(lr_ptr, eta)
+    else:
+        tl.store(lr_ptr, s_upd / norm)
+    _store_record(out_ptr, valid_ptr, partials_ptr, a, b, c, s_min, s_new, eta_new, s_upd, eta,
+                  valid, y, n, npos, P_BLOCK=P_BLOCK)
+
+
+@triton.jit
+def _fit_move_kernel(theta_ptr, origin_ptr, d_ptr, numel,
+                     out_ptr, valid_ptr, next_ptr, next_n_ptr,
+                     positions_ptr, sums_ptr, counts_ptr, partials_ptr, consts_ptr,
+                     s_upd_ptr, eta_ptr, hist_s_ptr, hist_eta_ptr, hist_n_ptr,
+                     npos, window, averaged, sgd, write,
+                     P_BLOCK: tl.constexpr, A_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """Finish a measurement on one flat: every program redoes the fit (`_fit_math`) from the
+    old line state and moves its tile to the target, θ = θ₀ − s_upd/max(‖d‖, ε)·d.
+
+    The line state is only read here. With `write` (the first flat's launch) program 0 also
+    stores the record and the NEW state into the staging buffers next = [s_upd, η, lr,
+    hist_s(window), hist_eta(window)] and next_n = hist_n; `_commit_kernel` copies them into
+    the state once every flat has moved, so no program of any launch sees a half-updated state.
+    """
+    a, b, c, s_min, s_new, eta_new, valid, norm, s_upd, eta, hs, he, hist_n, y, n = _fit_math(
+        positions_ptr, sums_ptr, counts_ptr, partials_ptr, consts_ptr, s_upd_ptr, eta_ptr,
+        hist_s_ptr, hist_eta_ptr, hist_n_ptr, npos, window, averaged,
+        P_BLOCK=P_BLOCK, A_BLOCK=A_BLOCK)
+    pid = tl.program_id(0)
+    coef = (-s_upd / norm).to(tl.float32)  # as Line.target_coef, then line_move's fp32 factor
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    origin = tl.load(origin_ptr + offs, mask=mask, other=0.0)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0)
+    tl.store(theta_ptr + offs, (origin + coef * d).to(theta_ptr.dtype.element_ty), mask=mask)
+    if write != 0:
+        if pid == 0:
+            tl.store(next_ptr, s_upd)
+            tl.store(next_ptr + 1, eta)
+            if sgd != 0:
+                tl.store(next_ptr + 2, eta)
+            else:
+                tl.store(next_ptr + 2, s_upd / norm)
+            k = tl.arange(0, A_BLOCK)
+            km = k < window
+            tl.store(next_ptr + 3 + k, hs, mask=km)
+            tl.store(next_ptr + 3 + window + k, he, mask=km)
+            tl.store(next_n_ptr, hist_n)
+            _store_record(out_ptr, valid_ptr, partials_ptr, a, b, c, s_min, s_new, eta_new,
+                          s_upd, eta, valid, y, n, npos, P_BLOCK=P_BLOCK)
+
+
+@triton.jit
+def _commit_kernel(next_ptr, next_n_ptr, s_upd_ptr, eta_ptr, lr_ptr, hist_s_ptr, hist_eta_ptr,
+                   hist_n_ptr, window, A_BLOCK: tl.constexpr):
+    """The staged line state of `_fit_move_kernel` into the line state (one program)."""
+    tl.store(s_upd_ptr, tl.load(next_ptr))
+    tl.store(eta_ptr, tl.load(next_ptr + 1))
+    tl.store(lr_ptr, tl.load(next_ptr + 2))
+    k = tl.arange(0, A_BLOCK)
+    km = k < window
+    tl.store(hist_s_ptr + k, tl.load(next_ptr + 3 + k, mask=km, other=0.0), mask=km)
+    tl.store(hist_eta_ptr + k, tl.load(next_ptr + 3 + window + k, mask=km, other=0.0), mask=km)
+    tl.store(hist_n_ptr, tl.load(next_n_ptr))
 
 
 # ====================================================================== launchers
@@ -618,6 +710,11 @@ class Line(_line.Line):
         self._ok = torch.zeros((), dtype=torch.bool, device=device)
         self._code = torch.zeros((), dtype=torch.int64, device=device)
         self._npos = len(hyper.line_positions)
+        # staging of fit_and_move: the new [s_upd, η, lr, hist_s, hist_eta] and hist_n
+        self._next = torch.zeros(3 + 2 * hyper.averaging_window, **f64)
+        self._next_n = torch.zeros((), dtype=torch.int64, device=device)
+        self._p_block = max(2, _next_pow2(self._npos))
+        self._a_block = max(2, _next_pow2(hyper.averaging_window))
 
     def record(self, j: int, loss: torch.Tensor) -> None:
         y = loss.detach().reshape(())
@@ -657,10 +754,51 @@ class Line(_line.Line):
         _fit_kernel[(1,)](out, valid, self.positions, self.sums, self.counts, self.partials,
                           self.consts, self.s_upd, self.eta, self.lr, self.hist_s, self.hist_eta,
                           self.hist_n, npos, h.averaging_window, int(bool(averaged)),
-                          int(h.mode == "SGD"), P_BLOCK=max(2, _next_pow2(npos)),
-                          A_BLOCK=max(2, _next_pow2(h.averaging_window)), num_warps=1)
+                          int(h.mode == "SGD"), P_BLOCK=self._p_block, A_BLOCK=self._a_block,
+                          num_warps=1)
+        return self._record(out, valid)
+
+    def _record(self, out: torch.Tensor, valid: torch.Tensor) -> Dict[str, torch.Tensor]:
+        npos = self._npos
         names = ("a", "b", "c", "s_min", "s_new", "eta_new", "s_upd", "eta")
         record = {name: out[i] for i, name in enumerate(names)}
         record.update(partials=out[8:13], sums=out[13:13 + npos], counts=out[13 + npos:],
                       valid=valid)
         return record
+
+    def fit_and_move(self, flats, ops, averaged: bool) -> Dict[str, torch.Tensor]:
+        """`fit` and the move of every flat to s_upd in one launch per flat, plus one
+        single-program launch that commits the new line state.
+
+        Every program of every launch computes the fit from the unchanged line state (so all
+        agree bit for bit); program 0 of the first launch writes the record and the new state
+        to staging buffers, and `_commit_kernel` copies the staged state in after the last
+        launch. Flats the kernel does not take (fp64, empty, another device) move afterwards
+        with `ops.line_move` and the committed s_upd.
+        """
+        dev = self.sums.device
+        fused = [f for f in flats if _fast(f) and f.device == dev and f.origin is not None]
+        if not fused:
+            return super().fit_and_move(flats, ops, averaged)
+        h = self.hyper
+        npos, window = self._npos, h.averaging_window
+        out = torch.empty(13 + 2 * npos, dtype=torch.float64, device=dev)
+        valid = torch.empty((), dtype=torch.bool, device=dev)
+        for i, flat in enumerate(fused):
+            _fit_move_kernel[_grid(flat.numel)](
+                flat.param, flat.origin, flat.direction, flat.numel,
+                out, valid, self._next, self._next_n,
+                self.positions, self.sums, self.counts, self.partials, self.consts,
+                self.s_upd, self.eta, self.hist_s, self.hist_eta, self.hist_n,
+                npos, window, int(bool(averaged)), int(h.mode == "SGD"), int(i == 0),
+                P_BLOCK=self._p_block, A_BLOCK=self._a_block, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _commit_kernel[(1,)](self._next, self._next_n, self.s_upd, self.eta, self.lr, self.hist_s,
+                             self.hist_eta, self.hist_n, window, A_BLOCK=self._a_block,
+                             num_warps=1)
+        taken = {id(f) for f in fused}
+        rest = [f for f in flats if id(f) not in taken]
+        if rest:
+            coef = self.target_coef()
+            for flat in rest:
+                ops.line_move(flat, coef)
+        return self._record(out, valid)
