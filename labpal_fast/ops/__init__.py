@@ -1,6 +1,7 @@
 """Backend choice. A backend is a module of this package implementing the op set of `eager`
 (see `eager.OPS`), with `NAME` and `unavailable_reason(devices) -> Optional[str]`.
-A backend may also provide `Line`, a subclass of `labpal_fast.line.Line` with fused math, and
+A backend may also provide `Line`, a subclass of `labpal_fast.line.Line` with fused math
+(`fit_and_move` finishes a measurement: fit, step rule and the move to s_upd), and
 two optional fused ops the optimizer uses when present: `sgd_step` + `sgd_revert` (the SGD-mode
 update in one pass) and `line_move_record` (a line move that also records a loss sample).
 
