@@ -6,8 +6,10 @@
 1. the Triton test files on the GPU (compiled kernels, not the interpreter), and every
    CUDA-marked test of the suite, including the sync-debug check
    (``torch.cuda.set_sync_debug_mode("error")`` around TRAINING steps);
-2. CUDA-event timings: a device-to-device copy (the bandwidth yardstick), each op on Triton
-   and eager, the TRAINING update against ``torch.optim.SGD(fused=True)`` (with and without
+0. builds the compiled extension's CUDA kernels in place (`setup.py build_ext --inplace`;
+   skip with --no-build);
+2. CUDA-event timings: a device-to-device copy (the bandwidth yardstick), each op on Triton,
+   eager and (when built) the compiled extension's CUDA kernels, the TRAINING update against ``torch.optim.SGD(fused=True)`` (with and without
    ``zero_grad(set_to_none=False)``, which costs the pass our update spends clearing the
    gradient buffer), at 1M, 25M and 350M parameters; the optimizer side of a whole
    measurement at 25M parameters in 160 tensors, Triton against eager;
@@ -39,10 +41,15 @@ def left() -> float:
 
 
 def run_pytest(args, out, name, timeout):
-    env = dict(os.environ, LABPAL_FAST_REPORT_DIR=out)
-    env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={os.path.join(out, name + '.xml')}", *args]
+    return run_command(cmd, out, name, timeout)
+
+
+def run_command(cmd, out, name, timeout):
+    """Runs `cmd` in the repository (never under the Triton interpreter), logs to out/name.log."""
+    env = dict(os.environ, LABPAL_FAST_REPORT_DIR=out)
+    env.pop("TRITON_INTERPRET", None)
     t0 = time.time()
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -78,7 +85,12 @@ def timings(sizes, quick: bool):
     import torch
     from bench_triton import (make_flat, measurement_case, op_cases, sgd_fused_cases,
                               training_update_cases)
+    from labpal_fast.ops import why_unavailable
     rows, results = [], {"device": torch.cuda.get_device_name(), "sizes": {}}
+    ext_reason = why_unavailable("ext", [torch.device("cuda")])
+    results["ext"] = ext_reason or "built with CUDA kernels: timed beside Triton"
+    backends = ("eager", "triton") + (("ext",) if ext_reason is None else ())
+    print(f"compiled extension: {results['ext']}", flush=True)
     for n in sizes:
         if left() < 60:
             print(f"skipping {n / 1e6:g}M: out of time", flush=True)
@@ -92,26 +104,30 @@ def timings(sizes, quick: bool):
         res["copy"] = {"s": t_copy, "GB/s": copy_bw}
         del src, dst
         flat = make_flat(n)
-        per_backend = {b: op_cases(flat, b) for b in ("eager", "triton")}
+        per_backend = {b: op_cases(flat, b) for b in backends}
         for op, (fn_t, nbytes) in per_backend["triton"].items():
             t_t = cuda_time(fn_t, reps)
             t_e = cuda_time(per_backend["eager"][op][0], reps)
             res[op] = {"triton_s": t_t, "eager_s": t_e, "GB/s": nbytes / t_t / 1e9,
                        "of_copy": nbytes / t_t / 1e9 / copy_bw, "eager_over_triton": t_e / t_t}
+            t_x = None
+            if "ext" in per_backend and op in per_backend["ext"]:
+                t_x = cuda_time(per_backend["ext"][op][0], reps)
+                res[op].update(ext_s=t_x, ext_over_triton=t_x / t_t)
             rows.append((f"{n / 1e6:g}M", op, nbytes / t_t / 1e9, nbytes / t_t / 1e9 / copy_bw,
-                         t_e / t_t, None))
+                         t_e / t_t, None if t_x is None else t_x / t_t, None))
         sgd, keep = sgd_fused_cases(n)
         t_sgd = cuda_time(sgd["sgd_fused"][0], reps)
         t_sgdz = cuda_time(sgd["sgd_fused+zero_grad"][0], reps)
         del keep, sgd
-        for b in ("triton", "eager"):
+        for b in backends:
             for name, (fn, nbytes) in training_update_cases(flat, b).items():
                 t = cuda_time(fn, reps)
                 res[f"{name}/{b}"] = {"s": t, "GB/s": nbytes / t / 1e9, "over_sgd_fused": t / t_sgd,
                                       "over_sgd_fused_zero": t / t_sgdz}
-                if b == "triton":
-                    rows.append((f"{n / 1e6:g}M", name, nbytes / t / 1e9,
-                                 nbytes / t / 1e9 / copy_bw, None, t / t_sgd))
+                if b != "eager":
+                    rows.append((f"{n / 1e6:g}M", f"{name} ({b})", nbytes / t / 1e9,
+                                 nbytes / t / 1e9 / copy_bw, None, None, t / t_sgd))
         res["sgd_fused"] = {"s": t_sgd, "s_with_zero_grad": t_sgdz}
         del flat
         torch.cuda.empty_cache()
@@ -124,7 +140,7 @@ def timings(sizes, quick: bool):
             torch.cuda.empty_cache()
         results["measurement_25M_160"] = {**meas, "speedup": meas["eager"] / meas["triton"]}
         rows.append(("25M/160", "measurement (optimizer side)", None, None,
-                     meas["eager"] / meas["triton"], None))
+                     meas["eager"] / meas["triton"], None, None))
     return rows, results
 
 
@@ -132,12 +148,13 @@ def table(rows) -> str:
     def cell(value, fmt):
         return "-" if value is None else fmt % value
 
-    head = f"{'size':>8}  {'op':<30} {'GB/s':>8} {'of copy':>8} {'eager/triton':>12} {'/SGD fused':>10}"
+    head = (f"{'size':>8}  {'op':<30} {'GB/s':>8} {'of copy':>8} {'eager/triton':>12} "
+            f"{'ext/triton':>10} {'/SGD fused':>10}")
     lines = [head, "-" * len(head)]
-    for size, op, gbs, frac, ratio, sgd in rows:
+    for size, op, gbs, frac, ratio, ext, sgd in rows:
         lines.append(f"{size:>8}  {op:<30} {cell(gbs, '%.0f'):>8} "
                      f"{cell(None if frac is None else 100 * frac, '%.0f%%'):>8} "
-                     f"{cell(ratio, '%.2fx'):>12} {cell(sgd, '%.2fx'):>10}")
+                     f"{cell(ratio, '%.2fx'):>12} {cell(ext, '%.2fx'):>10} {cell(sgd, '%.2fx'):>10}")
     return "\n".join(lines)
 
 
@@ -145,6 +162,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", help="directory for the full results")
     ap.add_argument("--quick", action="store_true", help="1M and 25M only, no measurement")
+    ap.add_argument("--no-build", action="store_true",
+                    help="do not build the compiled extension (labpal_fast._C) first")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -153,6 +172,9 @@ def main() -> int:
         print("no CUDA device: this script needs an NVIDIA GPU", file=sys.stderr)
         return 2
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    if not args.no_build:  # the CUDA kernels of the compiled extension, timed beside Triton
+        run_command([sys.executable, "setup.py", "build_ext", "--inplace"], out, "build_ext",
+                    timeout=min(180, left() - 330))
     rc_tests = run_pytest(["tests/test_triton_ops.py", "tests/test_triton_optimizer.py"], out,
                           "triton_tests", timeout=min(200, left() - 200))
     rc_cuda = run_pytest(["tests", "-m", "cuda"], out, "cuda_tests", timeout=min(90, left() - 180))
