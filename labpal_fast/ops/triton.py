@@ -229,22 +229,6 @@ def _move_kernel(theta_ptr, origin_ptr, d_ptr, coef_ptr, n,
             tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(finite, 0, 1).to(tl.int64))
 
 
-@triton.jit
-def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(src_ptr + offs, mask=mask)
-    tl.store(dst_ptr + offs, x.to(dst_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _zero_kernel(dst_ptr, n, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + offs, tl.zeros([BLOCK], dtype=dst_ptr.dtype.element_ty), mask=offs < n)
-
-
 # -- the line model: single-program fp64 kernels ---------------------------------------
 @triton.jit
 def _record_kernel(loss_ptr, sums_ptr, counts_ptr, skipped_ptr, j):
@@ -517,18 +501,6 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device, non_blocking=True)
 
 
-def _copy(src: torch.Tensor, dst: torch.Tensor) -> None:
-    n = dst.numel()
-    if n:
-        _copy_kernel[_grid(n)](src, dst, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
-def _zero(dst: torch.Tensor) -> None:
-    n = dst.numel()
-    if n:
-        _zero_kernel[_grid(n)](dst, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
 def _direction(flat: Flat, *, summed: bool, inv_m: float, momentum: float, decays: Sequence[float],
                line_terms: bool, eta: Optional[torch.Tensor]) -> torch.Tensor:
     ws = _ws(flat)
@@ -646,41 +618,13 @@ def line_move_record(flat: Flat, coef: torch.Tensor, line: "_line.Line", j: int,
                                     int(j), RECORD=True, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-def save_origin(flat: Flat) -> None:
-    if not _fast(flat):
-        return eager.save_origin(flat)
-    _copy(flat.param, flat.need_origin())
-
-
-def restore_origin(flat: Flat) -> None:
-    if not _fast(flat):
-        return eager.restore_origin(flat)
-    _copy(flat.origin, flat.param)
-
-
-def save_direction(flat: Flat) -> None:
-    """Keep d (before a measurement forms a new one) in the spare origin buffer."""
-    if not _fast(flat):
-        return eager.save_direction(flat)
-    _copy(flat.direction, flat.need_origin())
-
-
-def restore_direction(flat: Flat) -> None:
-    if not _fast(flat):
-        return eager.restore_direction(flat)
-    _copy(flat.origin, flat.direction)
-
-
-def clear_direction(flat: Flat) -> None:
-    if not _fast(flat):
-        return eager.clear_direction(flat)
-    _zero(flat.direction)
-
-
-def zero_grad(flat: Flat) -> None:
-    if not _fast(flat):
-        return eager.zero_grad(flat)
-    _zero(flat.grad)
+# Plain copies and fills: torch's own kernels are single bandwidth-bound launches already.
+save_origin = eager.save_origin
+restore_origin = eager.restore_origin
+save_direction = eager.save_direction
+restore_direction = eager.restore_direction
+clear_direction = eager.clear_direction
+zero_grad = eager.zero_grad
 
 
 OPS = eager.OPS + ("sgd_step", "sgd_revert", "line_move_record")
