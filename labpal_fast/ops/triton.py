@@ -208,6 +208,16 @@ def _sgd_revert_kernel(theta_ptr, d_ptr, eta_ptr, ok_ptr, n, BLOCK: tl.constexpr
 
 
 @triton.jit
+def _add_sample(loss_ptr, sums_ptr, counts_ptr, skipped_ptr, j):
+    """One loss sample at position j; a non-finite one is skipped and counted."""
+    y = tl.load(loss_ptr).to(tl.float64)
+    finite = (y * 0.0) == 0.0
+    tl.store(sums_ptr + j, tl.load(sums_ptr + j) + tl.where(finite, y, 0.0))
+    tl.store(counts_ptr + j, tl.load(counts_ptr + j) + tl.where(finite, 1.0, 0.0))
+    tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(finite, 0, 1).to(tl.int64))
+
+
+@triton.jit
 def _move_kernel(theta_ptr, origin_ptr, d_ptr, coef_ptr, n,
                  loss_ptr, sums_ptr, counts_ptr, skipped_ptr, j,
                  RECORD: tl.constexpr, BLOCK: tl.constexpr):
@@ -222,21 +232,13 @@ def _move_kernel(theta_ptr, origin_ptr, d_ptr, coef_ptr, n,
     tl.store(theta_ptr + offs, (origin + coef * d).to(theta_ptr.dtype.element_ty), mask=mask)
     if RECORD:
         if pid == 0:
-            y = tl.load(loss_ptr).to(tl.float64)
-            finite = (y * 0.0) == 0.0
-            tl.store(sums_ptr + j, tl.load(sums_ptr + j) + tl.where(finite, y, 0.0))
-            tl.store(counts_ptr + j, tl.load(counts_ptr + j) + tl.where(finite, 1.0, 0.0))
-            tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(finite, 0, 1).to(tl.int64))
+            _add_sample(loss_ptr, sums_ptr, counts_ptr, skipped_ptr, j)
 
 
 # -- the line model: single-program fp64 kernels ---------------------------------------
 @triton.jit
 def _record_kernel(loss_ptr, sums_ptr, counts_ptr, skipped_ptr, j):
-    y = tl.load(loss_ptr).to(tl.float64)
-    finite = (y * 0.0) == 0.0
-    tl.store(sums_ptr + j, tl.load(sums_ptr + j) + tl.where(finite, y, 0.0))
-    tl.store(counts_ptr + j, tl.load(counts_ptr + j) + tl.where(finite, 1.0, 0.0))
-    tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(finite, 0, 1).to(tl.int64))
+    _add_sample(loss_ptr, sums_ptr, counts_ptr, skipped_ptr, j)
 
 
 @triton.jit
