@@ -50,7 +50,6 @@ def op_cases(flat, backend: str) -> Dict[str, Tuple[Callable[[], None], int]]:
     dev = flat.device
     coef = torch.tensor(-1e-4, dtype=torch.float64, device=dev)
     ok = torch.tensor(True, device=dev)
-    eta = torch.tensor(1e-4, dtype=torch.float64, device=dev)
     line_cls = getattr(ops, "Line", None)
     from labpal_fast.line import Line
     line = (line_cls or Line)(Hyper(), dev)

@@ -13,7 +13,6 @@ load during the run falls on all of them alike; time spent evaluating is never c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform

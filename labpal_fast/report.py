@@ -175,7 +175,7 @@ def plot_loss_lr(rows, labels, path: str, title: str) -> None:
             ax1.plot(meas, [losses[s - steps[0]] if 0 <= s - steps[0] < len(losses) else
                             float("nan") for s in meas], "|", color=line.get_color(), ms=6)
     ax1.set_yscale("log")
-    ax1.set_ylabel(f"training loss (running mean, light: per step)")
+    ax1.set_ylabel("training loss (running mean, light: per step)")
     ax1.set_title(title)
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(loc="upper right", fontsize=9)

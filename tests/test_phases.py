@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from labpal_fast import LABPAL

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
