@@ -338,8 +338,8 @@ class LABPAL(torch.optim.Optimizer):
             for p in group["params"]:
                 index.setdefault(id(p), len(index))
                 ids.append(index[id(p)])
-            groups.append({"params": ids, "weight_decay": group["weight_decay"],
-                           "lr": float("nan")})
+            # the learning rate is part of the line state below, not of the groups
+            groups.append({"params": ids, "weight_decay": group["weight_decay"]})
         measuring = self._phase == MEASURING
         state: Dict[int, Dict[str, torch.Tensor]] = {}
         with torch.no_grad():

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 from ..flat import Flat
-from . import eager
 from .eager import Decays
 
 NAME = "ext"
@@ -96,9 +95,5 @@ def line_move(flat: Flat, coef: torch.Tensor) -> None:
     torch.ops.labpal_fast.line_move(flat.param, flat.origin, flat.direction, _on(coef, flat))
 
 
-save_origin = eager.save_origin
-restore_origin = eager.restore_origin
-save_direction = eager.save_direction
-restore_direction = eager.restore_direction
-clear_direction = eager.clear_direction
-zero_grad = eager.zero_grad
+from .eager import (  # noqa: E402,F401  plain copies and fills: torch's single launches
+    clear_direction, restore_direction, restore_origin, save_direction, save_origin, zero_grad)

@@ -620,13 +620,8 @@ def line_move_record(flat: Flat, coef: torch.Tensor, line: "_line.Line", j: int,
                                     int(j), RECORD=True, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-# Plain copies and fills: torch's own kernels are single bandwidth-bound launches already.
-save_origin = eager.save_origin
-restore_origin = eager.restore_origin
-save_direction = eager.save_direction
-restore_direction = eager.restore_direction
-clear_direction = eager.clear_direction
-zero_grad = eager.zero_grad
+from .eager import (  # noqa: E402,F401  plain copies and fills: torch's single launches
+    clear_direction, restore_direction, restore_origin, save_direction, save_origin, zero_grad)
 
 
 OPS = eager.OPS + ("sgd_step", "sgd_revert", "line_move_record")
