@@ -22,6 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_ext = pytest.mark.skipif(not ext.available, reason=f"extension not built: {ext.why}")
 
 SIZES = (1, 1023, 4097, 300_007)
+# the CUDA kernels run wherever a GPU and a CUDA build are there (benchmarks/gpu_check.py)
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
+
+
+def _device_or_skip(device: str) -> torch.device:
+    if device == "cuda" and not (torch.cuda.is_available() and ext.cuda_built):
+        pytest.skip("needs a GPU and labpal_fast._C built with CUDA kernels")
+    return torch.device(device)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ‖out−ref‖/‖ref‖ allowed for buffers in the parameter dtype (eager may round differently:
 # fused multiply-add, fp32 vs fp16 intermediates) and in the accumulation dtype (fp32)
@@ -51,7 +59,7 @@ def assert_rel(out, ref, tol, what):
                              f"out {out.reshape(-1)[i].item()!r} ref {ref.reshape(-1)[i].item()!r}")
 
 
-def make_pair(n: int, dtype: torch.dtype, seed: int, groups=(0, 1)):
+def make_pair(n: int, dtype: torch.dtype, seed: int, groups=(0, 1), device="cpu"):
     """Two Flats with the same fresh random contents (two parameters in two groups)."""
     g = torch.Generator().manual_seed(seed)
     first = max(n // 3, 1) if n > 1 else 0
@@ -62,7 +70,7 @@ def make_pair(n: int, dtype: torch.dtype, seed: int, groups=(0, 1)):
             "origin": torch.randn(n, generator=g).to(acc)}
     flats = []
     for _ in range(2):
-        params = [torch.nn.Parameter(torch.empty(s, dtype=dtype)) for s in sizes]
+        params = [torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device)) for s in sizes]
         flat = Flat(params, list(groups[:len(sizes)]))
         for name, value in data.items():
             buf = flat.need_grad_sum() if name == "grad_sum" else \
@@ -76,9 +84,11 @@ def make_pair(n: int, dtype: torch.dtype, seed: int, groups=(0, 1)):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
-def test_accumulate_matches_eager(n, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_matches_eager(n, dtype, device):
+    device = _device_or_skip(device)
     for first in (True, False):
-        a, b = make_pair(n, dtype, seed=n + int(first))
+        a, b = make_pair(n, dtype, seed=n + int(first), device=device)
         eager.accumulate(a, first)
         ext.accumulate(b, first)
         assert_rel(b.grad_sum, a.grad_sum, ACC_TOL, f"grad_sum first={first}")
@@ -94,7 +104,7 @@ def reference_partials(flat: Flat, gbar: torch.Tensor, decays) -> torch.Tensor:
             out[2] += wd * (d[s:e] @ d[s:e])
             out[3] += wd * (theta[s:e] @ d[s:e])
             out[4] += wd * (theta[s:e] @ theta[s:e])
-    return torch.tensor([float(x) for x in out], dtype=torch.float64)
+    return torch.tensor([float(x) for x in out], dtype=torch.float64, device=flat.device)
 
 
 @needs_ext
@@ -103,8 +113,9 @@ def reference_partials(flat: Flat, gbar: torch.Tensor, decays) -> torch.Tensor:
 @pytest.mark.parametrize("summed,momentum,decays,line_terms", [
     (False, 0.0, (0.0, 0.0), False), (True, 0.9, (0.0, 0.01), False),
     (False, 0.5, (0.1, 0.0), True), (True, 0.9, (0.01, 0.05), True)])
-def test_form_direction_matches_eager(n, dtype, summed, momentum, decays, line_terms):
-    a, b = make_pair(n, dtype, seed=7 * n + int(summed))
+@pytest.mark.parametrize("device", DEVICES)
+def test_form_direction_matches_eager(n, dtype, summed, momentum, decays, line_terms, device):
+    a, b = make_pair(n, dtype, seed=7 * n + int(summed), device=_device_or_skip(device))
     inv_m = 1.0 / 3.0
     # ḡ in float64, for the partials' reference (eager's fp16 dots are less exact than ext's)
     gbar = a.grad.double()
@@ -133,16 +144,18 @@ def test_form_direction_matches_eager(n, dtype, summed, momentum, decays, line_t
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
-def test_moves_match_eager(n, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_moves_match_eager(n, dtype, device):
+    device = _device_or_skip(device)
     for ok_value in (True, False):
-        a, b = make_pair(n, dtype, seed=3 * n + int(ok_value))
+        a, b = make_pair(n, dtype, seed=3 * n + int(ok_value), device=device)
         coef = torch.tensor(-0.37 if ok_value else 0.0, dtype=torch.float64)
         ok = torch.tensor(ok_value)
         eager.train_update(a, coef, ok)
         ext.train_update(b, coef, ok)
         assert_rel(b.param, a.param, PARAM_TOL[dtype], f"train_update ok={ok_value} param")
         assert_rel(b.direction, a.direction, ACC_TOL, f"train_update ok={ok_value} direction")
-    a, b = make_pair(n, dtype, seed=5 * n)
+    a, b = make_pair(n, dtype, seed=5 * n, device=device)
     coef = torch.tensor(0.123, dtype=torch.float64)
     eager.line_move(a, coef)
     ext.line_move(b, coef)
@@ -150,8 +163,9 @@ def test_moves_match_eager(n, dtype):
 
 
 @needs_ext
-def test_non_finite_direction_is_cleared_and_never_reaches_theta():
-    a, b = make_pair(4097, torch.float32, seed=1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_direction_is_cleared_and_never_reaches_theta(device):
+    a, b = make_pair(4097, torch.float32, seed=1, device=_device_or_skip(device))
     b.direction[17] = float("nan")
     b.direction[4000] = float("inf")
     before = b.param.clone()
@@ -224,14 +238,15 @@ def test_opcheck(case):
 
 
 # ------------------------------------------------------------------------------ trajectories
-def run_trajectory(backend, *, mode, momentum, decays, nan_every, dtype, calls=90, m=2, seed=0):
+def run_trajectory(backend, *, mode, momentum, decays, nan_every, dtype, calls=90, m=2, seed=0,
+                   device="cpu"):
     """A short run with many measurements. The positions are spread so that the fit is well
     conditioned: with the default (0, 1.77e-4, 0.01), a·s² at the small position is ~1e-9 of
     the loss, so a one-ulp difference in a loss sample moves the fitted curvature by ~1e-7 even
     in float64 (by ~1 in float32), and two correct implementations part ways at a fit. Steps are
     kept small (α = 1, clamp 0.1): with the default 3.6·0.5 this tiny net trains chaotically and
     amplifies one-ulp differences to 1e-3 within 40 updates, whatever the backends."""
-    net = small_net(seed, dtype=dtype)
+    net = small_net(seed, dtype=dtype).to(device)
     positions = (0.0, 0.25, 0.5) if dtype == torch.float32 else (0.0, 0.05, 0.2)
     groups = [{"params": list(net[0].parameters()), "weight_decay": decays[0]},
               {"params": list(net[2].parameters()), "weight_decay": decays[1]}]
@@ -240,7 +255,7 @@ def run_trajectory(backend, *, mode, momentum, decays, nan_every, dtype, calls=9
                  warmup_updates=10, averaging_window=3, direction_norm_range=(0.0, float("inf")),
                  sample_positions=positions, update_step_adaptation=1.0, max_step_size=0.1)
     assert opt.backend == backend
-    data = [(x.to(dtype), y) for x, y in batches(calls, 16, 6, seed=seed + 1)]
+    data = [(x.to(device, dtype), y.to(device)) for x, y in batches(calls, 16, 6, seed=seed + 1)]
     for i, (x, y) in enumerate(data):
         base = closure_for(net, x, y)
         count = {"n": 0}
@@ -261,8 +276,10 @@ def run_trajectory(backend, *, mode, momentum, decays, nan_every, dtype, calls=9
 @pytest.mark.parametrize("mode,momentum,decays,nan_every", [
     ("NSGD", 0.0, (0.0, 0.0), 0), ("SGD", 0.9, (0.01, 0.0), 5), ("NSGD", 0.5, (0.0, 0.05), 4),
     ("SGD", 0.0, (0.02, 0.03), 0)])
-def test_trajectory_ext_equals_eager(mode, momentum, decays, nan_every, dtype):
-    kw = dict(mode=mode, momentum=momentum, decays=decays, nan_every=nan_every, dtype=dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_trajectory_ext_equals_eager(mode, momentum, decays, nan_every, dtype, device):
+    kw = dict(mode=mode, momentum=momentum, decays=decays, nan_every=nan_every, dtype=dtype,
+              device=_device_or_skip(device))
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-11)
     net_e, opt_e = run_trajectory("eager", **kw)
     net_x, opt_x = run_trajectory("ext", **kw)
