@@ -3,7 +3,8 @@
 Along ℓ(s) = L(θ₀ − s·d/‖d‖) the loss samples of each position are summed (NaN / inf
 skipped and counted), a quadratic a·s² + b·s + c is fitted by least squares over all
 samples (its 3×3 normal equations, solved by Cramer's rule), weight decay's exact parabola
-is added, and the step rule of ALGORITHM.md turns the fit into `s_upd` and `η`.
+is added, and the step rule (docs/algorithm.md) turns the fit into `s_upd` and `η`.
+Nothing here walks parameter memory: moving parameters is the backends' business.
 """
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from typing import Dict, Tuple
 import torch
 
 from .hyper import Hyper
-
-PARTIALS = ("dd", "gd", "wd_dd", "wd_td", "wd_tt")  # the direction op's partial sums
+from .layout import NPART, Abandon, Partial
 
 
 class Line:
@@ -27,7 +27,7 @@ class Line:
         self.positions = torch.tensor(positions, **f64)
         self.sums = torch.zeros(len(positions), **f64)
         self.counts = torch.zeros(len(positions), **f64)
-        self.partials = torch.zeros(len(PARTIALS), **f64)
+        self.partials = torch.zeros(NPART, **f64)
         self.s_upd = torch.zeros((), **f64)  # 0 until a rate exists: moving there = staying
         self.eta = torch.zeros((), **f64)
         self.lr = torch.zeros((), **f64)  # what param_groups[i]["lr"] shows
@@ -61,16 +61,17 @@ class Line:
     # -- the direction ----------------------------------------------------------------
     def _norm(self) -> torch.Tensor:
         """max(‖d‖, ε): the divisor of every move along d/‖d‖."""
-        return self.partials[0].sqrt().clamp(min=self.hyper.epsilon)
+        return self.partials[Partial.DD].sqrt().clamp(min=self.hyper.epsilon)
 
     def abandon_code(self) -> torch.Tensor:
-        """0 to go on; bit 1: −⟨ḡ,d⟩/‖d‖ is not negative; bit 2: ‖d‖ outside the range or not finite."""
+        """0 to go on, else the `layout.Abandon` bits: the slope −⟨ḡ,d⟩/‖d‖ is not negative;
+        ‖d‖ is outside direction_norm_range or not finite."""
         low, high = self.hyper.direction_norm_range
-        norm = self.partials[0].sqrt()
-        slope = -self.partials[1] / self._norm()
+        norm = self.partials[Partial.DD].sqrt()
+        slope = -self.partials[Partial.GD] / self._norm()
         bad_slope = ~(slope < 0)
         bad_norm = ~((norm >= low) & (norm <= high))
-        return bad_slope.long() + 2 * bad_norm.long()
+        return int(Abandon.SLOPE) * bad_slope.long() + int(Abandon.NORM) * bad_norm.long()
 
     def position_coef(self, s: float) -> torch.Tensor:
         """The factor of d that moves θ₀ to position s: −s/‖d‖."""
@@ -82,7 +83,7 @@ class Line:
 
     def train_coef(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(factor of d, direction finite) for a TRAINING update; counts a skipped update."""
-        ok = torch.isfinite(self.partials[0])
+        ok = torch.isfinite(self.partials[Partial.DD])
         if self.hyper.mode == "SGD":
             coef = torch.where(ok, -self.eta, 0.0)
         else:
@@ -106,7 +107,8 @@ class Line:
         B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
         C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
         norm = self._norm()
-        _, _, wd_dd, wd_td, wd_tt = self.partials
+        wd_dd, wd_td, wd_tt = (self.partials[i] for i in (Partial.WD_DD, Partial.WD_TD,
+                                                          Partial.WD_TT))
         a = A / self.scale ** 2 + 0.5 * wd_dd / norm ** 2
         b = B / self.scale - wd_td / norm
         c = C + 0.5 * wd_tt
@@ -132,19 +134,6 @@ class Line:
                 "partials": self.partials.clone(), "a": a, "b": b, "c": c, "s_min": s_min,
                 "s_new": s_new, "eta_new": eta_new, "s_upd": self.s_upd.clone(),
                 "eta": self.eta.clone(), "valid": valid}
-
-    def fit_and_move(self, flats, ops, averaged: bool) -> Dict[str, torch.Tensor]:
-        """`fit`, then move every flat to the target θ₀ − s_upd·d/‖d‖ (`ops.line_move`).
-
-        While no rate exists and the fit is invalid, s_upd is 0 and the move leaves θ₀ as it
-        is (θ₀ + (−0)·d == θ₀ for a finite d). A backend's `Line` may fuse both into one
-        launch per flat. Returns the record of `fit`.
-        """
-        record = self.fit(averaged)
-        coef = self.target_coef()
-        for flat in flats:
-            ops.line_move(flat, coef)
-        return record
 
 
 def _det3(a, b, c, d, e, f, g, h, i):

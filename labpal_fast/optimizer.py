@@ -1,13 +1,15 @@
 """LABPAL as a torch.optim.Optimizer: the phases as a small host-side state machine.
 
 The optimizer keeps integer counters only and decides with them; every value computed from
-tensors stays on the device (`line.Line`) and every pass over parameter memory is an op of
-the backend (`ops`). The host reads a device value exactly twice per measurement: whether
-to abandon it (after the direction is formed) and whether the fit gave a rate.
+tensors stays on the device (`line.Line`) and every pass over parameter memory is a step of
+the backend (`ops.base.Backend`). The host reads a device value exactly twice per
+measurement: whether to abandon it (after the direction is formed) and whether the fit gave
+a rate. The algorithm as implemented: docs/algorithm.md.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -15,16 +17,27 @@ import torch
 from . import ops as backends
 from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper
+from .layout import ABANDON_REASONS, Partial
 from .line import Line
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
 TRAINING, MEASURING = "training", "measuring"
-_ABANDON_REASONS = {1: "abandoned: directional derivative not negative",
-                    2: "abandoned: direction norm outside direction_norm_range or not finite",
-                    3: "abandoned: directional derivative not negative and direction norm out of range"}
-_COUNTERS = ("calls", "updates", "m", "acc", "pending", "warm_measured", "last_end", "has_rate",
-             "measure_start_call", "measure_start_update")
 _STATE_VERSION = 1
+
+
+@dataclass
+class Counters:
+    """The host-side state machine's whole state (saved in state_dict as it is)."""
+    calls: int = 0                # closure calls made (0-based index of the next one)
+    updates: int = 0              # updates made
+    m: int = 0                    # micro-batches per update (0: not yet set)
+    acc: int = 0                  # micro-batches accumulated toward the next update
+    pending: bool = False         # a measurement starts at the next boundary
+    warm_measured: bool = False   # a measurement has started with >= warmup_updates updates
+    last_end: int = 0             # updates when the last measurement ended
+    has_rate: bool = False        # some measurement has produced a rate
+    measure_start_call: int = 0
+    measure_start_update: int = 0
 
 
 class LABPAL(torch.optim.Optimizer):
@@ -55,25 +68,15 @@ class LABPAL(torch.optim.Optimizer):
         if not self.flats:
             raise ValueError("params: LABPAL got no parameter that requires grad")
         self.ops = backends.resolve(backend, [f.device for f in self.flats])
-        self.backend = self.ops.NAME
+        self.backend = self.ops.name
         self._device = self.flats[0].device
         self._cuda = cuda_indices(f.device for f in self.flats)
-        self.line: Line = getattr(self.ops, "Line", Line)(self.hyper, self._device)
+        self.line: Line = self.ops.make_line(self.hyper, self._device)
         for group in self.param_groups:
             group["lr"] = self.line.lr
         self._buffers = BufferSnapshot(model)
-        # host-side counters: the whole state machine
-        self._calls = 0            # closure calls made (0-based index of the next one)
-        self._updates = 0          # updates made
-        self._m = 0                # micro-batches per update (0: not yet set)
-        self._acc = 0              # micro-batches accumulated toward the next update
-        self._pending = False      # a measurement starts at the next boundary
-        self._warm_measured = False  # a measurement has started with >= warmup_updates updates
-        self._last_end = 0         # updates when the last measurement ended
-        self._has_rate = False     # some measurement has produced a rate
+        self.counters = Counters()
         self._phase = TRAINING
-        self._measure_start_call = 0
-        self._measure_start_update = 0
         self._mcall = 0            # calls made in the current measurement
         self._formed = False       # the measurement's direction is formed (old d in origin)
         self._closures: List[Callable] = []
@@ -88,12 +91,12 @@ class LABPAL(torch.optim.Optimizer):
 
     @property
     def updates(self) -> int:
-        return self._updates
+        return self.counters.updates
 
     @property
     def multiplier(self) -> int:
         """m, the number of closure calls averaged into one update (0 before the first call)."""
-        return self._m
+        return self.counters.m
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
         """One closure call: returns its loss (detached). Updates when m calls are averaged."""
@@ -102,7 +105,7 @@ class LABPAL(torch.optim.Optimizer):
                             "pass on its batch and returns the mean loss (without backward())")
         for flat in self.flats:
             flat.attach_params()
-        if self._phase == TRAINING and self._acc == 0:
+        if self._phase == TRAINING and self.counters.acc == 0:
             self._boundary()
         if self._phase == MEASURING:
             return self._measure_call(closure)
@@ -122,66 +125,59 @@ class LABPAL(torch.optim.Optimizer):
     # ------------------------------------------------------------------ phases
     def _boundary(self) -> None:
         """Start of an update's accumulation: apply the schedule, check the triggers."""
-        h = self.hyper
-        m = h.multiplier_at(self._calls)
-        trigger = self._pending or self._calls == 0 or m != self._m
-        self._m = m
-        trigger |= not self._warm_measured and self._updates >= h.warmup_updates
-        trigger |= self._updates - self._last_end >= h.reuse_updates
+        h, c = self.hyper, self.counters
+        m = h.multiplier_at(c.calls)
+        trigger = c.pending or c.calls == 0 or m != c.m
+        c.m = m
+        trigger |= not c.warm_measured and c.updates >= h.warmup_updates
+        trigger |= c.updates - c.last_end >= h.reuse_updates
         if trigger:
             self._start_measurement()
 
     def _start_measurement(self) -> None:
+        c = self.counters
         self._phase = MEASURING
-        self._pending = False
+        c.pending = False
         self._mcall = 0
         self._formed = False
-        self._measure_start_call = self._calls
-        self._measure_start_update = self._updates
-        if self._updates >= self.hyper.warmup_updates:
-            self._warm_measured = True
+        c.measure_start_call = c.calls
+        c.measure_start_update = c.updates
+        if c.updates >= self.hyper.warmup_updates:
+            c.warm_measured = True
         self.line.reset_samples()
         self._closures, self._rngs = [], []
 
+    def _decays(self) -> List[List[float]]:
+        """Per flat, the weight decay of each of its segments (as the groups say now)."""
+        return [[self.param_groups[g]["weight_decay"] for g, _, _ in flat.segments]
+                for flat in self.flats]
+
     def _train_call(self, closure: Callable) -> torch.Tensor:
+        c = self.counters
         loss = self._forward_backward(closure)
-        self._calls += 1
-        self._acc += 1
-        if self._acc < self._m:
-            with torch.no_grad():
+        c.calls += 1
+        c.acc += 1
+        with torch.no_grad():
+            if c.acc < c.m:
                 for flat in self.flats:
-                    self.ops.accumulate(flat, first=self._acc == 1)
-        else:
-            self._update()
+                    self.ops.accumulate(flat, first=c.acc == 1)
+            else:  # the m-th call: form d, move θ along it
+                self.ops.update(self.flats, self._decays(), self.line, m=c.m,
+                                momentum=self.hyper.momentum)
+                c.acc = 0
+                c.updates += 1
         return loss
 
-    def _update(self) -> None:
-        """The m-th call of a TRAINING update: form d, move θ along it (the optimizer-side work)."""
-        with torch.no_grad():
-            if self.hyper.mode == "SGD" and hasattr(self.ops, "sgd_step"):
-                # one pass: form d and move θ by −η·d where d is finite; a direction found
-                # non-finite afterwards is undone (θ back up to one rounding) and cleared
-                self._form_direction(line_terms=False, eta=self.line.eta)
-                _, ok = self.line.train_coef()
-                for flat in self.flats:
-                    self.ops.sgd_revert(flat, self.line.eta, ok)
-            else:
-                self._form_direction(line_terms=False)
-                coef, ok = self.line.train_coef()
-                for flat in self.flats:
-                    self.ops.train_update(flat, coef, ok)
-        self._acc = 0
-        self._updates += 1
-
     def _measure_call(self, closure: Callable) -> torch.Tensor:
-        m, total = self._m, self.hyper.approximation_batches * self._m
+        c = self.counters
+        m, total = c.m, self.hyper.approximation_batches * c.m
         rng = capture_rng(self._cuda)
         j = self._mcall + 1
         if j <= m:
             loss = self._forward_backward(closure)
         else:
             loss = self._forward(closure)
-        self._calls += 1
+        c.calls += 1
         self._mcall = j
         self._closures.append(closure)
         self._rngs.append(rng)
@@ -193,33 +189,18 @@ class LABPAL(torch.optim.Optimizer):
             elif j == m:
                 for flat in self.flats:
                     self.ops.save_direction(flat)
-                self._form_direction(line_terms=True)
+                self.ops.direction(self.flats, self._decays(), self.line, m=m,
+                                   momentum=self.hyper.momentum, line_terms=True)
                 self._formed = True
                 code = int(self.line.abandon_code().item())  # host sync 1 of 2
                 if code:
                     for flat in self.flats:
                         self.ops.restore_direction(flat)
-                    self._end_measurement(_ABANDON_REASONS[code])
+                    self._end_measurement(ABANDON_REASONS[code])
                     return loss
         if j == total:
             self._evaluate_line()
         return loss
-
-    def _form_direction(self, line_terms: bool, eta: Optional[torch.Tensor] = None) -> None:
-        """d ← β·d + ḡ on every flat; the partial sums go to the line. With `eta`, the fused
-        SGD step (`ops.sgd_step`) also moves θ in the same pass."""
-        decays = [[self.param_groups[g]["weight_decay"] for g, _, _ in flat.segments]
-                  for flat in self.flats]
-        common = dict(summed=self._m > 1, inv_m=1.0 / self._m, momentum=self.hyper.momentum)
-        if eta is None:
-            parts = [self.ops.form_direction(flat, decays=d, line_terms=line_terms, **common)
-                     for flat, d in zip(self.flats, decays)]
-        else:
-            parts = [self.ops.sgd_step(flat, decays=d, eta=eta, **common)
-                     for flat, d in zip(self.flats, decays)]
-        total = parts[0] if len(parts) == 1 else torch.stack(
-            [p.to(self._device) for p in parts]).sum(0)
-        self.line.set_partials(total)
 
     def _evaluate_line(self) -> None:
         """Call k·m: evaluate every kept closure at the other positions, fit, move to s_upd."""
@@ -227,18 +208,12 @@ class LABPAL(torch.optim.Optimizer):
             self.ops.save_origin(flat)
         self._buffers.save()
         rng_after = capture_rng(self._cuda)
-        held = None  # the last sample, recorded by the launch that moves on (fused backends)
         try:
             for j, s in enumerate(self.hyper.line_positions[1:], start=1):
-                self._move(self.line.position_coef(s), held)
-                held = None
+                self.ops.move(self.flats, self.line.position_coef(s))
                 for closure, rng in zip(self._closures, self._rngs):
                     restore_rng(rng)
-                    loss = self._forward(closure)
-                    if held is not None:
-                        self.line.record(*held)
-                    held = (j, loss)
-            self.line.record(*held)
+                    self.line.record(j, self._forward(closure))
         except BaseException:
             for flat in self.flats:
                 self.ops.restore_origin(flat)
@@ -248,45 +223,35 @@ class LABPAL(torch.optim.Optimizer):
             raise
         self._buffers.restore()
         restore_rng(rng_after)
-        # fit, step rule and the move to s_upd, on the device (fused per flat where the
-        # backend can); without any rate yet s_upd is 0 and the move lands on θ₀ itself
-        averaged = self._measure_start_update >= self.hyper.warmup_updates
-        record = self.line.fit_and_move(self.flats, self.ops, averaged)
+        # fit, step rule and the move to s_upd, on the device; without any rate yet s_upd is 0
+        # and the move lands on θ₀ itself
+        averaged = self.counters.measure_start_update >= self.hyper.warmup_updates
+        record = self.ops.finish(self.flats, self.line, averaged)
         valid = bool(record["valid"].item())  # host sync 2 of 2
-        self._has_rate |= valid
-        if self._has_rate:
-            self._updates += 1
+        self.counters.has_rate |= valid
+        if self.counters.has_rate:
+            self.counters.updates += 1
         self._end_measurement(None if valid else "fit invalid", record)
 
-    def _move(self, coef: torch.Tensor, held: Optional[tuple]) -> None:
-        """θ = θ₀ + coef·d on every flat; `held` = (j, loss) is recorded on the way."""
-        for i, flat in enumerate(self.flats):
-            if held is not None and i == 0 and hasattr(self.ops, "line_move_record"):
-                self.ops.line_move_record(flat, coef, self.line, *held)
-                held = None
-            else:
-                self.ops.line_move(flat, coef)
-        if held is not None:
-            self.line.record(*held)
-
     def _end_measurement(self, reason: Optional[str], record: Optional[dict] = None) -> None:
+        c = self.counters
         record = dict(record or {})
-        record.update(call=self._measure_start_call, update=self._measure_start_update,
-                      m=self._m, reason=reason,
-                      averaged=self._measure_start_update >= self.hyper.warmup_updates,
+        record.update(call=c.measure_start_call, update=c.measure_start_update,
+                      m=c.m, reason=reason,
+                      averaged=c.measure_start_update >= self.hyper.warmup_updates,
                       partials=self.line.partials.clone(), sums=self.line.sums.clone(),
                       counts=self.line.counts.clone())
         self._records.append(record)
         self._closures, self._rngs = [], []
         self._phase = TRAINING
-        self._acc = 0
+        c.acc = 0
         self._formed = False
-        self._last_end = self._updates
-        if not self._has_rate:
+        c.last_end = c.updates
+        if not c.has_rate:
             # no update has been made yet: measure again, from a direction of zero
             for flat in self.flats:
                 self.ops.clear_direction(flat)
-            self._pending = True
+            c.pending = True
 
     # ------------------------------------------------------------------ closures
     def _forward_backward(self, closure: Callable) -> torch.Tensor:
@@ -346,13 +311,13 @@ class LABPAL(torch.optim.Optimizer):
             for flat in self.flats:
                 direction = flat.origin if measuring and self._formed else flat.direction
                 sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and not measuring \
-                    and self._acc > 0 else [None] * len(flat.params)
+                    and self.counters.acc > 0 else [None] * len(flat.params)
                 for p, d, s in zip(flat.params, flat.slices(direction), sums):
                     entry = {"direction": d.clone()}
                     if s is not None:
                         entry["grad_sum"] = s.clone()
                     state[index[id(p)]] = entry
-        counters = {name: getattr(self, "_" + name) for name in _COUNTERS}
+        counters = asdict(self.counters)
         if measuring:  # resume by starting this measurement over, parameters untouched
             counters.update(acc=0, pending=True)
         return {
@@ -415,8 +380,7 @@ class LABPAL(torch.optim.Optimizer):
         for g, mine in zip(groups, self.param_groups):
             mine["weight_decay"] = g["weight_decay"]
             mine["lr"] = self.line.lr
-        for name, value in extra["counters"].items():
-            setattr(self, "_" + name, value)
+        self.counters = Counters(**extra["counters"])
         self._phase, self._mcall, self._formed = TRAINING, 0, False
         self._closures, self._rngs = [], []
         self._records = [{k: (v.to(self._device) if torch.is_tensor(v) else v)
@@ -445,6 +409,7 @@ def _record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
     counts = r["counts"].tolist()
     sums = r["sums"].tolist()
     partials = r["partials"].tolist()
+    dd = partials[Partial.DD]
     reason = r["reason"]
     if reason == "fit invalid":
         if min(counts) == 0:
@@ -463,9 +428,9 @@ def _record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
         "a": num("a"), "b": num("b"), "c": num("c"), "s_min": num("s_min"),
         "s_upd": num("s_upd"), "eta": num("eta"),
         "s_new": num("s_new"), "eta_new": num("eta_new"),
-        "direction_norm": math.sqrt(partials[0]) if partials[0] >= 0 else float("nan"),
-        "directional_derivative": (-partials[1] / max(math.sqrt(partials[0]), hyper.epsilon)
-                                   if partials[0] >= 0 else float("nan")),
+        "direction_norm": math.sqrt(dd) if dd >= 0 else float("nan"),
+        "directional_derivative": (-partials[Partial.GD] / max(math.sqrt(dd), hyper.epsilon)
+                                   if dd >= 0 else float("nan")),
         "valid": reason is None,
         "reason": reason,
     }

@@ -1,9 +1,6 @@
-"""Backend choice. A backend is a module of this package implementing the op set of `eager`
-(see `eager.OPS`), with `NAME` and `unavailable_reason(devices) -> Optional[str]`.
-A backend may also provide `Line`, a subclass of `labpal_fast.line.Line` with fused math
-(`fit_and_move` finishes a measurement: fit, step rule and the move to s_upd), and
-two optional fused ops the optimizer uses when present: `sgd_step` + `sgd_revert` (the SGD-mode
-update in one pass) and `line_move_record` (a line move that also records a loss sample).
+"""Backend choice. A backend is a `base.Backend` (the op set and the composite steps), one
+instance per module: `eager` (plain PyTorch, the reference), `ext` (the compiled extension,
+csrc/) and `triton` (Triton kernels).
 
 "auto" takes the fastest backend that works for the parameters' devices (Triton, then the
 compiled extension, on CUDA; the extension on CPU) and falls back to eager. An explicit
@@ -13,34 +10,34 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
 from typing import Iterable, List, Optional
 
 import torch
 
-from . import eager
+from .base import Backend
+from .eager import BACKEND as EAGER
 
 BACKENDS = ("auto", "eager", "triton", "ext")
 
 
-def load(name: str) -> ModuleType:
-    """The backend module `name`; ImportError when it (or what it needs) is not installed."""
+def load(name: str) -> Backend:
+    """The backend `name`; ImportError when it (or what it needs) is not installed."""
     if name == "eager":
-        return eager
-    return importlib.import_module(f"{__name__}.{name}")
+        return EAGER
+    return importlib.import_module(f"{__name__}.{name}").BACKEND
 
 
 def why_unavailable(name: str, devices: Iterable[torch.device]) -> Optional[str]:
     """None when backend `name` can run on `devices`, else the reason in words."""
     try:
-        module = load(name)
+        backend = load(name)
     except ImportError as exc:
         return f"it cannot be imported ({exc})"
-    return module.unavailable_reason(list(devices))
+    return backend.unavailable_reason(list(devices))
 
 
-def resolve(name: str, devices: Iterable[torch.device]) -> ModuleType:
-    """The backend module for `name` on parameters living on `devices`."""
+def resolve(name: str, devices: Iterable[torch.device]) -> Backend:
+    """The backend for `name` on parameters living on `devices`."""
     devices = list(devices)
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -58,4 +55,4 @@ def resolve(name: str, devices: Iterable[torch.device]) -> ModuleType:
     for candidate in candidates:
         if why_unavailable(candidate, devices) is None:
             return load(candidate)
-    return eager
+    return EAGER

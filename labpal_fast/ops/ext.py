@@ -14,9 +14,7 @@ from typing import Optional
 import torch
 
 from ..flat import Flat
-from .eager import Decays
-
-NAME = "ext"
+from .base import Backend, Decays
 
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.labpal_fast.*)
@@ -29,20 +27,6 @@ else:
     available = True
     why = None
     cuda_built = bool(getattr(_C, "WITH_CUDA", 0))
-
-
-def unavailable_reason(devices) -> Optional[str]:
-    """None when the extension is loaded and has kernels for every device, else the reason."""
-    if not available:
-        return why
-    for device in devices:
-        device = torch.device(device)
-        if device.type == "cuda" and not cuda_built:
-            return ("labpal_fast._C was built without CUDA kernels (it needs a CUDA build of torch "
-                    "and a CUDA toolkit at build time)")
-        if device.type not in ("cpu", "cuda"):
-            return f"labpal_fast._C has no kernels for device type {device.type!r}"
-    return None
 
 
 if available:
@@ -69,31 +53,40 @@ def _on(t: torch.Tensor, flat: Flat) -> torch.Tensor:
     return t if t.device == flat.device else t.to(flat.device)
 
 
-def accumulate(flat: Flat, first: bool) -> None:
-    """grad_sum (+)= grad; grad = 0: one pass."""
-    torch.ops.labpal_fast.accumulate(flat.need_grad_sum(), flat.grad, bool(first))
+class ExtBackend(Backend):
+    name = "ext"
+
+    def unavailable_reason(self, devices) -> Optional[str]:
+        """None when the extension is loaded and has kernels for every device, else the reason."""
+        if not available:
+            return why
+        for device in devices:
+            device = torch.device(device)
+            if device.type == "cuda" and not cuda_built:
+                return ("labpal_fast._C was built without CUDA kernels (it needs a CUDA build of "
+                        "torch and a CUDA toolkit at build time)")
+            if device.type not in ("cpu", "cuda"):
+                return f"labpal_fast._C has no kernels for device type {device.type!r}"
+        return None
+
+    def accumulate(self, flat: Flat, first: bool) -> None:
+        torch.ops.labpal_fast.accumulate(flat.need_grad_sum(), flat.grad, bool(first))
+
+    def form_direction(self, flat: Flat, *, summed: bool, inv_m: float, momentum: float,
+                       decays: Decays, line_terms: bool) -> torch.Tensor:
+        starts = [start for _, start, _ in flat.segments]
+        ends = [end for _, _, end in flat.segments]
+        return torch.ops.labpal_fast.form_direction(
+            flat.direction, flat.grad, flat.need_grad_sum() if summed else None, flat.param,
+            starts, ends, [float(w) for w in decays], float(inv_m), float(momentum),
+            bool(line_terms))
+
+    def train_update(self, flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
+        torch.ops.labpal_fast.train_update(flat.param, flat.direction, _on(coef, flat),
+                                           _on(ok, flat))
+
+    def line_move(self, flat: Flat, coef: torch.Tensor) -> None:
+        torch.ops.labpal_fast.line_move(flat.param, flat.origin, flat.direction, _on(coef, flat))
 
 
-def form_direction(flat: Flat, *, summed: bool, inv_m: float, momentum: float, decays: Decays,
-                   line_terms: bool) -> torch.Tensor:
-    """d = β·d + ḡ (+ wd·θ per segment), the partial sums and grad = 0: one pass.
-    Returns fp64 [5] as eager.form_direction does."""
-    starts = [start for _, start, _ in flat.segments]
-    ends = [end for _, _, end in flat.segments]
-    return torch.ops.labpal_fast.form_direction(
-        flat.direction, flat.grad, flat.need_grad_sum() if summed else None, flat.param,
-        starts, ends, [float(w) for w in decays], float(inv_m), float(momentum), bool(line_terms))
-
-
-def train_update(flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
-    """θ += coef·d, or (direction not finite) d = 0: one pass."""
-    torch.ops.labpal_fast.train_update(flat.param, flat.direction, _on(coef, flat), _on(ok, flat))
-
-
-def line_move(flat: Flat, coef: torch.Tensor) -> None:
-    """θ = θ₀ + coef·d: one pass."""
-    torch.ops.labpal_fast.line_move(flat.param, flat.origin, flat.direction, _on(coef, flat))
-
-
-from .eager import (  # noqa: E402,F401  plain copies and fills: torch's single launches
-    clear_direction, restore_direction, restore_origin, save_direction, save_origin, zero_grad)
+BACKEND = ExtBackend()

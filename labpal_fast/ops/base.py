@@ -1,0 +1,115 @@
+"""The backend contract: the op set on one `Flat`, and the steps the optimizer runs, built from it.
+
+Basic ops (each one pass over a flat's memory, one launch per flat where the backend can):
+  accumulate, form_direction, train_update, line_move — implemented by every backend
+  (`eager.EagerBackend` is the reference); the plain copies and fills below are torch's own
+  single launches and rarely worth overriding.
+
+Composite steps (what `LABPAL` calls; defaults built from the basic ops, a backend may
+override one when it can fuse it): `direction`, `update`, `move`, `finish`. They take every
+flat at once, so a decision such as "this direction is not finite" is made once for the
+whole line, before any parameter is written.
+
+The line math (`Line`, pure device math on a few scalars) comes from `make_line`; a backend
+may return a subclass that does each small computation in fewer launches.
+
+Nothing here reads a device value on the host.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+
+from ..flat import Flat
+from ..hyper import Hyper
+from ..line import Line
+
+# per-segment weight decays of one flat, aligned with flat.segments (Python floats)
+Decays = Sequence[float]
+
+
+class Backend:
+    name = "base"
+
+    def unavailable_reason(self, devices: Iterable[torch.device]) -> Optional[str]:
+        """None when this backend can run on parameters living on `devices`, else why not."""
+        return None
+
+    def make_line(self, hyper: Hyper, device: torch.device) -> Line:
+        return Line(hyper, device)
+
+    # ------------------------------------------------------------------ basic ops
+    def accumulate(self, flat: Flat, first: bool) -> None:
+        """grad_sum (+)= grad; grad = 0 (one micro-batch of an update that averages several)."""
+        raise NotImplementedError
+
+    def form_direction(self, flat: Flat, *, summed: bool, inv_m: float, momentum: float,
+                       decays: Decays, line_terms: bool) -> torch.Tensor:
+        """ḡ = (grad_sum + grad)·inv_m + wd·θ (per segment);  d = β·d + ḡ;  grad = 0.
+
+        Returns the partial sums as fp64 [NPART] (`layout.Partial`); all but ‖d‖² are 0
+        unless `line_terms` (a measurement). The tensor may be a buffer the next call reuses.
+        """
+        raise NotImplementedError
+
+    def train_update(self, flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
+        """θ += coef·d where `ok` (device bool); where not, d is cleared and θ is untouched."""
+        raise NotImplementedError
+
+    def line_move(self, flat: Flat, coef: torch.Tensor) -> None:
+        """θ = θ₀ + coef·d, θ₀ kept in flat.origin."""
+        raise NotImplementedError
+
+    def save_origin(self, flat: Flat) -> None:
+        flat.need_origin().copy_(flat.param)
+
+    def restore_origin(self, flat: Flat) -> None:
+        flat.param.copy_(flat.origin)
+
+    def save_direction(self, flat: Flat) -> None:
+        """Keep d (before a measurement forms a new one) in the spare origin buffer."""
+        flat.need_origin().copy_(flat.direction)
+
+    def restore_direction(self, flat: Flat) -> None:
+        flat.direction.copy_(flat.origin)
+
+    def clear_direction(self, flat: Flat) -> None:
+        flat.direction.zero_()
+
+    def zero_grad(self, flat: Flat) -> None:
+        flat.grad.zero_()
+
+    # ------------------------------------------------------------------ composite steps
+    def direction(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *,
+                  m: int, momentum: float, line_terms: bool) -> None:
+        """d ← β·d + ḡ on every flat; the partial sums, added over the flats, go to `line`."""
+        parts = [self.form_direction(flat, summed=m > 1, inv_m=1.0 / m, momentum=momentum,
+                                     decays=wd, line_terms=line_terms)
+                 for flat, wd in zip(flats, decays)]
+        if len(parts) == 1:
+            line.set_partials(parts[0])
+        else:
+            line.set_partials(torch.stack([p.to(line.partials.device) for p in parts]).sum(0))
+
+    def update(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *, m: int,
+               momentum: float) -> None:
+        """A TRAINING update: d on every flat, then one decision for the whole line (a
+        direction that is not finite anywhere moves no parameter and is cleared everywhere),
+        then θ += coef·d."""
+        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False)
+        coef, ok = line.train_coef()
+        for flat in flats:
+            self.train_update(flat, coef, ok)
+
+    def move(self, flats: Sequence[Flat], coef: torch.Tensor) -> None:
+        """Every flat to θ₀ + coef·d."""
+        for flat in flats:
+            self.line_move(flat, coef)
+
+    def finish(self, flats: Sequence[Flat], line: Line, averaged: bool) -> Dict[str, torch.Tensor]:
+        """The end of a measurement: fit and step rule (`line.fit`), then every flat to s_upd
+        (θ₀ itself while no rate exists: s_upd is 0). Returns the record."""
+        record = line.fit(averaged)
+        self.move(flats, line.target_coef())
+        return record
