@@ -18,7 +18,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def eager_backend(monkeypatch):
-    """Make backend="auto" resolve to eager: the ground truth the optimizer tests pin down."""
-    monkeypatch.setenv("LABPAL_FAST_BACKEND", "eager")
+@pytest.fixture(params=("eager", "ext", "triton"))
+def backend(request, monkeypatch):
+    """Every behaviour test runs once per backend: backend="auto" resolves to it. A backend
+    that cannot run here is skipped with the reason (CI asserts that ext and Triton can)."""
+    from labpal_fast import ops
+
+    reason = ops.why_unavailable(request.param, [torch.device("cpu")])
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} cannot run here: {reason}")
+    monkeypatch.setenv("LABPAL_FAST_BACKEND", request.param)
+    return request.param

@@ -6,7 +6,7 @@ from labpal_fast import LABPAL
 
 from helpers import batches, small_net, closure_for
 
-pytestmark = pytest.mark.usefixtures("eager_backend")
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def train(net, opt, data, before_each=None):

@@ -8,7 +8,7 @@ from labpal_fast import LABPAL
 
 from helpers import Quadratic
 
-pytestmark = pytest.mark.usefixtures("eager_backend")
+pytestmark = pytest.mark.usefixtures("backend")
 
 ALWAYS_VALID = dict(mode="NSGD", momentum=0.0, direction_norm_range=(0.0, math.inf))
 

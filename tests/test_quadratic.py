@@ -9,7 +9,7 @@ from labpal_fast.hyper import Hyper
 
 from helpers import Quadratic
 
-pytestmark = pytest.mark.usefixtures("eager_backend")
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 def _exact_first_update(quad, decays):

@@ -7,7 +7,7 @@ from labpal_fast import LABPAL
 
 from helpers import batches
 
-pytestmark = pytest.mark.usefixtures("eager_backend")
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 class MaskLog(torch.nn.Module):

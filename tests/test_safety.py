@@ -8,7 +8,7 @@ from labpal_fast import LABPAL
 
 from helpers import Quadratic, batches, small_net, closure_for
 
-pytestmark = pytest.mark.usefixtures("eager_backend")
+pytestmark = pytest.mark.usefixtures("backend")
 
 ALWAYS_VALID = dict(direction_norm_range=(0.0, math.inf))
 
@@ -35,7 +35,7 @@ def test_exception_during_line_evaluations_restores_everything():
     for x, y in data[:4]:  # a first measurement, then training: a rate exists
         opt.step(closure_for(net, x, y))
     assert opt.updates == 3 and opt.measurements()[0]["valid"]
-    opt._last_end = -10**6  # force the next boundary to measure (reuse_updates reached)
+    opt.counters.last_end = -10**6  # force the next boundary to measure (reuse_updates reached)
     opt.step(closure_for(net, *data[4]))
     assert opt.phase == "measuring"
     bad = Flaky(net, *data[5], raise_on={3})  # 1st call fine, 1st repeat fine, 2nd repeat raises
@@ -137,13 +137,18 @@ def test_abandoned_measurement_leaves_parameters_and_direction():
     quad = Quadratic([5], seed=0, offset=0.3)
     opt = LABPAL(quad.parameters(), approximation_batches=2, momentum=0.9,
                  direction_norm_range=(1e-3, 1e6))
-    opt.step(quad), opt.step(quad)  # first measurement: a rate
-    opt.step(quad)
+    scale = {"v": 1.0}
+
+    def closure():
+        return quad() * scale["v"]
+
+    opt.step(closure), opt.step(closure)  # first measurement: a rate
+    opt.step(closure)
     d_before = opt.state_dict()["state"][0]["direction"]
     theta = quad.flat().detach().clone()
-    opt.hyper.__dict__["direction_norm_range"] = (1e-3, 1e-2)  # now every norm is too large
-    opt._last_end = -10**6
-    opt.step(quad)
+    scale["v"] = 1e9  # now the direction's norm is far above the range
+    opt.counters.last_end = -10**6
+    opt.step(closure)
     rec = opt.measurements()[-1]
     assert rec["reason"].startswith("abandoned: direction norm")
     assert opt.phase == "training"

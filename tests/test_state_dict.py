@@ -8,7 +8,7 @@ from labpal_fast import LABPAL
 
 from helpers import batches, small_net, closure_for
 
-pytestmark = pytest.mark.usefixtures("eager_backend")
+pytestmark = pytest.mark.usefixtures("backend")
 
 HYPER = dict(mode="NSGD", momentum=0.9, approximation_batches=2, reuse_updates=5,
              warmup_updates=8, averaging_window=3, batch_size_schedule=((0, 1), (12, 2)),
@@ -50,7 +50,7 @@ def test_resume_in_training_continues_bit_for_bit(mode):
         run(net_b, opt_b, 0, cut)
         if opt_b.phase != "training":
             continue
-        resumed_at.append((cut, opt_b._acc))
+        resumed_at.append((cut, opt_b.counters.acc))
         net_c, opt_c = save_and_reload(net_b, opt_b, mode)
         run(net_c, opt_c, cut, len(DATA))
         for p, q in zip(net.state_dict().values(), net_c.state_dict().values()):

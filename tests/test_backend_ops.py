@@ -1,0 +1,374 @@
+"""Every op of the backend contract, on every fast backend (ext, Triton), against eager.
+
+Fresh random data, sizes 1 .. 278011 (several tiles, a ragged last tile, several weight-decay
+segments), fp32 / fp16 / bf16 / fp64 parameters, outputs poisoned with NaN before each run so
+that an element an op forgets to write shows; on CUDA too where a GPU is present. Then the
+composite steps of the contract (one skip decision for the whole line), and each backend's
+line model (`make_line`) against `line.Line`.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labpal_fast.hyper import Hyper
+from labpal_fast.layout import NPART, Partial
+from labpal_fast.line import Line
+from labpal_fast.ops import eager
+
+from backend_cases import (FAST, SIZES, compare, devices, dtypes_for, make_flat, need, poison,
+                           report, twin)
+
+EAGER = eager.BACKEND
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def cases(sizes=SIZES):
+    """(backend, device, dtype, n) for every combination a backend is tested in."""
+    out = []
+    for backend in FAST:
+        for device in devices():
+            name = device if isinstance(device, str) else device.values[0]
+            marks = () if isinstance(device, str) else device.marks
+            for dtype in dtypes_for(backend, name):
+                for n in sizes:
+                    out.append(pytest.param(backend, name, dtype, n, marks=marks,
+                                            id=f"{backend}-{name}-{str(dtype)[6:]}-{n}"))
+    return out
+
+
+def run_both(backend, op, flat, kwargs, poisoned=()):
+    ref, out = twin(flat), twin(flat)
+    poison(ref, poisoned)
+    poison(out, poisoned)
+    r_ref = getattr(EAGER, op)(ref, **kwargs)
+    r_out = getattr(backend, op)(out, **kwargs)
+    return ref, out, r_ref, r_out
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases())
+@pytest.mark.parametrize("first", [True, False], ids=["first", "more"])
+def test_accumulate(name, device, dtype, n, first):
+    backend = need(name, device)
+    flat = make_flat(n, dtype, seed=n + first, device=device)
+    ref, out, _, _ = run_both(backend, "accumulate", flat, {"first": first},
+                              poisoned=["grad_sum"] if first else [])
+    compare("accumulate", ref, out, name)
+    assert (out.grad == 0).all()
+
+
+FORM_CASES = {
+    "m1_plain": dict(summed=False, inv_m=1.0, momentum=0.0, decays=(0.0, 0.0, 0.0),
+                     line_terms=False),
+    "summed_mom_wd_line": dict(summed=True, inv_m=1 / 3, momentum=0.9, decays=(1e-2, 0.0, 5e-4),
+                               line_terms=True),
+    "m1_mom_wd_train": dict(summed=False, inv_m=1.0, momentum=0.5, decays=(0.0, 3e-3, 0.1),
+                            line_terms=False),
+    "summed_line_no_wd": dict(summed=True, inv_m=0.25, momentum=0.0, decays=(0.0, 0.0, 0.0),
+                              line_terms=True),
+}
+
+
+def exact_partials(flat, kwargs) -> torch.Tensor:
+    """The partial sums in fp64 from the inputs: the reference for every backend (eager's
+    fp16 ⟨θ,θ⟩ is an fp16 dot product, not an accurate reference)."""
+    gs = flat.grad_sum.double() if kwargs["summed"] else 0.0
+    g = (gs + flat.grad.double()) * kwargs["inv_m"]
+    theta = flat.param.double()
+    wd = torch.zeros_like(theta)
+    for (_, s, e), w in zip(flat.segments, kwargs["decays"]):
+        wd[s:e] = w
+    g = g + wd * theta
+    d = g + kwargs["momentum"] * flat.direction.double()
+    out = torch.zeros(NPART, dtype=torch.float64)
+    out[Partial.DD] = d @ d
+    if kwargs["line_terms"]:
+        out[Partial.GD] = g @ d
+        out[Partial.WD_DD] = (wd * d) @ d
+        out[Partial.WD_TD] = (wd * theta) @ d
+        out[Partial.WD_TT] = (wd * theta) @ theta
+    return out
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases())
+@pytest.mark.parametrize("case", list(FORM_CASES))
+def test_form_direction(name, device, dtype, n, case):
+    backend = need(name, device)
+    kwargs = dict(FORM_CASES[case])
+    flat = make_flat(n, dtype, seed=7 * n + len(case), device=device)
+    kwargs["decays"] = kwargs["decays"][:len(flat.segments)]
+    exact = exact_partials(flat, kwargs)
+    poisoned = [] if kwargs["momentum"] else ["direction"]
+    ref, out, p_ref, p_out = run_both(backend, "form_direction", flat, kwargs, poisoned)
+    # ḡ is scratch in grad_sum: eager leaves it there, the fused backends need not
+    compare(f"form_direction[{case}]", ref, out, name, skip=("grad_sum",))
+    assert (out.grad == 0).all()
+    assert p_out.dtype == torch.float64 and p_out.shape == (NPART,)
+    p_out = p_out.cpu()
+    for k in Partial:
+        err = abs(p_out[k].item() - exact[k].item()) / (abs(exact[k].item()) + 1e-30)
+        report(f"form_direction[{case}]", n, dtype, k.name, err, name)
+        # fp32 sums of fp32 products (fp64 parameters: fp64 throughout)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert err <= tol or abs(p_out[k].item()) <= 1e-12 * abs(exact[Partial.DD].item()), \
+            (k.name, p_out.tolist(), exact.tolist())
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases(sizes=(1023, 278011)))
+def test_form_direction_is_deterministic(name, device, dtype, n):
+    backend = need(name, device)
+    flat = make_flat(n, dtype, seed=3, device=device)
+    a, b = twin(flat), twin(flat)
+    pa = backend.form_direction(a, **FORM_CASES["summed_mom_wd_line"]).clone()
+    pb = backend.form_direction(b, **FORM_CASES["summed_mom_wd_line"]).clone()
+    assert torch.equal(pa, pb) and torch.equal(a.direction, b.direction)
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases())
+@pytest.mark.parametrize("ok", [True, False], ids=["ok", "not_finite"])
+def test_train_update(name, device, dtype, n, ok):
+    backend = need(name, device)
+    flat = make_flat(n, dtype, seed=11 * n + ok, device=device)
+    if not ok:
+        flat.direction[n // 2] = float("nan")
+    coef = torch.tensor(-0.37 if ok else 0.0, dtype=torch.float64, device=device)
+    okt = torch.tensor(ok, device=device)
+    ref, out, _, _ = run_both(backend, "train_update", flat, {"coef": coef, "ok": okt})
+    compare("train_update", ref, out, name)
+    if not ok:  # a skipped update: θ bit for bit, d cleared
+        assert (out.direction == 0).all() and torch.equal(out.param, flat.param)
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases())
+def test_line_move(name, device, dtype, n):
+    backend = need(name, device)
+    flat = make_flat(n, dtype, seed=13 * n, device=device)
+    coef = torch.tensor(-0.0123, dtype=torch.float64, device=device)
+    ref, out, _, _ = run_both(backend, "line_move", flat, {"coef": coef}, poisoned=["param"])
+    compare("line_move", ref, out, name)
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases(sizes=(4097,)))
+@pytest.mark.parametrize("op,dest", [("save_origin", "origin"), ("restore_origin", "param"),
+                                     ("save_direction", "origin"),
+                                     ("restore_direction", "direction"),
+                                     ("clear_direction", "direction"), ("zero_grad", "grad")])
+def test_copies(name, device, dtype, n, op, dest):
+    backend = need(name, device)
+    flat = make_flat(n, dtype, seed=17 * n + len(op), device=device)
+    ref, out, _, _ = run_both(backend, op, flat, {}, poisoned=[dest])
+    compare(op, ref, out, name)
+
+
+# -- the composite steps -------------------------------------------------------------------
+BACKENDS = ("eager",) + FAST
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
+@pytest.mark.parametrize("where", ["fp32", "fp64"])
+def test_update_skips_the_whole_line_bit_for_bit(name, mode, where):
+    """A non-finite gradient in one flat only (fp32 + fp64 flats): no parameter of any flat
+    moves (bit for bit), every direction is cleared, the skip is counted once."""
+    backend = need(name, "cpu")
+    flats = [make_flat(4097, torch.float32, seed=1), make_flat(1023, torch.float64, seed=2)]
+    bad = flats[0] if where == "fp32" else flats[1]
+    bad.grad[bad.numel // 3] = float("inf")
+    before = [f.param.clone() for f in flats]
+    line = backend.make_line(Hyper(mode=mode), torch.device("cpu"))
+    line.eta.fill_(0.05)
+    line.s_upd.fill_(0.1)
+    backend.update(flats, [[0.01, 0.0, 1e-3], [0.0, 0.0, 0.0]], line, m=1, momentum=0.9)
+    for f, b in zip(flats, before):
+        assert torch.equal(f.param, b), f"{f.dtype} flat moved"
+        assert (f.direction == 0).all()
+    assert int(line.skipped_updates) == 1
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
+def test_update_matches_eager(name, mode):
+    """The TRAINING update across an fp32 and an fp16 flat (m = 2, momentum, weight decay)."""
+    backend = need(name, "cpu")
+    flats = [make_flat(4097, torch.float32, seed=3), make_flat(1023, torch.float16, seed=4)]
+    refs, outs = [twin(f) for f in flats], [twin(f) for f in flats]
+    decays = [[0.01, 0.0, 1e-3], [0.0, 0.02, 0.0]]
+    lines = []
+    for b, fl in ((EAGER, refs), (backend, outs)):
+        line = b.make_line(Hyper(mode=mode), torch.device("cpu"))
+        line.eta.fill_(0.05)
+        line.s_upd.fill_(0.1)
+        b.update(fl, decays, line, m=2, momentum=0.9)
+        lines.append(line)
+    for r, o in zip(refs, outs):
+        compare(f"update[{mode}]", r, o, name, skip=("grad_sum",))
+    torch.testing.assert_close(lines[1].lr, lines[0].lr, rtol=1e-6, atol=0)
+
+
+def _samples(lines, g, curvature, slope, noise=1e-3, empty=None):
+    """Loss samples of a parabola at the line positions (counts 1..4 per position)."""
+    h = lines[0].hyper
+    sums, counts = [], []
+    for j, s in enumerate(h.line_positions):
+        k = 1 + j % 4
+        ys = [curvature * s * s + slope * s + 2.0 + noise * float(torch.randn((), generator=g))
+              for _ in range(k)]
+        sums.append(sum(ys))
+        counts.append(float(k))
+    if empty is not None:
+        counts[empty], sums[empty] = 0.0, 0.0
+    for line in lines:
+        line.sums.copy_(torch.tensor(sums, dtype=torch.float64))
+        line.counts.copy_(torch.tensor(counts, dtype=torch.float64))
+
+
+def _set_partials(lines, dd, gd, wd=(0.0, 0.0, 0.0)):
+    for line in lines:
+        line.set_partials(torch.tensor([dd, gd, *wd], dtype=torch.float64))
+
+
+def _same_state(ref: Line, out: Line, rtol=1e-12):
+    for key in Line.STATE:
+        a, b = getattr(ref, key), getattr(out, key)
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(b, a, rtol=rtol, atol=0, equal_nan=True, msg=key)
+        else:
+            assert torch.equal(a, b), key
+
+
+FINISH_CASES = {
+    # name: (curvature, slope, empty position, wd partials, previous s_upd, averaged, hist_n)
+    "valid": (50.0, -1.0, None, (0.0, 0.0, 0.0), 0.02, False, 0),
+    "invalid_keeps_rate": (-5.0, -1.0, None, (0.0, 0.0, 0.0), 0.03, False, 0),
+    "no_rate": (30.0, 0.5, None, (0.0, 0.0, 0.0), 0.0, False, 0),
+    "no_rate_empty_position": (30.0, -0.5, 1, (0.0, 0.0, 0.0), 0.0, False, 0),
+    "averaged_wrap_wd": (400.0, -2.0, None, (0.1, 0.05, 3.0), 0.04, True, 7),
+    "averaged_invalid": (20.0, 0.3, None, (0.01, -0.2, 1.0), 0.05, True, 5),
+}
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("case", list(FINISH_CASES))
+def test_finish_matches_eager(name, case):
+    """The end of a measurement (fit, step rule, move to s_upd) over an fp32, an fp16 and an
+    fp64 flat: parameters, line state and record follow eager; with no rate the parameters
+    land on θ₀ itself."""
+    backend = need(name, "cpu")
+    curv, slope, empty, wd, s_prev, averaged, hist_n = FINISH_CASES[case]
+    h = Hyper(mode="SGD" if len(case) % 2 else "NSGD", averaging_window=3,
+              sample_positions=(0.0, 1.77e-4, 0.01, 0.02))
+    lines = (Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu")))
+    g = torch.Generator().manual_seed(len(case))
+    _set_partials(lines, 2.0 + float(torch.rand((), generator=g)), -1.0, wd)
+    _samples(lines, g, curv, slope, noise=1e-6, empty=empty)  # the fit's verdict is the case's
+    hist_s, hist_eta = torch.rand(3, generator=g).double() * 0.1, torch.rand(3, generator=g).double()
+    for line in lines:
+        line.s_upd.fill_(s_prev)
+        line.eta.fill_(s_prev * 0.7)
+        line.lr.fill_(0.123)
+        line.hist_s.copy_(hist_s)
+        line.hist_eta.copy_(hist_eta)
+        line.hist_n.fill_(hist_n)
+    flats = [make_flat(4097, torch.float32, seed=29), make_flat(1023, torch.float16, seed=31),
+             make_flat(1023, torch.float64, seed=37)]
+    refs, outs = [twin(f) for f in flats], [twin(f) for f in flats]
+    for f in refs + outs:
+        poison(f, ["param"])
+    r_ref = EAGER.finish(refs, lines[0], averaged)
+    r_out = backend.finish(outs, lines[1], averaged)
+    valid = bool(r_ref["valid"])
+    assert valid == (case in ("valid", "averaged_wrap_wd"))
+    assert set(r_out) == set(r_ref)
+    for key in r_ref:
+        a, b = r_ref[key], r_out[key]
+        if a.dtype == torch.bool:
+            assert bool(a) == bool(b), key
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, equal_nan=True, msg=key)
+    _same_state(lines[0], lines[1], rtol=1e-9)
+    for f_ref, f_out in zip(refs, outs):
+        compare(f"finish[{case}]", f_ref, f_out, name)
+        if s_prev == 0.0 and not valid:  # no rate: the move lands on θ₀ itself
+            assert torch.equal(f_out.param, f_out.origin.to(f_out.dtype))
+
+
+# -- each backend's line model against line.Line -----------------------------------------
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
+@pytest.mark.parametrize("dd", [4.0, float("nan"), float("inf"), 1e-20])
+def test_line_train_coef(name, mode, dd):
+    backend = need(name, "cpu")
+    h = Hyper(mode=mode)
+    ref, out = Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu"))
+    for line in (ref, out):
+        line.s_upd.fill_(0.3)
+        line.eta.fill_(0.07)
+        line.lr.fill_(0.5)
+    _set_partials((ref, out), dd, 1.0)
+    for _ in range(2):
+        c_ref, ok_ref = ref.train_coef()
+        c_out, ok_out = out.train_coef()
+        assert bool(ok_ref) == bool(ok_out)
+        torch.testing.assert_close(c_out, c_ref, rtol=1e-15, atol=0)
+    _same_state(ref, out)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("dd,gd", [(4.0, 1.0), (4.0, -1.0), (0.0, 1.0), (1e-8, 1.0), (1e6, 5.0),
+                                   (float("nan"), 1.0), (4.0, float("nan")), (float("inf"), 1.0)])
+def test_line_abandon_code(name, dd, gd):
+    backend = need(name, "cpu")
+    h = Hyper(direction_norm_range=(1e-3, 100.0))
+    ref, out = Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu"))
+    _set_partials((ref, out), dd, gd)
+    assert int(out.abandon_code()) == int(ref.abandon_code())
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_line_coefs_and_record(name):
+    backend = need(name, "cpu")
+    h = Hyper()
+    ref, out = Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    _set_partials((ref, out), 2.5, 1.0)
+    for s in h.line_positions:
+        torch.testing.assert_close(out.position_coef(s).clone(), ref.position_coef(s),
+                                   rtol=1e-15, atol=0)
+    for line in (ref, out):
+        line.s_upd.fill_(0.042)
+    torch.testing.assert_close(out.target_coef(), ref.target_coef(), rtol=1e-15, atol=0)
+    losses = torch.randn(20, generator=g).tolist() + [float("nan"), float("-inf"), 2.0]
+    for i, y in enumerate(losses):
+        for line in (ref, out):
+            line.record(i % 3, torch.tensor(y, dtype=torch.float32 if i % 2 else torch.float16))
+    _same_state(ref, out, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
+@pytest.mark.parametrize("averaged", [False, True], ids=["plain", "averaged"])
+def test_line_fit_sequence(name, mode, averaged):
+    """Many fits in a row (valid, invalid, empty position, weight decay, window wrap-around):
+    the state and every record field agree with line.Line to fp64 rounding."""
+    backend = need(name, "cpu")
+    h = Hyper(mode=mode, averaging_window=3, sample_positions=(0.0, 1.77e-4, 0.01, 0.02))
+    ref, out = Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu"))
+    g = torch.Generator().manual_seed(4)
+    fits = [(50.0, -1.0, None, (0.0, 0.0, 0.0)), (10.0, -2.0, None, (0.1, 0.05, 3.0)),
+            (-5.0, -1.0, None, (0.0, 0.0, 0.0)), (30.0, 0.5, None, (0.0, 0.0, 0.0)),
+            (20.0, -0.1, 2, (0.0, 0.0, 0.0)), (80.0, -3.0, None, (0.01, -0.2, 1.0)),
+            (5.0, -0.01, None, (0.0, 0.0, 0.0)), (400.0, -4.0, None, (0.0, 0.0, 0.0))]
+    for i, (curv, slope, empty, wd) in enumerate(fits):
+        _set_partials((ref, out), 4.0 + i, -1.0, wd)
+        _samples((ref, out), g, curv, slope, empty=empty)
+        r_ref, r_out = ref.fit(averaged), out.fit(averaged)
+        assert set(r_out) == set(r_ref)
+        for key in r_ref:
+            a, b = r_ref[key], r_out[key]
+            if a.dtype == torch.bool:
+                assert bool(a) == bool(b), (i, key)
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, equal_nan=True,
+                                           msg=f"fit {i}: {key}")
+        _same_state(ref, out, rtol=1e-9)
+    assert int(out.hist_n) == int(ref.hist_n)
