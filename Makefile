@@ -1,5 +1,5 @@
 # Everything runs in a local virtual environment built from scratch.
-# torch is pinned to the CPU build first, so the project's open `torch>=` requirement
+# torch is pinned to the CPU build first, so the project's torch requirement
 # is already met and pip never pulls a multi-GB CUDA build.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 # csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) 'setuptools>=70.1'  # the build backend, used without isolation
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,triton,cli]'
 	touch $@
 

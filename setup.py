@@ -2,6 +2,8 @@
 file adds the optional compiled extension `labpal_fast._C` built from csrc/.
 
 - torch must be importable at build time: install with `pip install --no-build-isolation`.
+  Without torch the build fails and says so (pip's default build isolation hides torch, and it
+  hides a setup.py's warnings too: a skipped extension would go unnoticed).
 - `LABPAL_FAST_NO_EXT=1` skips the extension; `LABPAL_FAST_NO_CUDA=1` builds the CPU kernels only.
 - CUDA kernels are built when torch is a CUDA build and a CUDA toolkit (nvcc) is found.
 - A build that fails prints why and leaves the pure-Python package (the eager backend) working.
@@ -21,6 +23,21 @@ def _say(message):
     print(f"labpal_fast setup: {message}", file=sys.stderr)
 
 
+def _fail_build_ext(message):
+    """setup() arguments whose build_ext fails with `message`. Only building fails: an sdist or
+    the metadata (what pip asks for first) need no torch."""
+    from setuptools import Extension
+    from setuptools.command.build_ext import build_ext
+    from setuptools.errors import SetupError
+
+    class NoTorch(build_ext):
+        def run(self):
+            raise SetupError(f"labpal_fast setup: {message}")
+
+    return {"ext_modules": [Extension("labpal_fast._C", ["csrc/labpal_ops.cpp"])],
+            "cmdclass": {"build_ext": NoTorch}}
+
+
 def _extension_kwargs():
     if _flag("LABPAL_FAST_NO_EXT"):
         _say("LABPAL_FAST_NO_EXT is set: installing without the compiled extension")
@@ -28,10 +45,11 @@ def _extension_kwargs():
     try:
         import torch
         from torch.utils import cpp_extension
-    except Exception as exc:  # torch missing (e.g. an isolated build): pure Python
-        _say(f"torch is not importable at build time ({exc}): installing without the compiled "
-             "extension (use `pip install --no-build-isolation` to build it)")
-        return {}
+    except Exception as exc:  # torch missing, e.g. under pip's build isolation
+        return _fail_build_ext(f"torch is not importable at build time ({exc}): pip hides it under "
+                               "build isolation; install with `pip install --no-build-isolation "
+                               "labpal-fast` (torch installed first), or set LABPAL_FAST_NO_EXT=1 "
+                               "for a pure-Python install")
 
     # OpenMP: the backend of torch's at::parallel_for. No -march (portable). -fno-wrapv undoes
     # Python's -fwrapv, which kept GCC from vectorizing the fused loops (3x slower).
