@@ -1,5 +1,5 @@
-"""The compiled extension (labpal_fast._C) on CPU: each C++ op against its eager counterpart,
-and a LABPAL TRAINING update on "ext" against torch.optim.SGD(foreach=True).
+"""The compiled extension (labpal_fast._C) on CPU: each C++ op against its eager counterpart
+(the whole TRAINING step against SGD is in bench_optimizer.py).
 
 GB/s = bytes the op must move (each buffer read or written once) / time; the reference is a
 plain `torch.Tensor.copy_` of fp32 (8 bytes per element) at the same size; the target is
@@ -19,7 +19,6 @@ from typing import Callable, Dict, List, Tuple
 import pytest
 import torch
 
-from labpal_fast import LABPAL
 from labpal_fast.flat import Flat
 from labpal_fast.ops import eager, ext
 
@@ -40,7 +39,7 @@ def make_flat(n: int, seed: int = 0) -> Flat:
 
 
 def cases(flat: Flat) -> Dict[str, Tuple[Callable[[object], None], int]]:
-    """name -> (call(backend module), bytes moved). Gradients are refreshed by nothing: the ops
+    """name -> (call(backend), bytes moved). Gradients are refreshed by nothing: the ops
     are timed on whatever values the buffers hold (zeros after the first call; same cost)."""
     n, f = flat.numel, 4
     coef = torch.tensor(-1e-4, dtype=torch.float64)
@@ -87,45 +86,11 @@ def side_by_side(sizes: List[int], repeats: int = 15) -> List[dict]:
         for name, (call, nbytes) in cases(flat).items():
             t_x, t_e = float("inf"), float("inf")
             for _ in range(3):  # interleaved, so that noise hits both alike
-                t_x = min(t_x, best_time(lambda: call(ext), repeats // 3 + 1, inner))
-                t_e = min(t_e, best_time(lambda: call(eager), repeats // 3 + 1, inner))
+                t_x = min(t_x, best_time(lambda: call(ext.BACKEND), repeats // 3 + 1, inner))
+                t_e = min(t_e, best_time(lambda: call(eager.BACKEND), repeats // 3 + 1, inner))
             rows.append(dict(n=n, op=name, ext_gbs=nbytes / t_x / 1e9, eager_gbs=nbytes / t_e / 1e9,
                              ratio=t_e / t_x, of_copy=nbytes / t_x / 1e9 / copy_gbs))
     return rows
-
-
-def training_update(n_total: int = 10_000_000, n_tensors: int = 100, repeats: int = 15) -> dict:
-    """One TRAINING update's optimizer-side work, momentum 0.9: LABPAL (ext, eager) vs SGD."""
-    def params():
-        g = torch.Generator().manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(n_total // n_tensors, generator=g))
-              for _ in range(n_tensors)]
-        for p in ps:
-            p.grad = torch.randn_like(p) * 1e-3
-        return ps
-
-    sgd = torch.optim.SGD(params(), lr=1e-3, momentum=0.9, foreach=True)
-    out = {"SGD(foreach=True)": best_time(sgd.step, repeats, 1)}
-    for backend in ("ext", "eager"):
-        for mode in ("SGD", "NSGD"):
-            opt = labpal_for_update(params(), backend, mode)
-            out[f"LABPAL {mode} ({backend})"] = best_time(lambda: labpal_update(opt), repeats, 1)
-    return out
-
-
-def labpal_for_update(params, backend: str, mode: str) -> LABPAL:
-    opt = LABPAL(params, mode=mode, momentum=0.9, backend=backend)
-    opt.line.eta.fill_(1e-3)  # a rate, as after a measurement
-    opt.line.s_upd.fill_(1e-3)
-    opt._m = 1
-    return opt
-
-
-def labpal_update(opt: LABPAL) -> None:
-    for flat in opt.flats:
-        flat.attach_params()
-        flat.attach_grads()
-    opt._update()
 
 
 # ------------------------------------------------------------------------------ pytest-benchmark
@@ -137,29 +102,11 @@ def test_op(benchmark, n, op, backend):
     benchmark.group = f"{op}, {n} elements"
     flat = make_flat(n)
     call, nbytes = cases(flat)[op]
-    module = ext if backend == "ext" else eager
+    module = (ext if backend == "ext" else eager).BACKEND
     benchmark.extra_info["bytes"] = nbytes
     benchmark(call, module)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.min / 1e9
-
-
-@needs_ext
-@pytest.mark.parametrize("name", ["sgd", "ext-SGD", "ext-NSGD"])
-def test_training_update(benchmark, name):
-    benchmark.group = "training update, 10M params in 100 tensors, momentum 0.9"
-    g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(100_000, generator=g)) for _ in range(100)]
-    for p in ps:
-        p.grad = torch.randn_like(p) * 1e-3
-    if name == "sgd":
-        opt = torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)
-        opt.step()
-        benchmark(opt.step)
-    else:
-        opt = labpal_for_update(ps, "ext", name.split("-")[1])
-        labpal_update(opt)
-        benchmark(labpal_update, opt)
 
 
 def main() -> None:
@@ -171,12 +118,6 @@ def main() -> None:
     for r in side_by_side(SIZES):
         print(f"| {r['n']:,} | {r['op']} | {r['ext_gbs']:.1f} | {r['eager_gbs']:.1f} | "
               f"{r['ratio']:.2f}× | {100 * r['of_copy']:.0f}% |")
-    times = training_update()
-    ref = times["SGD(foreach=True)"]
-    print("\n| 10M params in 100 tensors, momentum 0.9 | ms | vs SGD(foreach) |")
-    print("|---|---:|---:|")
-    for name, t in times.items():
-        print(f"| {name} | {1e3 * t:.2f} | {ref / t:.2f}× |")
 
 
 if __name__ == "__main__":

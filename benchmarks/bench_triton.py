@@ -42,7 +42,6 @@ def make_flat(n: int, dtype=torch.float32, n_tensors: int = 1, device="cuda"):
 
 def op_cases(flat, backend: str) -> Dict[str, Tuple[Callable[[], None], int]]:
     """name -> (one call of the op, bytes it must move) for one backend on one flat."""
-    from labpal_fast.hyper import Hyper
     from labpal_fast.ops import load
     ops = load(backend)
     n = flat.numel
@@ -50,11 +49,7 @@ def op_cases(flat, backend: str) -> Dict[str, Tuple[Callable[[], None], int]]:
     dev = flat.device
     coef = torch.tensor(-1e-4, dtype=torch.float64, device=dev)
     ok = torch.tensor(True, device=dev)
-    line_cls = getattr(ops, "Line", None)
-    from labpal_fast.line import Line
-    line = (line_cls or Line)(Hyper(), dev)
-    loss = torch.tensor(1.5, device=dev)
-    cases = {
+    return {
         "accumulate": (lambda: ops.accumulate(flat, first=False), n * (2 * p + 2 * a)),
         "form_direction[train,β]": (
             lambda: ops.form_direction(flat, summed=False, inv_m=1.0, momentum=0.9, decays=[0.0],
@@ -66,45 +61,25 @@ def op_cases(flat, backend: str) -> Dict[str, Tuple[Callable[[], None], int]]:
         "line_move": (lambda: ops.line_move(flat, coef), n * (p + 2 * a)),
         "save_origin": (lambda: ops.save_origin(flat), n * (p + a)),
     }
-    if hasattr(ops, "line_move_record"):
-        cases["line_move+record"] = (lambda: ops.line_move_record(flat, coef, line, 1, loss),
-                                     n * (p + 2 * a))
-    else:
-        def move_record():
-            ops.line_move(flat, coef)
-            line.record(1, loss)
-        cases["line_move+record"] = (move_record, n * (p + 2 * a))
-    return cases
 
 
 def training_update_cases(flat, backend: str) -> Dict[str, Tuple[Callable[[], None], int]]:
-    """One whole TRAINING update (m = 1, momentum 0.9), as the optimizer runs it."""
+    """One whole TRAINING update (m = 1, momentum 0.9) through the backend contract, as the
+    optimizer runs it: the direction pass, the step's coefficient, the update pass."""
     from labpal_fast.hyper import Hyper
-    from labpal_fast.line import Line
     from labpal_fast.ops import load
     ops = load(backend)
-    dev = flat.device
     n, p, a = flat.numel, flat.param.element_size(), flat.direction.element_size()
     out = {}
     for mode in ("SGD", "NSGD"):
-        line = getattr(ops, "Line", Line)(Hyper(mode=mode), dev)
+        line = ops.make_line(Hyper(mode=mode), flat.device)
         line.eta.fill_(1e-6)
         line.s_upd.fill_(1e-6)
 
-        def update(line=line, mode=mode):
-            if mode == "SGD" and hasattr(ops, "sgd_step"):
-                line.set_partials(ops.sgd_step(flat, summed=False, inv_m=1.0, momentum=0.9,
-                                               decays=[0.0], eta=line.eta))
-                _, ok = line.train_coef()
-                ops.sgd_revert(flat, line.eta, ok)
-                return
-            line.set_partials(ops.form_direction(flat, summed=False, inv_m=1.0, momentum=0.9,
-                                                 decays=[0.0], line_terms=False))
-            coef, ok = line.train_coef()
-            ops.train_update(flat, coef, ok)
-        passes = 3 * p + 3 * a if (mode == "SGD" and hasattr(ops, "sgd_step")) else \
-            2 * p + 2 * a + 2 * p + a
-        out[f"train[{mode}]"] = (update, n * passes)
+        def update(line=line):
+            ops.update([flat], [[0.0]], line, m=1, momentum=0.9)
+        # direction: grad read + zeroed, d read + written; update: θ read + written, d read
+        out[f"train[{mode}]"] = (update, n * (4 * p + 3 * a))
     return out
 
 
@@ -176,14 +151,18 @@ def flat(request):
 
 
 OPS = ("accumulate", "form_direction[train,β]", "form_direction[line,β,wd]", "train_update",
-       "line_move", "line_move+record", "save_origin")
+       "line_move", "save_origin")
 
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "triton", "ext"])
 @pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, flat, op, backend):
+    from labpal_fast.ops import why_unavailable
+    reason = why_unavailable(backend, [flat.device])
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
     benchmark.group = f"{op} {flat.numel / 1e6:g}M"
     fn, nbytes = op_cases(flat, backend)[op]
     _timed(benchmark, fn, nbytes)

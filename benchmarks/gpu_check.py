@@ -3,9 +3,9 @@
 
     python benchmarks/gpu_check.py RESULTS_DIR [--quick]
 
-1. the Triton test files on the GPU (compiled kernels, not the interpreter), and every
-   CUDA-marked test of the suite, including the sync-debug check
-   (``torch.cuda.set_sync_debug_mode("error")`` around TRAINING steps);
+1. every CUDA-marked test of the suite: each fast backend's ops (Triton compiled, the
+   extension's CUDA kernels) and whole trajectories against eager on the GPU, and the
+   sync-debug check (``torch.cuda.set_sync_debug_mode("error")`` around TRAINING steps);
 0. builds the compiled extension's CUDA kernels in place (`setup.py build_ext --inplace`;
    skip with --no-build);
 2. CUDA-event timings: a device-to-device copy (the bandwidth yardstick), each op on Triton,
@@ -180,9 +180,10 @@ def main() -> int:
     if not args.no_build:  # the CUDA kernels of the compiled extension, timed beside Triton
         run_command([sys.executable, "setup.py", "build_ext", "--inplace"], out, "build_ext",
                     timeout=0.3 * budget)
-    rc_tests = run_pytest(["tests/test_triton_ops.py", "tests/test_triton_optimizer.py"], out,
-                          "triton_tests", timeout=0.25 * budget)
-    rc_cuda = run_pytest(["tests", "-m", "cuda"], out, "cuda_tests", timeout=0.2 * budget)
+    # every CUDA-marked test: each backend's ops and trajectories against eager on the GPU,
+    # the sync-debug check; then the backend-independent suites on the GPU machine's CPU
+    rc_cuda = run_pytest(["tests", "-m", "cuda"], out, "cuda_tests", timeout=0.3 * budget)
+    rc_tests = run_pytest(["tests/test_triton.py"], out, "triton_tests", timeout=0.15 * budget)
     sizes = [1_000_000, 25_000_000] + ([] if args.quick else [350_000_000])
     t0 = time.time()
     try:

@@ -20,6 +20,9 @@ from labpal_fast.optimizer import MEASURING  # noqa: E402
 
 from helpers import batches  # noqa: E402
 
+# compiled kernels on a GPU, the interpreter on CPU (tests/conftest.py)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def test_unavailable_reason_on_cpu(monkeypatch):
     if tri._INTERPRETED:
@@ -63,7 +66,7 @@ class TwoFlats(torch.nn.Module):
 
 def _launches_per_call(m: int, k: int, positions):
     torch.manual_seed(0)
-    net = TwoFlats()
+    net = TwoFlats().to(DEVICE)
     groups = [{"params": [net.a.weight], "weight_decay": 1e-3}, {"params": [net.a.bias]},
               {"params": list(net.b.parameters()) + [net.bias16], "weight_decay": 1e-2}]
     opt = LABPAL(groups, backend="triton", momentum=0.9, approximation_batches=k,
@@ -73,6 +76,7 @@ def _launches_per_call(m: int, k: int, positions):
     assert len(opt.flats) == 2
     calls = []
     for x, y in batches(k * m + 3 * m, 8, 6, seed=1):
+        x, y = x.to(DEVICE), y.to(DEVICE)
         before = Counter(tri.LAUNCHES)
         phase = opt.phase if opt.phase == MEASURING else ("boundary" if opt.counters.acc == 0
                                                           else "training")
@@ -148,3 +152,12 @@ def test_cuda_sync_debug_mode_error():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert syncs <= 2
+
+
+def test_an_untested_triton_version_disables_the_backend_with_the_reason(monkeypatch):
+    monkeypatch.setattr(tri.triton, "__version__", "3.5.0")
+    from labpal_fast import ops
+    reason = ops.why_unavailable("triton", [torch.device("cpu")])
+    assert reason is not None and "triton 3.5.0" in reason and "labpal-fast[triton]" in reason
+    with pytest.raises(RuntimeError, match="triton 3.5.0"):
+        LABPAL([torch.nn.Parameter(torch.randn(3))], backend="triton")

@@ -53,6 +53,7 @@ except Exception as exc:  # pragma: no cover - exercised only without triton
     raise ImportError(f"the Triton backend needs the 'triton' package ({exc}); "
                       "install labpal-fast[triton]") from exc
 
+from .._support import triton_unsupported
 from ..flat import Flat
 from ..hyper import Hyper
 from ..layout import NCONST, NPART, RECORD_SCALARS, REC_PARTIALS, REC_SUMS, Const, Partial, \
@@ -418,6 +419,9 @@ class TritonBackend(EagerBackend):
     name = "triton"
 
     def unavailable_reason(self, devices) -> Optional[str]:
+        reason = triton_unsupported(triton.__version__)
+        if reason is not None:
+            return reason
         for dev in devices:
             dev = torch.device(dev)
             if dev.type == "cuda":
