@@ -31,30 +31,31 @@ inline void check_param(const at::Tensor& param) {
 }
 
 // A run of the flat buffer with one weight decay.
-struct Piece { int64_t start, end; double wd; };
+struct Segment { int64_t start, end; double wd; };
 
-// The segments (starts, ends, decays) as pieces covering [0, n) in order; gaps get wd = 0.
-inline std::vector<Piece> make_pieces(int64_t n, c10::ArrayRef<int64_t> starts, c10::ArrayRef<int64_t> ends,
-                               c10::ArrayRef<double> decays) {
+// The segments (starts, ends, decays), sorted and completed to cover [0, n); gaps get wd = 0.
+inline std::vector<Segment> cover_segments(int64_t n, c10::ArrayRef<int64_t> starts,
+                                           c10::ArrayRef<int64_t> ends,
+                                           c10::ArrayRef<double> decays) {
   TORCH_CHECK(starts.size() == ends.size() && starts.size() == decays.size(),
               "labpal_fast: seg_starts, seg_ends and decays must have the same length");
-  std::vector<Piece> segs;
+  std::vector<Segment> segs;
   for (size_t k = 0; k < starts.size(); ++k) {
     TORCH_CHECK(0 <= starts[k] && starts[k] <= ends[k] && ends[k] <= n,
                 "labpal_fast: segment ", k, " [", starts[k], ", ", ends[k], ") is outside [0, ", n, ")");
     if (starts[k] < ends[k]) segs.push_back({starts[k], ends[k], decays[k]});
   }
-  std::sort(segs.begin(), segs.end(), [](const Piece& x, const Piece& y) { return x.start < y.start; });
-  std::vector<Piece> pieces;  // covers [0, n): gaps between segments have no weight decay
+  std::sort(segs.begin(), segs.end(), [](const Segment& x, const Segment& y) { return x.start < y.start; });
+  std::vector<Segment> segments;  // covers [0, n): gaps between segments have no weight decay
   int64_t at = 0;
-  for (const Piece& s : segs) {
+  for (const Segment& s : segs) {
     TORCH_CHECK(s.start >= at, "labpal_fast: segments overlap at ", s.start);
-    if (s.start > at) pieces.push_back({at, s.start, 0.0});
-    pieces.push_back(s);
+    if (s.start > at) segments.push_back({at, s.start, 0.0});
+    segments.push_back(s);
     at = s.end;
   }
-  if (at < n) pieces.push_back({at, n, 0.0});
-  return pieces;
+  if (at < n) segments.push_back({at, n, 0.0});
+  return segments;
 }
 
 }  // namespace labpal_fast

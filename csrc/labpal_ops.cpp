@@ -4,8 +4,8 @@
 //
 // Buffers are flat and contiguous: param / grad in the parameter dtype P, direction /
 // grad_sum / origin in the accumulation dtype A (fp32 for fp16 / bf16, else P).
-// Reductions are deterministic: a fixed grid of CHUNK-element chunks (independent of the
-// thread count), fp64 partial sums per chunk, added in chunk order.
+// Reductions are deterministic: a fixed grid of BLOCK-element blocks (independent of the
+// thread count), fp64 partial sums per block, added in block order.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -24,9 +24,9 @@
 namespace labpal_fast {
 namespace {
 
-constexpr int64_t CHUNK = 4096;        // reduction grid: elements per chunk (fixed)
+constexpr int64_t BLOCK = 4096;        // reduction grid: elements per block (fixed)
 constexpr int64_t GRAIN = 32768;       // elementwise ops: elements per task, at least
-constexpr int64_t CHUNK_GRAIN = GRAIN / CHUNK;
+constexpr int64_t BLOCK_GRAIN = GRAIN / BLOCK;
 
 template <typename T> struct Acc { using type = T; };
 template <> struct Acc<c10::Half> { using type = float; };
@@ -94,7 +94,7 @@ __attribute__((always_inline)) inline void store_vec(P* p, typename Vec<A>::type
   }
 }
 
-// [a, b) of one chunk, one weight decay: the fused pass. Adds its unweighted sums to
+// [a, b) of one block, one weight decay: the fused pass. Adds its unweighted sums to
 // r = [Σd², Σḡd, (unused), Σθd, Σθ²], in a fixed order (U·W accumulator lanes, then the tail).
 template <typename P, typename A, bool SUMMED, bool MOM, bool WD, bool TERMS>
 __attribute__((noinline)) void direction_range(A* __restrict__ d, P* __restrict__ grad,
@@ -154,20 +154,20 @@ __attribute__((noinline)) void direction_range(A* __restrict__ d, P* __restrict_
 }
 
 template <typename P, typename A, bool SUMMED, bool MOM, bool TERMS>
-void direction_chunks(A* d, P* grad, const A* gs, const P* th, const std::vector<Piece>& pieces,
+void direction_blocks(A* d, P* grad, const A* gs, const P* th, const std::vector<Segment>& segments,
                       int64_t n, A inv_m, A beta, double* out) {
-  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  std::vector<double> part(static_cast<size_t>(chunks) * 5, 0.0);
-  at::parallel_for(0, chunks, CHUNK_GRAIN, [&](int64_t cb, int64_t ce) {
+  const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  std::vector<double> part(static_cast<size_t>(blocks) * 5, 0.0);
+  at::parallel_for(0, blocks, BLOCK_GRAIN, [&](int64_t cb, int64_t ce) {
     size_t p = 0;
     for (int64_t c = cb; c < ce; ++c) {
-      const int64_t c0 = c * CHUNK, c1 = std::min(n, c0 + CHUNK);
+      const int64_t c0 = c * BLOCK, c1 = std::min(n, c0 + BLOCK);
       double* r = &part[static_cast<size_t>(c) * 5];
-      while (p < pieces.size() && pieces[p].end <= c0) ++p;
-      for (size_t q = p; q < pieces.size() && pieces[q].start < c1; ++q) {
-        const int64_t a = std::max(c0, pieces[q].start), b = std::min(c1, pieces[q].end);
+      while (p < segments.size() && segments[p].end <= c0) ++p;
+      for (size_t q = p; q < segments.size() && segments[q].start < c1; ++q) {
+        const int64_t a = std::max(c0, segments[q].start), b = std::min(c1, segments[q].end);
         if (a >= b) continue;
-        const double wd = pieces[q].wd;
+        const double wd = segments[q].wd;
         double s[5] = {0, 0, 0, 0, 0};
         if (wd != 0.0) {
           direction_range<P, A, SUMMED, MOM, true, TERMS>(d, grad, gs, th, a, b, inv_m, beta,
@@ -184,14 +184,14 @@ void direction_chunks(A* d, P* grad, const A* gs, const P* th, const std::vector
       }
     }
   });
-  for (int64_t c = 0; c < chunks; ++c)  // fixed order: deterministic whatever the threads
+  for (int64_t c = 0; c < blocks; ++c)  // fixed order: deterministic whatever the threads
     for (int k = 0; k < 5; ++k) out[k] += part[static_cast<size_t>(c) * 5 + k];
 }
 
 template <typename P, typename A>
 void direction_dispatch(bool summed, bool mom, bool terms, A* d, P* g, const A* gs, const P* th,
-                        const std::vector<Piece>& pieces, int64_t n, A inv_m, A beta, double* o) {
-#define LABPAL_DIR(S, M, T) direction_chunks<P, A, S, M, T>(d, g, gs, th, pieces, n, inv_m, beta, o)
+                        const std::vector<Segment>& segments, int64_t n, A inv_m, A beta, double* o) {
+#define LABPAL_DIR(S, M, T) direction_blocks<P, A, S, M, T>(d, g, gs, th, segments, n, inv_m, beta, o)
   switch ((summed ? 4 : 0) + (mom ? 2 : 0) + (terms ? 1 : 0)) {
     case 0: LABPAL_DIR(false, false, false); break;
     case 1: LABPAL_DIR(false, false, true); break;
@@ -216,7 +216,7 @@ at::Tensor form_direction_cpu(at::Tensor direction, at::Tensor grad, const c10::
   check_flat(direction, "direction", acc, n, param);
   const bool summed = grad_sum.has_value() && grad_sum->defined();
   if (summed) check_flat(*grad_sum, "grad_sum", acc, n, param);
-  const auto pieces = make_pieces(n, seg_starts, seg_ends, decays);
+  const auto segments = cover_segments(n, seg_starts, seg_ends, decays);
   at::Tensor out = at::zeros({5}, param.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "form_direction", [&] {
@@ -226,7 +226,7 @@ at::Tensor form_direction_cpu(at::Tensor direction, at::Tensor grad, const c10::
     P* g = grad.data_ptr<P>();
     const A* gs = summed ? grad_sum->const_data_ptr<A>() : nullptr;
     const P* th = param.const_data_ptr<P>();
-    direction_dispatch<P, A>(summed, momentum != 0.0, line_terms, d, g, gs, th, pieces, n,
+    direction_dispatch<P, A>(summed, momentum != 0.0, line_terms, d, g, gs, th, segments, n,
                              static_cast<A>(inv_m), static_cast<A>(momentum), o);
   });
   return out;

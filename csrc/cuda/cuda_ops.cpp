@@ -56,23 +56,23 @@ at::Tensor form_direction_cuda(at::Tensor direction, at::Tensor grad,
   const bool summed = grad_sum.has_value() && grad_sum->defined();
   if (summed) check_flat(*grad_sum, "grad_sum", acc, n, param);
   // merge neighbouring runs of equal weight decay, then pass them by value
-  std::vector<Piece> merged;
-  for (const Piece& p : make_pieces(n, seg_starts, seg_ends, decays)) {
+  std::vector<Segment> merged;
+  for (const Segment& p : cover_segments(n, seg_starts, seg_ends, decays)) {
     if (!merged.empty() && merged.back().wd == p.wd && merged.back().end == p.start)
       merged.back().end = p.end;
     else
       merged.push_back(p);
   }
   if (merged.empty()) merged.push_back({0, n, 0.0});
-  TORCH_CHECK(merged.size() <= static_cast<size_t>(cuda::MAX_PIECES),
-              "labpal_fast::form_direction on CUDA supports at most ", cuda::MAX_PIECES,
+  TORCH_CHECK(merged.size() <= static_cast<size_t>(cuda::MAX_SEGMENTS),
+              "labpal_fast::form_direction on CUDA supports at most ", cuda::MAX_SEGMENTS,
               " runs of distinct weight decay, got ", merged.size());
-  cuda::Pieces pieces{};
-  pieces.count = static_cast<int>(merged.size());
+  cuda::Segments segments{};
+  segments.count = static_cast<int>(merged.size());
   for (size_t k = 0; k < merged.size(); ++k) {
-    pieces.start[k] = merged[k].start;
-    pieces.end[k] = merged[k].end;
-    pieces.wd[k] = merged[k].wd;
+    segments.start[k] = merged[k].start;
+    segments.end[k] = merged[k].end;
+    segments.wd[k] = merged[k].wd;
   }
   const c10::cuda::CUDAGuard guard(param.device());
   const auto f64 = param.options().dtype(at::kDouble);
@@ -80,7 +80,7 @@ at::Tensor form_direction_cuda(at::Tensor direction, at::Tensor grad,
   at::Tensor out = at::empty({5}, f64);
   check(cuda::form_direction(direction.data_ptr(), grad.data_ptr(),
                              summed ? grad_sum->const_data_ptr() : nullptr, param.const_data_ptr(),
-                             pieces, n, dtype_code(param.scalar_type()), inv_m, momentum,
+                             segments, n, dtype_code(param.scalar_type()), inv_m, momentum,
                              line_terms, work.data_ptr<double>(), out.data_ptr<double>(),
                              c10::cuda::getCurrentCUDAStream().stream()),
         "form_direction");

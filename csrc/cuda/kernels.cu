@@ -10,7 +10,7 @@ namespace cuda {
 namespace {
 
 constexpr int THREADS = 256;
-constexpr int ITEMS = static_cast<int>(DIR_CHUNK / THREADS);  // per thread, per reduction block
+constexpr int ITEMS = static_cast<int>(DIR_BLOCK / THREADS);  // per thread, per reduction block
 constexpr int64_t MAX_GRID = 65535LL * 16;
 
 // Parameter dtype P <-> accumulation dtype A.
@@ -95,24 +95,24 @@ __device__ void block_sum5(double (&v)[5], double (*sh)[THREADS]) {
   for (int k = 0; k < 5; ++k) v[k] = sh[k][0];
 }
 
-// Stage 1: block b owns elements [b·DIR_CHUNK, (b+1)·DIR_CHUNK) and writes its 5 sums to work.
+// Stage 1: block b owns elements [b·DIR_BLOCK, (b+1)·DIR_BLOCK) and writes its 5 sums to work.
 template <typename P>
 __global__ void direction_kernel(typename Cvt<P>::A* __restrict__ d, P* __restrict__ grad,
                                  const typename Cvt<P>::A* __restrict__ gs,
-                                 const P* __restrict__ th, const Pieces pieces, int64_t n,
+                                 const P* __restrict__ th, const Segments segments, int64_t n,
                                  double inv_m, double momentum, bool terms,
                                  double* __restrict__ work) {
   using A = typename Cvt<P>::A;
   __shared__ double sh[5][THREADS];
   const A im = static_cast<A>(inv_m), beta = static_cast<A>(momentum);
   double v[5] = {0, 0, 0, 0, 0};
-  const int64_t base = blockIdx.x * DIR_CHUNK;
+  const int64_t base = blockIdx.x * DIR_BLOCK;
   int p = 0;
   for (int k = 0; k < ITEMS; ++k) {
     const int64_t i = base + k * THREADS + threadIdx.x;
     if (i >= n) break;
-    while (p + 1 < pieces.count && pieces.end[p] <= i) ++p;  // i only grows
-    const double wd = pieces.wd[p];
+    while (p + 1 < segments.count && segments.end[p] <= i) ++p;  // i only grows
+    const double wd = segments.wd[p];
     A g = Cvt<P>::load(grad[i]);
     if (gs != nullptr) g = (gs[i] + g) * im;
     A t = A(0);
@@ -169,14 +169,14 @@ template <typename P> struct AccumulateLaunch {
 };
 
 template <typename P> struct DirectionLaunch {
-  static cudaError_t run(void* d, void* g, const void* gs, const void* th, const Pieces& pieces,
+  static cudaError_t run(void* d, void* g, const void* gs, const void* th, const Segments& segments,
                          int64_t n, double inv_m, double momentum, bool terms, double* work,
                          double* out, cudaStream_t st) {
     using A = typename Cvt<P>::A;
     const int64_t blocks = form_direction_blocks(n);
     direction_kernel<P><<<static_cast<unsigned>(blocks), THREADS, 0, st>>>(
         static_cast<A*>(d), static_cast<P*>(g), static_cast<const A*>(gs),
-        static_cast<const P*>(th), pieces, n, inv_m, momentum, terms, work);
+        static_cast<const P*>(th), segments, n, inv_m, momentum, terms, work);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     direction_finish_kernel<<<1, THREADS, 0, st>>>(work, blocks, out);
@@ -206,7 +206,7 @@ template <typename P> struct LineMoveLaunch {
 }  // namespace
 
 int64_t form_direction_blocks(int64_t n) {
-  const int64_t blocks = (n + DIR_CHUNK - 1) / DIR_CHUNK;
+  const int64_t blocks = (n + DIR_BLOCK - 1) / DIR_BLOCK;
   return blocks < 1 ? 1 : blocks;
 }
 
@@ -217,11 +217,11 @@ cudaError_t accumulate(void* grad_sum, void* grad, int64_t n, DType dtype, bool 
 }
 
 cudaError_t form_direction(void* direction, void* grad, const void* grad_sum, const void* param,
-                           const Pieces& pieces, int64_t n, DType dtype, double inv_m,
+                           const Segments& segments, int64_t n, DType dtype, double inv_m,
                            double momentum, bool terms, double* work, double* out,
                            cudaStream_t stream) {
-  if (pieces.count < 1 || pieces.count > MAX_PIECES) return cudaErrorInvalidValue;
-  return by_dtype<DirectionLaunch>(dtype, direction, grad, grad_sum, param, pieces, n, inv_m,
+  if (segments.count < 1 || segments.count > MAX_SEGMENTS) return cudaErrorInvalidValue;
+  return by_dtype<DirectionLaunch>(dtype, direction, grad, grad_sum, param, segments, n, inv_m,
                                    momentum, terms, work, out, stream);
 }
 

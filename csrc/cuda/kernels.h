@@ -12,15 +12,15 @@ namespace cuda {
 
 enum DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
-constexpr int MAX_PIECES = 64;          // weight-decay runs passed by value to form_direction
-constexpr int64_t DIR_CHUNK = 4096;     // reduction grid: elements per block (fixed)
+constexpr int MAX_SEGMENTS = 64;          // weight-decay runs passed by value to form_direction
+constexpr int64_t DIR_BLOCK = 4096;     // reduction grid: elements per block (fixed)
 
 // Runs of the flat buffer with one weight decay, covering [0, n) in order.
-struct Pieces {
+struct Segments {
   int count;
-  int64_t start[MAX_PIECES];
-  int64_t end[MAX_PIECES];
-  double wd[MAX_PIECES];
+  int64_t start[MAX_SEGMENTS];
+  int64_t end[MAX_SEGMENTS];
+  double wd[MAX_SEGMENTS];
 };
 
 // Blocks of form_direction's first stage; its workspace holds 5 doubles per block.
@@ -34,7 +34,7 @@ cudaError_t accumulate(void* grad_sum, void* grad, int64_t n, DType dtype, bool 
 // out[5] (fp64, device) = ‖d‖², and with `terms` ⟨ḡ,d⟩, Σwd‖d‖², Σwd⟨θ,d⟩, Σwd‖θ‖² (else 0).
 // work: 5·form_direction_blocks(n) doubles. Two launches, no atomics: deterministic.
 cudaError_t form_direction(void* direction, void* grad, const void* grad_sum, const void* param,
-                           const Pieces& pieces, int64_t n, DType dtype, double inv_m,
+                           const Segments& segments, int64_t n, DType dtype, double inv_m,
                            double momentum, bool terms, double* work, double* out,
                            cudaStream_t stream);
 
