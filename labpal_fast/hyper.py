@@ -1,4 +1,4 @@
-"""LABPAL's public hyper-parameters: names, defaults, validation (ALGORITHM.md)."""
+"""LABPAL's public hyper-parameters: names, defaults, validation (docs/algorithm.md)."""
 from __future__ import annotations
 
 import math

@@ -47,7 +47,7 @@ class LABPAL(torch.optim.Optimizer):
     the mean loss as a scalar tensor; it must not call ``backward()`` and must be callable again
     on the same batch (measurements evaluate it at other points of the line).
 
-    Hyper-parameters are keyword-only, named as in ALGORITHM.md. Per parameter group only
+    Hyper-parameters are keyword-only, named as in docs/algorithm.md. Per parameter group only
     ``weight_decay`` (L2, part of the objective the line measures) may be set. ``model=``
     lets repeated evaluations leave the model's buffers (BatchNorm statistics) untouched.
     """

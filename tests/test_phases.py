@@ -14,7 +14,7 @@ ALWAYS_VALID = dict(mode="NSGD", momentum=0.0, direction_norm_range=(0.0, math.i
 
 
 def expected_measurements(n_calls, schedule, nu, k, R, U):
-    """A straight reading of ALGORITHM.md for runs whose fits are all valid: a measurement takes
+    """A straight reading of docs/algorithm.md for runs whose fits are all valid: a measurement takes
     k·m calls and makes one update; a training update takes m calls. Returns the (call, update,
     m, averaged) of every measurement completed within n_calls."""
     def m_at(call):

@@ -1,4 +1,4 @@
-"""The first update on an exact quadratic must be 3.6·min(s*, 0.5) along −d/‖d‖ (ALGORITHM.md)."""
+"""The first update on an exact quadratic must be 3.6·min(s*, 0.5) along −d/‖d‖ (docs/algorithm.md)."""
 import numpy as np
 import pytest
 import torch
