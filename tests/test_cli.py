@@ -15,9 +15,8 @@ import torch
 
 matplotlib.use("Agg")
 
-from labpal_fast import cli, report  # noqa: E402
-from labpal_fast import compare_optimizers as registry  # noqa: E402
-from labpal_fast import tasks  # noqa: E402
+from labpal_fast.cli import command as cli  # noqa: E402
+from labpal_fast.cli import registry, report, tasks  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--quiet", "--device", "cpu", "--threads", "1"]

@@ -40,7 +40,7 @@ class Spec:
 def _labpal(mode: str):
     def build(params, *, model, task_size, batch_size, steps, sgd_lr, weight_decay, labpal_hyper,
               backend="auto"):
-        from .optimizer import LABPAL
+        from ..optimizer import LABPAL
         hyper = dict(labpal_hyper)
         hyper.setdefault("dataset_size", task_size)
         hyper.setdefault("batch_size", batch_size)
@@ -140,5 +140,5 @@ def lr_value(lr: torch.Tensor | float) -> float:
 
 
 def hyper_fields() -> Tuple[str, ...]:
-    from .hyper import NAMES
+    from ..hyper import NAMES
     return NAMES

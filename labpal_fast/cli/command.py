@@ -23,10 +23,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import __version__
-from . import compare_optimizers as registry
+from .. import __version__
+from ..hyper import NAMES, Hyper
+from . import registry
 from . import report as rep
-from .hyper import NAMES, Hyper
 from .tasks import TASK_HELP, TASKS, BatchStream, DataError, Task, load_task
 
 EXIT_INTERRUPTED = 130
