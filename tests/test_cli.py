@@ -16,7 +16,7 @@ import torch
 matplotlib.use("Agg")
 
 from labpal_fast.cli import command as cli  # noqa: E402
-from labpal_fast.cli import registry, report, tasks  # noqa: E402
+from labpal_fast.cli import registry, report, tasks, training  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--quiet", "--device", "cpu", "--threads", "1"]
@@ -200,7 +200,7 @@ def test_ctrl_c_stops_cleanly_and_reports_the_steps_done(tmp_path, monkeypatch, 
     def interrupt(r):
         if r.name == "sgd" and r.steps_done == 5:
             raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_after_step", interrupt)
+    monkeypatch.setattr(training, "_after_step", interrupt)
     out = tmp_path / "cut"
     assert run("compare", "--optimizers", "labpal,sgd", "--task", "spirals", "--steps", 40,
                "--eval-every", 20, "--out", out) == cli.EXIT_INTERRUPTED
