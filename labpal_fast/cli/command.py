@@ -253,7 +253,8 @@ def run_training(args, names: Sequence[str]) -> int:
     return EXIT_INTERRUPTED if interrupted else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """The command itself; `labpal_fast.cli.main` checks its dependencies first."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -280,7 +281,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:   # before training began, or a second Ctrl-C while writing
         print(f"labpal-fast {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from . import registry
 from .tasks import BatchStream, Task
@@ -126,10 +127,6 @@ def _after_step(run: Run) -> None:
 
 def _progress(total: int, quiet: bool):
     if quiet:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
         return None
     return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
 
