@@ -15,9 +15,8 @@ import torch
 
 matplotlib.use("Agg")
 
-from labpal_fast import cli, report  # noqa: E402
-from labpal_fast import compare_optimizers as registry  # noqa: E402
-from labpal_fast import tasks  # noqa: E402
+from labpal_fast import cli  # noqa: E402
+from labpal_fast.cli import command, registry, report, tasks, training  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--quiet", "--device", "cpu", "--threads", "1"]
@@ -157,9 +156,9 @@ def test_compare_same_data_and_start_and_a_table(tmp_path, capsys):
 def test_compare_batches_are_the_same_sequence(tmp_path):
     """Runs in a compare draw identical index batches (one stream per run, same seed)."""
     task = tasks.load_task("spirals", 0, torch.device("cpu"))
-    args = cli.build_parser().parse_args(["compare", "--task", "spirals", "--steps", "3"])
-    cli._resolve_defaults(args, task)
-    a, b = cli._make_runs(["sgd", "adam"], task, args, torch.device("cpu"))
+    args = command.build_parser().parse_args(["compare", "--task", "spirals", "--steps", "3"])
+    command._resolve_defaults(args, task)
+    a, b = command._make_runs(["sgd", "adam"], task, args, torch.device("cpu"))
     for _ in range(30):
         assert torch.equal(a.stream.next(), b.stream.next())
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
@@ -201,10 +200,10 @@ def test_ctrl_c_stops_cleanly_and_reports_the_steps_done(tmp_path, monkeypatch, 
     def interrupt(r):
         if r.name == "sgd" and r.steps_done == 5:
             raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_after_step", interrupt)
+    monkeypatch.setattr(training, "_after_step", interrupt)
     out = tmp_path / "cut"
     assert run("compare", "--optimizers", "labpal,sgd", "--task", "spirals", "--steps", 40,
-               "--eval-every", 20, "--out", out) == cli.EXIT_INTERRUPTED
+               "--eval-every", 20, "--out", out) == command.EXIT_INTERRUPTED
     assert "INTERRUPTED" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True
@@ -386,7 +385,7 @@ def test_real_sigint_writes_the_report(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == cli.EXIT_INTERRUPTED
+    assert proc.returncode == command.EXIT_INTERRUPTED
     assert "INTERRUPTED" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and 0 < summary["runs"][0]["steps_done"] < 1000000
@@ -399,4 +398,4 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch, capsy
     assert cli.main(["train", "--task", "spirals", "--steps", "1", "--quiet", "--device",
                      "cuda", "--out", str(tmp_path / "x")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
-    assert cli.pick_device("auto") == torch.device("cpu")
+    assert command.pick_device("auto") == torch.device("cpu")

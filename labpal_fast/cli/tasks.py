@@ -141,11 +141,7 @@ class DigitsCNN(nn.Module):
 
 
 def digits_task(seed: int, device: torch.device) -> Task:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise DataError("the digits task needs scikit-learn: pip install 'labpal-fast[cli]'") \
-            from None
+    from sklearn.datasets import load_digits   # here: a slow import the other tasks skip
     data = load_digits()
     x = (data.images.astype(np.float32) / 16.0 - 0.5) / 0.5          # in [-1, 1]
     y = data.target.astype(np.int64)

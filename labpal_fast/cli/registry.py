@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ class Spec:
 def _labpal(mode: str):
     def build(params, *, model, task_size, batch_size, steps, sgd_lr, weight_decay, labpal_hyper,
               backend="auto"):
-        from .optimizer import LABPAL
+        from ..optimizer import LABPAL
         hyper = dict(labpal_hyper)
         hyper.setdefault("dataset_size", task_size)
         hyper.setdefault("batch_size", batch_size)
@@ -137,8 +137,3 @@ def current_lr(built: Built) -> torch.Tensor | float:
 
 def lr_value(lr: torch.Tensor | float) -> float:
     return float(lr) if not torch.is_tensor(lr) else float(lr.item())
-
-
-def hyper_fields() -> Tuple[str, ...]:
-    from .hyper import NAMES
-    return NAMES
