@@ -399,3 +399,13 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch, capsy
                      "cuda", "--out", str(tmp_path / "x")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert command.pick_device("auto") == torch.device("cpu")
+
+
+def test_train_help_describes_every_optimizer(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("labpal", "labpal-sgd", "sgd", "adam", "prodigy"):
+        assert f"{name}:" in text
+    assert "÷10 at 50% and 75% of the steps" in text

@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,compare,report}")
     sub.required = True
     p = sub.add_parser("train", help="one optimizer on one task")
-    p.add_argument("--optimizer", default="labpal", choices=list(registry.SPECS))
+    p.add_argument("--optimizer", default="labpal", choices=list(registry.SPECS),
+                   metavar="NAME", help="; ".join(f"{n}: {s.note}".replace("%", "%%") for n, s in
+                                                  registry.SPECS.items()))
     _add_common(p, compare=False)
     p = sub.add_parser("compare", help="several optimizers on the same task, data and seed")
     p.add_argument("--optimizers", default=None,
