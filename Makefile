@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-verify clean
 
 # csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
@@ -23,6 +23,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# GPU code checked without a GPU (README, "Verifying GPU code without a GPU"): every recorded
+# Triton specialization compiled for sm_80/sm_90, the CUDA extension built against the CUDA torch
+GPU_VERIFY_ARGS ?=
+gpu-verify: $(VENV)/.installed
+	$(PY) tools/gpu_verify.py $(GPU_VERIFY_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q -s benchmarks --benchmark-enable --benchmark-columns=min,median,mean,rounds
