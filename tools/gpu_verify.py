@@ -308,7 +308,7 @@ def _compile_one(job: dict) -> dict:
                                   "(the kernel changed since it was recorded)")
         constexprs = {(fn.arg_names.index(k),): v for k, v in r["constexprs"].items()}
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-                 for n in r["divisible_by_16"] if n in fn.arg_names}
+                 for n in r["divisible_by_16"] if signature.get(n, "constexpr") != "constexpr"}
         del _PTXAS_LOGS[:]
         kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", arch, 32),
@@ -436,7 +436,7 @@ def triton_report(specs: list, data: dict, tag: str) -> "list[str]":
 
 
 def sweep_spills(python: str, specs: list, data: dict, out: str, jobs: int,
-                 kernels: "list[str]" = ()) -> None:
+                 kernels: "list[str]" = (), tag: str = "venv") -> None:
     """For each spilling (kernel, flags), and each (kernel, flags) of `kernels`, compile copies
     with other num_warps / block sizes: which of them would remove the spills."""
     if "error" in data:
@@ -468,10 +468,10 @@ def sweep_spills(python: str, specs: list, data: dict, out: str, jobs: int,
                 if size:
                     cx[size[0]] = int(size[1])
                 trials.append(dict(spec, constexprs=cx, num_warps=warps, origin="sweep"))
-    banner(f"spill sweep: {len(trials)} variants of {len(spilled)} specializations "
+    banner(f"spill sweep ({tag}): {len(trials)} variants of {len(spilled)} specializations "
            "(modified copies, not what the optimizer launches)")
-    with Timer("triton: spill sweep"):
-        res = run_compile(python, trials, out, "sweep", jobs)
+    with Timer(f"triton: spill sweep ({tag})"):
+        res = run_compile(python, trials, out, f"sweep-{tag}", jobs)
     if "error" in res:
         say(res["error"])
         return
@@ -841,8 +841,8 @@ def main(argv=None) -> int:
                     data = run_compile(python, specs, out, tag, args.jobs)
                 f = triton_report(specs, data, tag)
                 failures += f
-                if (f and not args.no_sweep or args.sweep) and tag == "venv":
-                    sweep_spills(python, specs, data, out, args.jobs, args.sweep)
+                if f and not args.no_sweep or args.sweep:
+                    sweep_spills(python, specs, data, out, args.jobs, args.sweep, tag)
 
     if not args.skip_cuda:
         banner("CUDA extension: build against the CUDA torch's headers and libraries")
