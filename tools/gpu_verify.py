@@ -6,10 +6,12 @@
 
 1. Triton, ahead of time. The kernel specializations are recorded, not listed by hand:
    labpal_fast/ops/triton.py appends one JSON line per distinct specialization it launches when
-   LABPAL_FAST_RECORD_LAUNCHES=FILE is set. They are recorded by running the whole test suite
-   under the Triton interpreter (the recorder writes only when Triton kernels launch, so the
-   selection survives renamed test files) plus a small built-in LABPAL run on fp32 and fp16
-   parameters (SGD and NSGD, momentum, weight decay on more groups than one launch takes).
+   LABPAL_FAST_RECORD_LAUNCHES=FILE is set. They are recorded by running the test suite (all
+   but the tests marked slow; --records FILE takes what `make test` recorded instead, as CI
+   does) under the Triton interpreter (the recorder writes only when Triton kernels launch, so
+   the selection survives renamed test files) plus a small built-in LABPAL run on fp32 and
+   fp16 parameters (SGD and NSGD, momentum, accumulation, weight decay on more groups than one
+   launch takes).
    Added to what was recorded:
    - bf16: the interpreter cannot run bf16 (numpy has no bf16), so every fp16 specialization is
      also compiled with its fp16 pointers (the parameter / gradient pointers; the fp32 buffers
@@ -54,6 +56,8 @@ ARCHS = (80, 90)
 CUDA_LIBS = ("libc10.so", "libc10_cuda.so", "libtorch.so", "libtorch_cpu.so", "libtorch_cuda.so",
              "libtorch_python.so")
 TIMES: "dict[str, float]" = {}
+# every test but the slow ones (the install tests: 90 s, and they launch no Triton kernel)
+DEFAULT_PYTEST = ["tests", "-m", "not slow"]
 
 
 def say(msg: str = "") -> None:
@@ -89,13 +93,15 @@ def record(out: str, test_records: "str | None", pytest_args: "list[str]") -> "t
     files = []
     if test_records:
         say(f"test-suite launches: read from {test_records}")
+        if not os.path.exists(test_records):
+            notes.append(f"FAIL: {test_records} does not exist: the tests launched no Triton kernel")
         files.append(test_records)
     else:
         path = os.path.join(out, "launches-tests.jsonl")
         if os.path.exists(path):
             os.remove(path)
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
-               "addopts=--benchmark-disable", *(pytest_args or ["tests"])]
+               "addopts=--benchmark-disable", *(pytest_args or DEFAULT_PYTEST)]
         say("recording the test suite's launches: TRITON_INTERPRET=1 " + " ".join(cmd[1:]))
         with Timer("record: test suite"):
             proc = subprocess.run(cmd, cwd=ROOT, env=_interp_env(path), capture_output=True,
@@ -790,7 +796,8 @@ def main(argv=None) -> int:
                     help="records, compile results, logs, the extension build (default %(default)s)")
     ap.add_argument("--records", help="use these test-suite launch records (a jsonl written with "
                     "LABPAL_FAST_RECORD_LAUNCHES during `make test`) instead of running the tests")
-    ap.add_argument("--pytest-args", nargs="*", help="what to record (default: the whole suite)")
+    ap.add_argument("--pytest-args", nargs="*", help="what to record (default: %s)"
+                    % " ".join(DEFAULT_PYTEST))
     ap.add_argument("--triton-venv", action="append", default=[],
                     help="also compile with the Triton of this venv (repeatable)")
     ap.add_argument("--also-triton", action="append", default=[], metavar="VERSION",
@@ -814,7 +821,8 @@ def main(argv=None) -> int:
     if not args.skip_triton:
         banner("Triton: record the launched specializations (interpreter)")
         records, n = record(out, args.records, args.pytest_args)
-        notes += n
+        failures += [x[6:] for x in n if x.startswith("FAIL: ")]
+        notes += [x for x in n if not x.startswith("FAIL: ")]
         if not records:
             failures.append("no Triton launch was recorded (is triton installed? do the Triton "
                             "tests still launch through labpal_fast.ops.triton._launch?)")
