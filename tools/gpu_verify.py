@@ -768,6 +768,11 @@ def cuda_ext(out: str, cache: str, version: str, jobs: int) -> "tuple[list, list
         failures.append("setup.py did not build the CUDA kernels (no 'CPU + CUDA' in its output)")
     so = sos[0]
     say(f"built {os.path.relpath(so, ROOT)} ({os.path.getsize(so) / 2**20:.1f} MiB)")
+    warned = [l for l in log.splitlines() if re.search(r"\bwarning\b", l) and "ptxas" not in l
+              and "Deprecat" not in l]
+    if warned:  # -Wall of the host compiler, nvcc's front end: reported, not fatal
+        notes.append(f"{len(warned)} compiler warning lines (ext-build.log):\n    "
+                     + "\n    ".join(warned[:10]))
     kernels = parse_nvcc_ptxas(log)
     if not kernels:
         failures.append("no ptxas -v figures in nvcc's output")
