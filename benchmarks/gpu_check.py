@@ -13,7 +13,8 @@
    ``zero_grad(set_to_none=False)``, which costs the pass our update spends clearing the
    gradient buffer), at 1M, 25M and 350M parameters; the optimizer side of a whole
    measurement at 25M parameters in 160 tensors, Triton against eager;
-3. the pytest-benchmark suite (benchmarks/bench_triton.py) at 1M and 25M, JSON to RESULTS_DIR;
+3. a sweep of the Triton tile sizes (TILE_CONFIGS) at 25M and 350M, side by side;
+   then the pytest-benchmark suite (benchmarks/bench_triton.py) at 1M and 25M, JSON to RESULTS_DIR;
 4. a short table on stdout; everything in RESULTS_DIR (summary.json, summary.txt, junit XML,
    logs, the per-kernel relative errors as triton_rel_errors.jsonl).
 
@@ -144,6 +145,48 @@ def timings(sizes, quick: bool):
     return rows, results
 
 
+# (BLOCK, NUM_WARPS, DIRECTION_BLOCK, DIRECTION_WARPS) of labpal_fast.ops.triton; the first is
+# the shipped one. make gpu-verify found none of these spilling; registers differ 2-4x.
+TILE_CONFIGS = ((4096, 8, 2048, 8), (4096, 8, 2048, 16), (4096, 16, 2048, 16), (2048, 8, 1024, 8),
+                (2048, 4, 1024, 4), (1024, 4, 1024, 8))
+
+
+def tile_sweep(sizes):
+    """The Triton TRAINING update (both passes) and the streaming ops under each tile config,
+    side by side: which tiles are fastest on this GPU."""
+    import torch
+    from bench_triton import make_flat, op_cases, sgd_fused_cases, training_update_cases
+    from labpal_fast.ops import triton as tri
+    shipped = (tri.BLOCK, tri.NUM_WARPS, tri.DIRECTION_BLOCK, tri.DIRECTION_WARPS)
+    rows = []
+    try:
+        for n in sizes:
+            reps = 10 if n <= 50_000_000 else 3
+            flat = make_flat(n)
+            sgd, keep = sgd_fused_cases(n)
+            t_sgd = cuda_time(sgd["sgd_fused"][0], reps)
+            del keep, sgd
+            for cfg in TILE_CONFIGS:
+                if left() < 30:
+                    break
+                tri.BLOCK, tri.NUM_WARPS, tri.DIRECTION_BLOCK, tri.DIRECTION_WARPS = cfg
+                ops = op_cases(flat, "triton")
+                row = {"n": n, "config": cfg,
+                       "train[NSGD]/sgd_fused": cuda_time(
+                           training_update_cases(flat, "triton")["train[NSGD]"][0], reps) / t_sgd}
+                for op in ("accumulate", "form_direction[train,β]", "train_update", "line_move"):
+                    fn, nbytes = ops[op]
+                    row[op + " GB/s"] = nbytes / cuda_time(fn, reps) / 1e9
+                rows.append(row)
+                print(f"[sweep] {n / 1e6:g}M {cfg}: " + ", ".join(
+                    f"{k} {v:.3g}" for k, v in row.items() if k not in ("n", "config")), flush=True)
+            del flat
+            torch.cuda.empty_cache()
+    finally:
+        tri.BLOCK, tri.NUM_WARPS, tri.DIRECTION_BLOCK, tri.DIRECTION_WARPS = shipped
+    return rows
+
+
 def table(rows) -> str:
     def cell(value, fmt):
         return "-" if value is None else fmt % value
@@ -193,6 +236,15 @@ def main() -> int:
         traceback.print_exc()
         rows, results = [], {"error": repr(exc)}
     print(f"[timings] {time.time() - t0:.0f}s", flush=True)
+    if not args.quick and left() > 90:
+        t0 = time.time()
+        try:
+            results["tile_sweep"] = tile_sweep([25_000_000, 350_000_000])
+        except Exception as exc:
+            import traceback
+            traceback.print_exc()
+            results["tile_sweep"] = {"error": repr(exc)}
+        print(f"[tile sweep] {time.time() - t0:.0f}s", flush=True)
     if left() > 45:
         env_sizes = "1e6,25e6"
         os.environ["LABPAL_BENCH_SIZES"] = env_sizes

@@ -72,14 +72,14 @@ FORM_CASES = {
 def exact_partials(flat, kwargs) -> torch.Tensor:
     """The partial sums in fp64 from the inputs: the reference for every backend (eager's
     fp16 ⟨θ,θ⟩ is an fp16 dot product, not an accurate reference)."""
-    gs = flat.grad_sum.double() if kwargs["summed"] else 0.0
-    g = (gs + flat.grad.double()) * kwargs["inv_m"]
-    theta = flat.param.double()
+    gs = flat.grad_sum.double().cpu() if kwargs["summed"] else 0.0
+    g = (gs + flat.grad.double().cpu()) * kwargs["inv_m"]
+    theta = flat.param.double().cpu()
     wd = torch.zeros_like(theta)
     for (_, s, e), w in zip(flat.segments, kwargs["decays"]):
         wd[s:e] = w
     g = g + wd * theta
-    d = g + kwargs["momentum"] * flat.direction.double()
+    d = g + kwargs["momentum"] * flat.direction.double().cpu()
     out = torch.zeros(NPART, dtype=torch.float64)
     out[Partial.DD] = d @ d
     if kwargs["line_terms"]:

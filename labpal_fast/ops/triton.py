@@ -65,9 +65,12 @@ from .eager import EagerBackend
 _INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
     os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Tile sizes: checked for register spills on sm_80/sm_90 by `make gpu-verify`, timed on a GPU
+# by benchmarks/gpu_check.py (its --sweep), which may set these module globals to compare.
 BLOCK = 4096          # elements per tile of the streaming kernels
-DIRECTION_BLOCK = 2048  # the direction kernel keeps five accumulators per element: smaller tiles
 NUM_WARPS = 8
+DIRECTION_BLOCK = 2048  # the direction kernel keeps five accumulators per element: smaller tiles
+DIRECTION_WARPS = 8
 MAX_PROGRAMS = 1024   # reduction kernels: fixed cap on the grid (so results do not depend on the GPU)
 REDUCE_BLOCK = 1024   # rows summed per step by the partial-sum reducer
 _SEGS = 4             # weight-decay segments handled by one direction launch
@@ -355,13 +358,18 @@ def _arg_type(value) -> str:
 def _record(name: str, kernel, args, num_warps: int, constexprs: dict) -> None:
     fn = getattr(kernel, "fn", kernel)
     names = [p for p in inspect.signature(fn).parameters if p not in constexprs]
-    signature = {n: _arg_type(v) for n, v in zip(names, args)}
-    aligned = sorted(n for n, v in zip(names, args)
+    values = dict(zip(names, args))
+    # as the GPU's JIT specializes: an int argument equal to 1 becomes the constant 1
+    ones = {n: 1 for n, v in values.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v == 1}
+    values = {n: v for n, v in values.items() if n not in ones}
+    signature = {n: _arg_type(v) for n, v in values.items()}
+    aligned = sorted(n for n, v in values.items()
                      if (v.data_ptr() if isinstance(v, torch.Tensor) else
                          v if isinstance(v, int) and not isinstance(v, bool) else 1) % 16 == 0)
     entry = {"kernel": name, "signature": signature, "divisible_by_16": aligned,
              "constexprs": {k: (bool(v) if isinstance(v, bool) else v)
-                            for k, v in sorted(constexprs.items())},
+                            for k, v in sorted({**constexprs, **ones}.items())},
              "num_warps": num_warps}
     key = json.dumps(entry, sort_keys=True)
     if key not in _recorded:
@@ -471,7 +479,7 @@ class TritonBackend(EagerBackend):
                     lo, hi, ws.stride, row, float(inv_m), float(momentum), *ends, *wds,
                     SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
                     HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms),
-                    BLOCK=DIRECTION_BLOCK, num_warps=NUM_WARPS)
+                    BLOCK=DIRECTION_BLOCK, num_warps=DIRECTION_WARPS)
             row += nprog
         _launch(_reduce_kernel, (1,), ws.partials, ws.out, row, ws.stride,
                 RBLOCK=REDUCE_BLOCK, num_warps=4)
