@@ -166,13 +166,15 @@ BACKENDS = ("eager",) + FAST
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("mode", ["SGD", "NSGD"])
-@pytest.mark.parametrize("where", ["fp32", "fp64"])
-def test_update_skips_the_whole_line_bit_for_bit(name, mode, where):
-    """A non-finite gradient in one flat only (fp32 + fp64 flats): no parameter of any flat
-    moves (bit for bit), every direction is cleared, the skip is counted once."""
+@pytest.mark.parametrize("other", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+@pytest.mark.parametrize("where", [0, 1], ids=["in_fp32", "in_other"])
+def test_update_skips_the_whole_line_bit_for_bit(name, mode, other, where):
+    """A non-finite gradient in one flat only (an fp32 flat and an fp64 or fp16 one; Triton
+    fuses the update when every flat is on its kernels): no parameter of any flat moves (bit
+    for bit), every direction is cleared, the skip is counted once."""
     backend = need(name, "cpu")
-    flats = [make_flat(4097, torch.float32, seed=1), make_flat(1023, torch.float64, seed=2)]
-    bad = flats[0] if where == "fp32" else flats[1]
+    flats = [make_flat(4097, torch.float32, seed=1), make_flat(1023, other, seed=2)]
+    bad = flats[where]
     bad.grad[bad.numel // 3] = float("inf")
     before = [f.param.clone() for f in flats]
     line = backend.make_line(Hyper(mode=mode), torch.device("cpu"))

@@ -70,7 +70,7 @@ _INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") 
 BLOCK = 4096          # elements per tile of the streaming kernels
 NUM_WARPS = 8
 DIRECTION_BLOCK = 2048  # the direction kernel keeps five accumulators per element: smaller tiles
-DIRECTION_WARPS = 8
+DIRECTION_WARPS = 16  # 2048 x 16 warps: ~64 registers, fastest of the H200 sweep (RESULTS.md)
 MAX_PROGRAMS = 1024   # reduction kernels: fixed cap on the grid (so results do not depend on the GPU)
 REDUCE_BLOCK = 1024   # rows summed per step by the partial-sum reducer
 _SEGS = 4             # weight-decay segments handled by one direction launch
@@ -173,13 +173,35 @@ def _reduce_kernel(part_ptr, out_ptr, nrows, part_stride, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _train_update_kernel(theta_ptr, d_ptr, coef_ptr, ok_ptr, n, BLOCK: tl.constexpr):
-    """θ += coef·d; a direction that is not finite (ok false) is cleared and does not move θ."""
+def _train_update_kernel(theta_ptr, d_ptr, coef_ptr, ok_ptr, n,
+                         partials_ptr, consts_ptr, s_upd_ptr, eta_ptr, lr_ptr, skipped_ptr,
+                         sgd, commit, FROM_LINE: tl.constexpr, BLOCK: tl.constexpr):
+    """θ += coef·d; a direction that is not finite (ok false) is cleared and does not move θ.
+
+    coef and ok come from coef_ptr / ok_ptr, or with FROM_LINE every program derives them from
+    the line itself (as `_train_coef_kernel`: one launch less per update), and with `commit`
+    program 0 also stores what that kernel stores (lr in NSGD mode, the skip count)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    coef = tl.load(coef_ptr).to(tl.float32)
-    okv = tl.load(ok_ptr).to(tl.int32) + tl.zeros([BLOCK], dtype=tl.int32)
+    if FROM_LINE:
+        okv0 = (tl.load(partials_ptr + _DD) * 0.0) == 0.0
+        if sgd != 0:
+            coef64 = tl.where(okv0, -tl.load(eta_ptr), 0.0)
+        else:
+            step = tl.load(s_upd_ptr) / _safe_norm(partials_ptr, consts_ptr)
+            coef64 = tl.where(okv0, -step, 0.0)
+            if commit != 0:
+                if pid == 0:
+                    tl.store(lr_ptr, tl.where(okv0, step, tl.load(lr_ptr)))
+        if commit != 0:
+            if pid == 0:
+                tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(okv0, 0, 1).to(tl.int64))
+        coef = coef64.to(tl.float32)
+        okv = okv0.to(tl.int32) + tl.zeros([BLOCK], dtype=tl.int32)
+    else:
+        coef = tl.load(coef_ptr).to(tl.float32)
+        okv = tl.load(ok_ptr).to(tl.int32) + tl.zeros([BLOCK], dtype=tl.int32)
     ok = okv != 0
     d = tl.load(d_ptr + offs, mask=mask, other=0.0)
     d = tl.where(ok, d, 0.0)
@@ -388,7 +410,7 @@ def _launch(kernel, grid: Tuple[int], *args, num_warps: int, **constexprs) -> No
 
 
 class _Workspace:
-    """Per-Flat buffers made once: partial sums and the fp64 result of the direction op."""
+    """Per-Flat buffers made once: partial-sum rows and the fp64 result of the direction op."""
 
     def __init__(self, flat: Flat):
         # one direction launch per run of up to _SEGS weight-decay segments
@@ -419,6 +441,44 @@ def _grid(n: int) -> Tuple[int]:
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, summed: bool,
+                    inv_m: float, momentum: float, decays: Sequence[float],
+                    line_terms: bool) -> int:
+    """The direction pass over one flat, its per-program partial sums written to rows
+    row, row+1, ... of `buf` (partial k at k·stride); returns the next free row."""
+    if summed and flat.grad_sum is None:
+        raise RuntimeError("form_direction(summed=True) before any accumulate()")
+    decays = [float(w) for w in decays] or [0.0]
+    grad_sum = flat.grad_sum if summed else flat.grad
+    for i, segments in enumerate(_ws(flat).launches):
+        lo, hi = segments[0][1], segments[-1][2]
+        ends = [end for _, _, end in segments][:_SEGS - 1]
+        ends += [hi] * (_SEGS - 1 - len(ends))
+        wds = decays[i * _SEGS:i * _SEGS + len(segments)]
+        wds += [0.0] * (_SEGS - len(wds))
+        nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, DIRECTION_BLOCK)))
+        _launch(_direction_kernel, (nprog,),
+                flat.grad, grad_sum, flat.direction, flat.param, buf,
+                lo, hi, stride, row, float(inv_m), float(momentum), *ends, *wds,
+                SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
+                HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms),
+                BLOCK=DIRECTION_BLOCK, num_warps=DIRECTION_WARPS)
+        row += nprog
+    return row
+
+
+def _line_rows(flats: Sequence[Flat], line: Line) -> Optional[Tuple[torch.Tensor, int]]:
+    """(rows buffer, stride) for the partial sums of all `flats` together, made once per line;
+    None when some flat is not on the kernels (fp64, empty, another device)."""
+    dev = line.partials.device
+    if not isinstance(line, TritonLine) or not all(_fast(f) and f.device == dev for f in flats):
+        return None
+    if line.rows is None:
+        stride = sum(MAX_PROGRAMS * len(_ws(f).launches) for f in flats)
+        line.rows = (torch.zeros(NPART * stride, dtype=torch.float32, device=dev), stride)
+    return line.rows
 
 
 # ====================================================================== the contract
@@ -461,36 +521,50 @@ class TritonBackend(EagerBackend):
         if not _fast(flat):
             return super().form_direction(flat, summed=summed, inv_m=inv_m, momentum=momentum,
                                           decays=decays, line_terms=line_terms)
-        if summed and flat.grad_sum is None:
-            raise RuntimeError("form_direction(summed=True) before any accumulate()")
         ws = _ws(flat)
-        decays = [float(w) for w in decays] or [0.0]
-        grad_sum = flat.grad_sum if summed else flat.grad
-        row = 0
-        for i, segments in enumerate(ws.launches):
-            lo, hi = segments[0][1], segments[-1][2]
-            ends = [end for _, _, end in segments][:_SEGS - 1]
-            ends += [hi] * (_SEGS - 1 - len(ends))
-            wds = decays[i * _SEGS:i * _SEGS + len(segments)]
-            wds += [0.0] * (_SEGS - len(wds))
-            nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, DIRECTION_BLOCK)))
-            _launch(_direction_kernel, (nprog,),
-                    flat.grad, grad_sum, flat.direction, flat.param, ws.partials,
-                    lo, hi, ws.stride, row, float(inv_m), float(momentum), *ends, *wds,
-                    SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
-                    HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms),
-                    BLOCK=DIRECTION_BLOCK, num_warps=DIRECTION_WARPS)
-            row += nprog
-        _launch(_reduce_kernel, (1,), ws.partials, ws.out, row, ws.stride,
+        rows = _direction_rows(flat, ws.partials, ws.stride, 0, summed=summed, inv_m=inv_m,
+                               momentum=momentum, decays=decays, line_terms=line_terms)
+        _launch(_reduce_kernel, (1,), ws.partials, ws.out, rows, ws.stride,
                 RBLOCK=REDUCE_BLOCK, num_warps=4)
         return ws.out
+
+    # -- composite steps, fused where every flat runs on the kernels ---------------------
+    def direction(self, flats, decays, line, *, m: int, momentum: float,
+                  line_terms: bool) -> None:
+        """Every flat's partial-sum rows into one buffer, then one fixed-order reduction
+        straight into the line (no per-flat results to add up)."""
+        rows_buf = _line_rows(flats, line)
+        if rows_buf is None:
+            return super().direction(flats, decays, line, m=m, momentum=momentum,
+                                     line_terms=line_terms)
+        buf, stride = rows_buf
+        row = 0
+        for flat, wd in zip(flats, decays):
+            row = _direction_rows(flat, buf, stride, row, summed=m > 1, inv_m=1.0 / m,
+                                  momentum=momentum, decays=wd, line_terms=line_terms)
+        _launch(_reduce_kernel, (1,), buf, line.partials, row, stride,
+                RBLOCK=REDUCE_BLOCK, num_warps=4)
+
+    def update(self, flats, decays, line, *, m: int, momentum: float) -> None:
+        """`direction`, then one update pass per flat that derives the step's coefficient
+        from the line itself: per update one launch per flat per pass, plus one reduction."""
+        if _line_rows(flats, line) is None:
+            return super().update(flats, decays, line, m=m, momentum=momentum)
+        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False)
+        for i, flat in enumerate(flats):
+            _launch(_train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
+                    line.partials, line.partials, flat.numel, line.partials, line.consts,
+                    line.s_upd, line.eta, line.lr, line.skipped_updates,
+                    int(line.hyper.mode == "SGD"), int(i == 0),
+                    FROM_LINE=True, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
     def train_update(self, flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
         if not _fast(flat):
             return super().train_update(flat, coef, ok)
-        _launch(_train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
-                _on(coef, flat.device), _on(ok, flat.device), flat.numel,
-                BLOCK=BLOCK, num_warps=NUM_WARPS)
+        coef, ok = _on(coef, flat.device), _on(ok, flat.device)
+        _launch(_train_update_kernel, _grid(flat.numel), flat.param, flat.direction, coef, ok,
+                flat.numel, coef, coef, coef, coef, coef, ok, 0, 0,
+                FROM_LINE=False, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
     def line_move(self, flat: Flat, coef: torch.Tensor) -> None:
         if not _fast(flat):
@@ -532,6 +606,7 @@ class TritonLine(Line):
         self._code = torch.zeros((), dtype=torch.int64, device=device)
         self._p_block = max(2, _next_pow2(self._npos))
         self._a_block = max(2, _next_pow2(hyper.averaging_window))
+        self.rows: Optional[Tuple[torch.Tensor, int]] = None  # the fused direction's rows
 
     def record(self, j: int, loss: torch.Tensor) -> None:
         y = loss.detach().reshape(())
