@@ -1,11 +1,46 @@
-"""LABPAL's public hyper-parameters: names, defaults, validation (docs/algorithm.md)."""
+"""LABPAL's public hyper-parameters: names, defaults, bounds, validation (docs/algorithm.md).
+
+Every value is checked against the bounds below when a `Hyper` is made, and stored as a Python
+int / float / tuple (numpy scalars are accepted and converted), so nothing out of range reaches
+the device or a kernel's arguments.
+"""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 MODES = ("SGD", "NSGD")
+
+# Bounds (README "Hyper-parameters" lists them). They refuse typos and values that overflow or
+# allocate without limit, not unusual settings; each says why it is where it is.
+# Counts of samples, calls and updates: beyond any run, and exact in float64 (< 2**53), so the
+# noise factor and the schedule's comparisons stay exact.
+MAX_COUNT = 10**12
+# m, closure calls averaged into one update: a measurement keeps its k·m closures (and their
+# batches) alive, and m is the host's accumulation counter.
+MAX_MULTIPLIER = 10_000
+# k, likewise: k·m closures kept per measurement.
+MAX_APPROXIMATION_BATCHES = 10_000
+# two fp64 histories of this length on the device; Triton's fit reduces them in one program.
+MAX_AVERAGING_WINDOW = 10_000
+# entries of batch_size_schedule: scanned at every update boundary.
+MAX_SCHEDULE_ENTRIES = 1_000
+# each position costs k·m closure evaluations per measurement; Triton fits them in one block.
+MAX_POSITIONS = 64
+# positions are distances along d/‖d‖ in parameter space (the defaults reach 0.01); 1e3 is far
+# beyond any line worth measuring.
+MAX_POSITION = 1e3
+# s_upd = α·min(s_min, max_step_size) (3.6 and 0.5 reproduce the reference): with these two
+# bounds s_upd <= 1e4, a finite move even in fp16 (largest value 65504).
+MAX_ADAPTATION = 100.0
+MAX_STEP_SIZE = 100.0
+# the floor of s_upd, η and of ‖d‖ in divisions: any larger, it would override measured steps.
+MAX_EPSILON = 1e-2
+# ν is (128/b)·(N/40000) <= 3.2e9 within the bounds above when derived; set directly, the same
+# order; the schedule's bound on m is what limits it in practice.
+MAX_NOISE_FACTOR = 1e12
 
 
 @dataclass(frozen=True)
@@ -66,65 +101,95 @@ class Hyper:
 NAMES = tuple(f.name for f in fields(Hyper))
 
 
-def _number(name, value, *, integer=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if integer and int(value) != value:
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
+def _interval(low, high, low_open, high_open) -> str:
+    return f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _number(name: str, value: Any, low, high, *, integer: bool = False, low_open: bool = False,
+            high_open: bool = False):
+    """`value` as a Python int (integer) or float within the bounds, else a ValueError naming
+    `name` and them. Python and numpy numbers are accepted; bool, strings, arrays are not."""
+    kind = "a whole number" if integer else "a number"
+    expected = f"{name} must be {kind} in {_interval(low, high, low_open, high_open)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{expected}, got {value!r} ({type(value).__name__})")
+    try:  # ints compare exactly, whatever their size; huge Fractions overflow float
+        v = int(value) if isinstance(value, numbers.Integral) else float(value)
+    except OverflowError:
+        v = math.inf
+    inside = (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    if not inside or (integer and v != int(v)):  # NaN fails every comparison
+        raise ValueError(f"{expected}, got {value!r}")
+    return int(v) if integer else float(v)
+
+
+def _items(name: str, value: Any, what: str) -> tuple:
+    """A sequence as a tuple (a string or a scalar is not one)."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of {what}, got {value!r}")
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of {what}, got {value!r}") from None
 
 
 def _validate(h: Hyper) -> None:
-    set_ = object.__setattr__  # normalise sequences to tuples on the frozen instance
-    if h.mode not in MODES:
+    def set_(name, value):  # normalised values on the frozen instance
+        object.__setattr__(h, name, value)
+
+    if not isinstance(h.mode, str) or h.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {h.mode!r}")
-    if not 0.0 <= _number("momentum", h.momentum) < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {h.momentum!r}")
-    for name in ("dataset_size", "batch_size", "approximation_batches", "averaging_window"):
-        if _number(name, getattr(h, name), integer=True) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(h, name)!r}")
+    set_("mode", str(h.mode))
+    # β < 1: d = β·d + ḡ stays bounded
+    set_("momentum", _number("momentum", h.momentum, 0.0, 1.0, high_open=True))
+    for name in ("dataset_size", "batch_size"):
+        set_(name, _number(name, getattr(h, name), 1, MAX_COUNT, integer=True))
     for name in ("reuse_updates", "warmup_updates"):
-        if _number(name, getattr(h, name), integer=True) < 0:
-            raise ValueError(f"{name} must be at least 0, got {getattr(h, name)!r}")
-    if h.noise_factor is not None and _number("noise_factor", h.noise_factor) <= 0:
-        raise ValueError(f"noise_factor must be positive or None, got {h.noise_factor!r}")
-    for name in ("update_step_adaptation", "max_step_size", "epsilon"):
-        if _number(name, getattr(h, name)) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(h, name)!r}")
+        set_(name, _number(name, getattr(h, name), 0, MAX_COUNT, integer=True))
+    if h.noise_factor is not None:
+        set_("noise_factor", _number("noise_factor", h.noise_factor, 0.0, MAX_NOISE_FACTOR,
+                                     low_open=True))
+    set_("approximation_batches", _number("approximation_batches", h.approximation_batches,
+                                          1, MAX_APPROXIMATION_BATCHES, integer=True))
+    set_("averaging_window", _number("averaging_window", h.averaging_window,
+                                     1, MAX_AVERAGING_WINDOW, integer=True))
+    set_("update_step_adaptation", _number("update_step_adaptation", h.update_step_adaptation,
+                                           0.0, MAX_ADAPTATION, low_open=True))
+    set_("max_step_size", _number("max_step_size", h.max_step_size, 0.0, MAX_STEP_SIZE,
+                                  low_open=True))
+    set_("epsilon", _number("epsilon", h.epsilon, 0.0, MAX_EPSILON, low_open=True))
 
-    try:
-        schedule = tuple((entry[0], entry[1]) for entry in h.batch_size_schedule
-                         if len(entry) == 2)
-        complete = len(schedule) == len(tuple(h.batch_size_schedule))
-    except TypeError:
-        complete = False
-    if not complete or not schedule:
-        raise ValueError("batch_size_schedule must be a non-empty sequence of (call, multiplier) "
-                         f"pairs, got {h.batch_size_schedule!r}")
-    for call, mult in schedule:
-        if _number("batch_size_schedule call", call, integer=True) < 0:
-            raise ValueError(f"batch_size_schedule calls must be >= 0, got {call!r}")
-        if _number("batch_size_schedule multiplier", mult) <= 0:
-            raise ValueError(f"batch_size_schedule multipliers must be positive, got {mult!r}")
-    if len({int(c) for c, _ in schedule}) != len(schedule):
+    entries = _items("batch_size_schedule", h.batch_size_schedule, "(call, multiplier) pairs")
+    pairs = [_items("batch_size_schedule entry", e, "2 numbers") for e in entries]
+    if not 1 <= len(pairs) <= MAX_SCHEDULE_ENTRIES or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"batch_size_schedule must be 1 to {MAX_SCHEDULE_ENTRIES} (call, "
+                         f"multiplier) pairs, got {h.batch_size_schedule!r}")
+    schedule = tuple(
+        (_number("batch_size_schedule call", c, 0, MAX_COUNT, integer=True),
+         _number("batch_size_schedule multiplier", mult, 0.0, MAX_COUNT, low_open=True))
+        for c, mult in pairs)
+    if len({c for c, _ in schedule}) != len(schedule):
         raise ValueError(f"batch_size_schedule lists a call twice: {h.batch_size_schedule!r}")
-    set_(h, "batch_size_schedule", tuple((int(c), m) for c, m in schedule))
+    set_("batch_size_schedule", schedule)
+    for call, mult in schedule:  # m = max(⌊mult·ν⌋, 1), compared before it becomes an int
+        if not mult * h.nu < MAX_MULTIPLIER + 1:
+            raise ValueError(
+                f"batch_size_schedule entry ({call}, {mult}) gives m = ⌊{mult}·ν⌋ = "
+                f"{mult * h.nu:.0f} with ν = {h.nu:g} (noise_factor, or "
+                f"(128/batch_size)·(dataset_size/40000)); m must be at most {MAX_MULTIPLIER} "
+                "closure calls per update")
 
-    try:
-        positions = tuple(float(_number("sample_positions", s)) for s in h.sample_positions)
-    except TypeError:
-        raise ValueError(f"sample_positions must be a sequence of numbers, "
-                         f"got {h.sample_positions!r}") from None
-    if 0.0 not in positions or any(s < 0 for s in positions) or len(set(positions)) < 3:
-        raise ValueError("sample_positions must contain 0, at least 3 distinct values, all >= 0; "
-                         f"got {h.sample_positions!r}")
-    set_(h, "sample_positions", positions)
+    positions = tuple(_number("sample_positions", s, 0.0, MAX_POSITION)
+                      for s in _items("sample_positions", h.sample_positions, "numbers"))
+    if 0.0 not in positions or len(set(positions)) < 3 or len(positions) > MAX_POSITIONS:
+        raise ValueError(f"sample_positions must hold 0 and at least 3 distinct values, at most "
+                         f"{MAX_POSITIONS} in all, got {h.sample_positions!r}")
+    set_("sample_positions", positions)
 
-    pair = tuple(h.direction_norm_range) if isinstance(h.direction_norm_range, (tuple, list)) else ()
-    if (len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pair)
-            or not (0.0 <= pair[0] < pair[1]) or not math.isfinite(pair[0])):
+    pair = _items("direction_norm_range", h.direction_norm_range, "2 numbers")
+    if len(pair) != 2:
         raise ValueError("direction_norm_range must be a pair (low, high) with 0 <= low < high "
                          f"(high may be inf), got {h.direction_norm_range!r}")
-    set_(h, "direction_norm_range", (float(pair[0]), float(pair[1])))
+    low = _number("direction_norm_range low", pair[0], 0.0, math.inf, high_open=True)
+    high = _number("direction_norm_range high", pair[1], low, math.inf, low_open=True)
+    set_("direction_norm_range", (low, high))
