@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from . import checkpoint
 from . import ops as backends
 from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper
@@ -22,7 +23,6 @@ from .line import Line
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
 TRAINING, MEASURING = "training", "measuring"
-_STATE_VERSION = 1
 
 
 @dataclass
@@ -324,7 +324,7 @@ class LABPAL(torch.optim.Optimizer):
             "state": state,
             "param_groups": groups,
             "labpal": {
-                "version": _STATE_VERSION,
+                "version": checkpoint.VERSION,
                 "hyper": self.hyper.as_dict(),
                 "shapes": {index[id(p)]: (tuple(p.shape), str(p.dtype))
                            for f in self.flats for p in f.params},
@@ -336,55 +336,28 @@ class LABPAL(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restores a state saved by `state_dict` from an optimizer over the same parameters."""
-        try:
-            extra, groups, state = (state_dict["labpal"], state_dict["param_groups"],
-                                    state_dict["state"])
-        except (TypeError, KeyError):
-            raise ValueError("state_dict was not saved by LABPAL.state_dict()") from None
-        if extra.get("version") != _STATE_VERSION:
-            raise ValueError(f"state_dict has LABPAL state version {extra.get('version')!r}, "
-                             f"this LABPAL reads version {_STATE_VERSION}")
-        if len(groups) != len(self.param_groups) or any(
-                len(g["params"]) != len(mine["params"]) for g, mine in zip(groups, self.param_groups)):
-            raise ValueError("state_dict holds parameter groups of other sizes "
-                             f"({[len(g['params']) for g in groups]}) than this optimizer's "
-                             f"({[len(g['params']) for g in self.param_groups]})")
-        index = {}
-        for g, mine in zip(groups, self.param_groups):
-            for i, p in zip(g["params"], mine["params"]):
-                index[id(p)] = i
-        for flat in self.flats:
-            for p in flat.params:
-                saved = extra["shapes"].get(index[id(p)])
-                if saved is None or tuple(saved[0]) != tuple(p.shape) or saved[1] != str(p.dtype):
-                    raise ValueError(f"state_dict parameter {index[id(p)]} is {saved} but this "
-                                     f"optimizer's is {(tuple(p.shape), str(p.dtype))}: the state "
-                                     "belongs to other parameters")
-        saved_hyper = dict(extra["hyper"])
-        if saved_hyper.get("averaging_window") != self.hyper.averaging_window or \
-                tuple(saved_hyper.get("sample_positions", ())) != self.hyper.sample_positions:
-            raise ValueError("state_dict was saved with other averaging_window / sample_positions "
-                             "than this optimizer's; its line state does not fit")
+        """Restores a state saved by `state_dict` from an optimizer over the same parameters.
+
+        The whole state is checked first (`checkpoint.check`): a damaged or foreign one raises
+        ValueError naming the entry and leaves the optimizer and the parameters as they were."""
+        new = checkpoint.check(self, state_dict)
         with torch.no_grad():
-            for flat in self.flats:
-                entries = [state[index[id(p)]] for p in flat.params]
-                for d, e in zip(flat.slices(flat.direction), entries):
-                    d.copy_(e["direction"])
-                if any("grad_sum" in e for e in entries):
-                    for s, e in zip(flat.slices(flat.need_grad_sum()), entries):
-                        s.copy_(e["grad_sum"])
+            for flat, directions, sums in zip(self.flats, new.directions, new.grad_sums):
+                for d, saved in zip(flat.slices(flat.direction), directions):
+                    d.copy_(saved)
+                if sums is not None:
+                    for s, saved in zip(flat.slices(flat.need_grad_sum()), sums):
+                        s.copy_(saved)
                 self.ops.zero_grad(flat)
-            for name in Line.STATE:
-                getattr(self.line, name).copy_(extra["line"][name])
-        for g, mine in zip(groups, self.param_groups):
-            mine["weight_decay"] = g["weight_decay"]
-            mine["lr"] = self.line.lr
-        self.counters = Counters(**extra["counters"])
+            for name, value in new.line.items():
+                getattr(self.line, name).copy_(value)
+        for group, weight_decay in zip(self.param_groups, new.weight_decays):
+            group["weight_decay"] = weight_decay
+            group["lr"] = self.line.lr
+        self.counters = Counters(**new.counters)
         self._phase, self._mcall, self._formed = TRAINING, 0, False
         self._closures, self._rngs = [], []
-        self._records = [{k: (v.to(self._device) if torch.is_tensor(v) else v)
-                          for k, v in r.items()} for r in extra["records"]]
+        self._records = new.records
 
 
 def _check_weight_decay(value: Any, name: str) -> None:

@@ -1,0 +1,316 @@
+"""Checking a LABPAL state dict completely before any of it is loaded (`LABPAL.load_state_dict`).
+
+`check` reads the whole state and returns it in the form it will be written in; the optimizer
+writes only after that, so a damaged or foreign state changes nothing. Every error is a
+ValueError that names the entry by its path (``state_dict['labpal']['line']['s_upd'] is nan``)
+and says what was expected.
+
+The format (version 1) is what `LABPAL.state_dict` writes. Containers are read as mappings and
+sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
+tensors load too; what could corrupt training (a wrong shape that would broadcast, a non-finite
+rate, a counter that breaks the state machine) is refused.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from .hyper import MAX_MULTIPLIER
+from .layout import NPART, RECORD_SCALARS
+from .line import Line
+
+VERSION = 1
+TOP = ("state", "param_groups", "labpal")
+LABPAL_KEYS = ("version", "hyper", "shapes", "counters", "line", "records")
+# the line's rates and counts: applied or compared on the next update, so finite and >= 0
+LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_updates",
+                "skipped_samples")
+# sums, counts and partials are scratch: reset (samples) or recomputed (partials, when the next
+# direction is formed) before they are read again, so only their shape and dtype matter
+RECORD_KEYS = ("call", "update", "m", "reason", "averaged", "partials", "sums", "counts")
+
+
+@dataclass
+class Checked:
+    """A state that passed `check`, ready to be written."""
+    directions: List[List[torch.Tensor]]              # per flat, per parameter
+    grad_sums: List[Optional[List[torch.Tensor]]]     # per flat; None: no sum pending (acc = 0)
+    weight_decays: List[float]                        # per group
+    counters: Dict[str, Any]
+    line: Dict[str, torch.Tensor]
+    records: List[Dict[str, Any]]
+
+
+def check(opt, state_dict: Any) -> Checked:
+    """Everything `opt.load_state_dict` will write, checked against `opt` (a LABPAL)."""
+    try:
+        _keys(state_dict, "state_dict", TOP)
+    except ValueError as e:
+        raise ValueError(f"{e}: it was not saved by LABPAL.state_dict()") from None
+    extra = state_dict["labpal"]
+    path = "state_dict['labpal']"
+    if isinstance(extra, Mapping) and "version" in extra:  # first: other versions, other keys
+        version = _item(extra["version"], f"{path}['version']")
+        if isinstance(version, bool) or version != VERSION:
+            raise ValueError(f"{path}['version'] is {version!r}: this LABPAL reads state version "
+                             f"{VERSION}")
+    _keys(extra, path, LABPAL_KEYS)
+    # other parameters first: the most likely mistake, and what the rest is indexed by
+    index, weight_decays = _check_groups(opt, state_dict["param_groups"])
+    _check_shapes(opt, index, extra["shapes"], f"{path}['shapes']")
+    _check_hyper(opt, extra["hyper"], f"{path}['hyper']")
+    counters = _check_counters(opt, extra["counters"], f"{path}['counters']")
+    directions, grad_sums = _check_entries(opt, index, state_dict["state"], counters["acc"])
+    line = _check_line(opt, extra["line"], f"{path}['line']")
+    records = _check_records(opt, extra["records"], f"{path}['records']")
+    return Checked(directions, grad_sums, weight_decays, counters, line, records)
+
+
+# ---------------------------------------------------------------------------- the parts
+def _check_hyper(opt, hyper: Any, path: str) -> None:
+    """This optimizer's hyper-parameters are used; those that shape the line state must agree."""
+    _keys(hyper, path, ("averaging_window", "sample_positions"), others=True)
+    window = _item(hyper["averaging_window"], f"{path}['averaging_window']")
+    if window != opt.hyper.averaging_window:
+        raise ValueError(f"{path}['averaging_window'] is {window!r}, this optimizer's is "
+                         f"{opt.hyper.averaging_window}: the saved histories do not fit")
+    try:
+        positions = tuple(float(s) for s in hyper["sample_positions"])
+    except (TypeError, ValueError):
+        positions = None
+    if positions != opt.hyper.sample_positions:
+        raise ValueError(f"{path}['sample_positions'] is {hyper['sample_positions']!r}, this "
+                         f"optimizer's is {opt.hyper.sample_positions}: the saved line state "
+                         "does not fit")
+
+
+def _check_groups(opt, groups: Any, path: str = "state_dict['param_groups']"):
+    """The saved index of each of this optimizer's parameters (by id), and the weight decays."""
+    groups = _sequence(groups, path, "a list of parameter groups")
+    for i, g in enumerate(groups):
+        _keys(g, f"{path}[{i}]", ("params", "weight_decay"))
+        _sequence(g["params"], f"{path}[{i}]['params']", "a list of parameter indices")
+    saved = [len(g["params"]) for g in groups]
+    mine = [len(g["params"]) for g in opt.param_groups]
+    if saved != mine:
+        raise ValueError(f"{path} holds parameter groups of other sizes ({saved}) than this "
+                         f"optimizer's ({mine})")
+    index: Dict[int, int] = {}
+    seen = set()
+    for gi, (g, group) in enumerate(zip(groups, opt.param_groups)):
+        for j, (i, p) in enumerate(zip(g["params"], group["params"])):
+            i = _int(i, f"{path}[{gi}]['params'][{j}]")
+            if i in seen:
+                raise ValueError(f"{path}[{gi}]['params'][{j}] is {i}, an index listed before: "
+                                 "each parameter has its own")
+            seen.add(i)
+            index[id(p)] = i
+    decays = []
+    for gi, g in enumerate(groups):
+        wd = _real(g["weight_decay"], f"{path}[{gi}]['weight_decay']")
+        if not (math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"{path}[{gi}]['weight_decay'] is {wd}, expected a finite number >= 0")
+        decays.append(wd)
+    return index, decays
+
+
+def _check_shapes(opt, index: Dict[int, int], shapes: Any, path: str) -> None:
+    _keys(shapes, path, [index[id(p)] for flat in opt.flats for p in flat.params])
+    for flat in opt.flats:
+        for p in flat.params:
+            i = index[id(p)]
+            saved = shapes[i]
+            try:
+                fits = len(saved) == 2 and tuple(saved[0]) == tuple(p.shape) and \
+                    saved[1] == str(p.dtype)
+            except (TypeError, IndexError, KeyError):
+                fits = False
+            if not fits:
+                raise ValueError(f"{path}[{i}] is {saved!r} but this optimizer's parameter {i} is "
+                                 f"{(tuple(p.shape), str(p.dtype))}: the state belongs to other "
+                                 "parameters")
+
+
+def _check_counters(opt, counters: Any, path: str) -> Dict[str, Any]:
+    """The state machine's counters (the `Counters` fields), with their invariants."""
+    spec = fields(opt.counters)
+    _keys(counters, path, [f.name for f in spec])
+    c = {}
+    for f in spec:
+        at = f"{path}[{f.name!r}]"
+        c[f.name] = _bool(counters[f.name], at) if isinstance(f.default, bool) else \
+            _int(counters[f.name], at, high=MAX_MULTIPLIER if f.name == "m" else None)
+    m, acc = c["m"], c["acc"]
+    if acc >= max(m, 1):  # m = 0 before the first call: nothing accumulated yet
+        raise ValueError(f"{path}['acc'] is {acc}, expected 0 <= acc < m (m = {m}; 0 while m "
+                         "is 0)")
+    for name, limit in (("last_end", "updates"), ("measure_start_update", "updates"),
+                        ("measure_start_call", "calls")):
+        if c[name] > c[limit]:
+            raise ValueError(f"{path}[{name!r}] is {c[name]}, expected at most "
+                             f"{path}[{limit!r}] = {c[limit]}")
+    return c
+
+
+def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
+    """Per parameter: the direction, and the running gradient sum while acc > 0."""
+    path = "state_dict['state']"
+    _keys(state, path, [index[id(p)] for flat in opt.flats for p in flat.params])
+    directions, grad_sums = [], []
+    for flat in opt.flats:
+        ds, ss = [], []
+        for p in flat.params:
+            i = index[id(p)]
+            at = f"{path}[{i}]"
+            entry = _keys(state[i], at, ("direction",), optional=("grad_sum",))
+            d = _tensor(entry["direction"], f"{at}['direction']", p.shape, floating=True)
+            # a kept direction is finite (a non-finite one is cleared when it appears); checked
+            # in the dtype it is stored in, so an fp64 value cannot overflow in the copy
+            _finite(d.to(flat.acc_dtype), f"{at}['direction']", nonnegative=False)
+            ds.append(d)
+            if "grad_sum" in entry:
+                # may hold NaN/inf: a non-finite gradient is summed, then the update is skipped
+                # and counted (docs/algorithm.md), as without the checkpoint
+                ss.append(_tensor(entry["grad_sum"], f"{at}['grad_sum']", p.shape, floating=True))
+            elif acc > 0:
+                raise ValueError(f"{at}['grad_sum'] is missing: counters['acc'] is {acc}, so "
+                                 "the gradients summed toward the next update are needed")
+        directions.append(ds)
+        # with acc = 0 a saved sum is not needed: the next accumulation starts afresh
+        grad_sums.append(ss if acc > 0 else None)
+    return directions, grad_sums
+
+
+def _check_line(opt, line: Any, path: str) -> Dict[str, torch.Tensor]:
+    """The line tensors, each of this optimizer's shape and dtype; rates and counts >= 0."""
+    _keys(line, path, Line.STATE)
+    out = {}
+    for name in Line.STATE:
+        mine = getattr(opt.line, name)
+        value = _tensor(line[name], f"{path}[{name!r}]", mine.shape, dtype=mine.dtype)
+        if name in LINE_CHECKED:
+            _finite(value, f"{path}[{name!r}]")
+        out[name] = value
+    return out
+
+
+def _check_records(opt, records: Any, path: str) -> List[Dict[str, Any]]:
+    """Measurement records (what `measurements()` reads), copied to the optimizer's device."""
+    records = _sequence(records, path, "a list of measurement records (dicts)")
+    npos = len(opt.hyper.line_positions)
+    shapes = {"partials": (NPART,), "sums": (npos,), "counts": (npos,)}
+    out = []
+    for j, r in enumerate(records):
+        at = f"{path}[{j}]"
+        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + ("valid",))
+        rec = {}
+        for key, value in r.items():  # values of fits may be NaN: invalid fits are kept as such
+            where = f"{at}[{key!r}]"
+            if key in ("call", "update", "m"):
+                value = _int(value, where, low=1 if key == "m" else 0)
+            elif key == "averaged" or (key == "valid" and not torch.is_tensor(value)):
+                value = _bool(value, where)
+            elif key == "reason":
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{where} must be a string or None, got {value!r}")
+            elif key in shapes or torch.is_tensor(value):
+                value = _tensor(value, where, shapes.get(key, ()),
+                                dtype=torch.bool if key == "valid" else None,
+                                floating=key != "valid")
+                value = value.detach().to(opt._device, copy=True)
+            else:
+                value = _real(value, where)
+            rec[key] = value
+        out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------- checks of one value
+def _keys(value: Any, path: str, keys: Sequence, optional: Sequence = (), others=False):
+    """A mapping with every key of `keys`, and no others but `optional` (unless `others`)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{path} must be a dict, got {type(value).__name__}")
+    expected = list(keys) + list(optional)
+    shown = ", ".join(map(repr, expected[:12])) + (", ..." if len(expected) > 12 else "")
+    for key in keys:
+        if key not in value:
+            raise ValueError(f"{path}[{key!r}] is missing (expected keys: {shown})")
+    unknown = [k for k in value if k not in expected]
+    if unknown and not others:
+        raise ValueError(f"{path} has unknown key(s) {unknown[:12]} (expected keys: {shown})")
+    return value
+
+
+def _sequence(value: Any, path: str, what: str) -> Sequence:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise ValueError(f"{path} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _item(value: Any, path: str) -> Any:
+    """A 0-dim tensor as a Python number: other layouts than torch.save's may store them so."""
+    if torch.is_tensor(value):
+        if value.dim() != 0 or value.is_meta:
+            raise ValueError(f"{path} must be a number, got a tensor of shape "
+                             f"{tuple(value.shape)} on {value.device}")
+        return value.item()
+    return value
+
+
+def _int(value: Any, path: str, low: int = 0, high: Optional[int] = None) -> int:
+    v = _item(value, path)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{path} must be an integer, got {value!r}")
+    v = int(v)
+    if v < low or (high is not None and v > high):
+        raise ValueError(f"{path} is {v}, expected {low} <= value" +
+                         (f" <= {high}" if high is not None else ""))
+    return v
+
+
+def _bool(value: Any, path: str) -> bool:
+    v = _item(value, path)
+    if not isinstance(v, bool):
+        raise ValueError(f"{path} must be True or False, got {value!r}")
+    return v
+
+
+def _real(value: Any, path: str) -> float:
+    v = _item(value, path)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{path} must be a number, got {value!r}")
+    return float(v)
+
+
+def _tensor(value: Any, path: str, shape, dtype: Optional[torch.dtype] = None,
+            floating: bool = False) -> torch.Tensor:
+    """A dense tensor with data, of exactly this shape (a wrong one would broadcast)."""
+    if not torch.is_tensor(value):
+        raise ValueError(f"{path} must be a tensor, got {type(value).__name__}")
+    if value.is_meta or value.layout != torch.strided:
+        raise ValueError(f"{path} must be a dense tensor with data, got a {value.layout} tensor "
+                         f"on {value.device}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{path} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"{path} has dtype {value.dtype}, expected {dtype}")
+    if floating and not value.is_floating_point():
+        raise ValueError(f"{path} has dtype {value.dtype}, expected a floating-point dtype")
+    return value
+
+
+def _finite(value: torch.Tensor, path: str, nonnegative: bool = True) -> None:
+    """Every element finite (and >= 0), else a ValueError naming the first bad one."""
+    bad = ~torch.isfinite(value)
+    if nonnegative:
+        bad |= value < 0
+    if not bool(bad.any()):
+        return
+    i = int(bad.reshape(-1).nonzero()[0, 0])
+    v = value.reshape(-1)[i].item()
+    where = {0: path, 1: f"{path}[{i}]"}.get(value.dim(), f"{path} (flat element {i})")
+    raise ValueError(f"{where} is {v}, expected a finite number" + (" >= 0" if nonnegative else ""))
