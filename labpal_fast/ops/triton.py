@@ -62,8 +62,7 @@ from ..line import Line
 from .eager import EagerBackend
 
 # decided when the kernels below are decorated: interpreted kernels run on CPU tensors
-_INTERPRETED = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
-    os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 # Tile sizes: checked for register spills on sm_80/sm_90 by `make gpu-verify`, timed on a GPU
 # by benchmarks/gpu_check.py (its --sweep), which may set these module globals to compare.
