@@ -8,7 +8,9 @@ Basic ops (each one pass over a flat's memory, one launch per flat where the bac
 Composite steps (what `LABPAL` calls; defaults built from the basic ops, a backend may
 override one when it can fuse it): `direction`, `update`, `move`, `finish`. They take every
 flat at once, so a decision such as "this direction is not finite" is made once for the
-whole line, before any parameter is written.
+whole line, before any parameter is written. They call each op (and each `Line` method)
+through `run`: plainly by default; the optimizer passes one that finishes a step whose op
+raised (`commit.Commit`), so an override must call through it each op or launch it fuses.
 
 The line math (`Line`, pure device math on a few scalars) comes from `make_line`; a backend
 may return a subclass that does each small computation in fewer launches.
@@ -17,7 +19,7 @@ Nothing here reads a device value on the host.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -27,6 +29,11 @@ from ..line import Line
 
 # per-segment weight decays of one flat, aligned with flat.segments (Python floats)
 Decays = Sequence[float]
+
+
+def call(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`run` of the composite steps when the caller passes none: the op, called plainly."""
+    return op(*args, **kwargs)
 
 
 class Backend:
@@ -82,34 +89,36 @@ class Backend:
 
     # ------------------------------------------------------------------ composite steps
     def direction(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *,
-                  m: int, momentum: float, line_terms: bool) -> None:
+                  m: int, momentum: float, line_terms: bool, run: Callable = call) -> None:
         """d ← β·d + ḡ on every flat; the partial sums, added over the flats, go to `line`."""
-        parts = [self.form_direction(flat, summed=m > 1, inv_m=1.0 / m, momentum=momentum,
-                                     decays=wd, line_terms=line_terms)
+        parts = [run(self.form_direction, flat, summed=m > 1, inv_m=1.0 / m, momentum=momentum,
+                     decays=wd, line_terms=line_terms)
                  for flat, wd in zip(flats, decays)]
         if len(parts) == 1:
-            line.set_partials(parts[0])
+            run(line.set_partials, parts[0])
         else:
-            line.set_partials(torch.stack([p.to(line.partials.device) for p in parts]).sum(0))
+            run(line.set_partials,
+                torch.stack([p.to(line.partials.device) for p in parts]).sum(0))
 
     def update(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *, m: int,
-               momentum: float) -> None:
+               momentum: float, run: Callable = call) -> None:
         """A TRAINING update: d on every flat, then one decision for the whole line (a
         direction that is not finite anywhere moves no parameter and is cleared everywhere),
         then θ += coef·d."""
-        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False)
-        coef, ok = line.train_coef()
+        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False, run=run)
+        coef, ok = run(line.train_coef)
         for flat in flats:
-            self.train_update(flat, coef, ok)
+            run(self.train_update, flat, coef, ok)
 
-    def move(self, flats: Sequence[Flat], coef: torch.Tensor) -> None:
+    def move(self, flats: Sequence[Flat], coef: torch.Tensor, run: Callable = call) -> None:
         """Every flat to θ₀ + coef·d."""
         for flat in flats:
-            self.line_move(flat, coef)
+            run(self.line_move, flat, coef)
 
-    def finish(self, flats: Sequence[Flat], line: Line, averaged: bool) -> Dict[str, torch.Tensor]:
+    def finish(self, flats: Sequence[Flat], line: Line, averaged: bool,
+               run: Callable = call) -> Dict[str, torch.Tensor]:
         """The end of a measurement: fit and step rule (`line.fit`), then every flat to s_upd
         (θ₀ itself while no rate exists: s_upd is 0). Returns the record."""
-        record = line.fit(averaged)
-        self.move(flats, line.target_coef())
+        record = run(line.fit, averaged)
+        self.move(flats, run(line.target_coef), run=run)
         return record

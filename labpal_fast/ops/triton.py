@@ -42,7 +42,7 @@ import inspect
 import json
 import os
 import weakref
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,6 +59,7 @@ from ..hyper import Hyper
 from ..layout import NCONST, NPART, RECORD_SCALARS, REC_PARTIALS, REC_SUMS, Const, Partial, \
     record_size
 from ..line import Line
+from .base import call
 from .eager import EagerBackend
 
 # decided when the kernels below are decorated: interpreted kernels run on CPU tensors
@@ -444,9 +445,10 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, summed: bool,
                     inv_m: float, momentum: float, decays: Sequence[float],
-                    line_terms: bool) -> int:
+                    line_terms: bool, run: Callable = call) -> int:
     """The direction pass over one flat, its per-program partial sums written to rows
-    row, row+1, ... of `buf` (partial k at k·stride); returns the next free row."""
+    row, row+1, ... of `buf` (partial k at k·stride); returns the next free row. Each launch
+    goes through `run` (base.Backend: a fused composite's ops are its launches)."""
     if summed and flat.grad_sum is None:
         raise RuntimeError("form_direction(summed=True) before any accumulate()")
     decays = [float(w) for w in decays] or [0.0]
@@ -458,12 +460,12 @@ def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, sum
         wds = decays[i * _SEGS:i * _SEGS + len(segments)]
         wds += [0.0] * (_SEGS - len(wds))
         nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, DIRECTION_BLOCK)))
-        _launch(_direction_kernel, (nprog,),
-                flat.grad, grad_sum, flat.direction, flat.param, buf,
-                lo, hi, stride, row, float(inv_m), float(momentum), *ends, *wds,
-                SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
-                HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms),
-                BLOCK=DIRECTION_BLOCK, num_warps=DIRECTION_WARPS)
+        run(_launch, _direction_kernel, (nprog,),
+            flat.grad, grad_sum, flat.direction, flat.param, buf,
+            lo, hi, stride, row, float(inv_m), float(momentum), *ends, *wds,
+            SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
+            HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms),
+            BLOCK=DIRECTION_BLOCK, num_warps=DIRECTION_WARPS)
         row += nprog
     return row
 
@@ -529,33 +531,34 @@ class TritonBackend(EagerBackend):
 
     # -- composite steps, fused where every flat runs on the kernels ---------------------
     def direction(self, flats, decays, line, *, m: int, momentum: float,
-                  line_terms: bool) -> None:
+                  line_terms: bool, run: Callable = call) -> None:
         """Every flat's partial-sum rows into one buffer, then one fixed-order reduction
         straight into the line (no per-flat results to add up)."""
         rows_buf = _line_rows(flats, line)
         if rows_buf is None:
             return super().direction(flats, decays, line, m=m, momentum=momentum,
-                                     line_terms=line_terms)
+                                     line_terms=line_terms, run=run)
         buf, stride = rows_buf
         row = 0
         for flat, wd in zip(flats, decays):
             row = _direction_rows(flat, buf, stride, row, summed=m > 1, inv_m=1.0 / m,
-                                  momentum=momentum, decays=wd, line_terms=line_terms)
-        _launch(_reduce_kernel, (1,), buf, line.partials, row, stride,
-                RBLOCK=REDUCE_BLOCK, num_warps=4)
+                                  momentum=momentum, decays=wd, line_terms=line_terms, run=run)
+        run(_launch, _reduce_kernel, (1,), buf, line.partials, row, stride,
+            RBLOCK=REDUCE_BLOCK, num_warps=4)
 
-    def update(self, flats, decays, line, *, m: int, momentum: float) -> None:
+    def update(self, flats, decays, line, *, m: int, momentum: float,
+               run: Callable = call) -> None:
         """`direction`, then one update pass per flat that derives the step's coefficient
         from the line itself: per update one launch per flat per pass, plus one reduction."""
         if _line_rows(flats, line) is None:
-            return super().update(flats, decays, line, m=m, momentum=momentum)
-        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False)
+            return super().update(flats, decays, line, m=m, momentum=momentum, run=run)
+        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False, run=run)
         for i, flat in enumerate(flats):
-            _launch(_train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
-                    line.partials, line.partials, flat.numel, line.partials, line.consts,
-                    line.s_upd, line.eta, line.lr, line.skipped_updates,
-                    int(line.hyper.mode == "SGD"), int(i == 0),
-                    FROM_LINE=True, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            run(_launch, _train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
+                line.partials, line.partials, flat.numel, line.partials, line.consts,
+                line.s_upd, line.eta, line.lr, line.skipped_updates,
+                int(line.hyper.mode == "SGD"), int(i == 0),
+                FROM_LINE=True, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
     def train_update(self, flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
         if not _fast(flat):
