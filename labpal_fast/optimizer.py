@@ -5,17 +5,23 @@ tensors stays on the device (`line.Line`) and every pass over parameter memory i
 the backend (`ops.base.Backend`). The host reads a device value exactly twice per
 measurement: whether to abandon it (after the direction is formed) and whether the fit gave
 a rate. The algorithm as implemented: docs/algorithm.md.
+
+A step is atomic (docs/algorithm.md, "Faults"): the closure and backward run first and a fault
+there drops the call; the optimizer's writes then run together (`commit.Commit`); the one long
+stretch of user code after them, the line evaluations, ends the measurement on a fault.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from . import checkpoint
 from . import ops as backends
+from .commit import Commit
 from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper
 from .layout import ABANDON_REASONS, Partial
@@ -23,6 +29,12 @@ from .line import Line
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
 TRAINING, MEASURING = "training", "measuring"
+
+# where a step is when an exception leaves it (what `_fault` makes of it)
+_CLOSURE = "closure"    # the closure or backward: nothing written but this call's gradient
+_COMMIT = "commit"      # the optimizer's writes (a Commit): finished, or the optimizer is broken
+_LINE = "line"          # the line evaluations: the measurement ends, θ back at its origin
+_DONE = "done"          # everything written: only a held Ctrl-C or a retried op error is left
 
 
 @dataclass
@@ -82,6 +94,7 @@ class LABPAL(torch.optim.Optimizer):
         self._closures: List[Callable] = []
         self._rngs: list = []
         self._records: List[Dict[str, Any]] = []
+        self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
 
     # ------------------------------------------------------------------ public
     @property
@@ -99,17 +112,24 @@ class LABPAL(torch.optim.Optimizer):
         return self.counters.m
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
-        """One closure call: returns its loss (detached). Updates when m calls are averaged."""
+        """One closure call: returns its loss (detached). Updates when m calls are averaged.
+
+        If it raises (in the closure, backward, an op, or on Ctrl-C), the parameters are bit
+        for bit as before the call or as after it, and stepping can go on (docs/algorithm.md)."""
         if closure is None or not callable(closure):
             raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
                             "pass on its batch and returns the mean loss (without backward())")
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         for flat in self.flats:
             flat.attach_params()
-        if self._phase == TRAINING and self.counters.acc == 0:
-            self._boundary()
+        c = self.counters
         if self._phase == MEASURING:
-            return self._measure_call(closure)
-        return self._train_call(closure)
+            return self._measure_call(closure, c.m, start=False)
+        m, start = self._boundary() if c.acc == 0 else (c.m, False)
+        if start:
+            return self._measure_call(closure, m, start=True)
+        return self._train_call(closure, m)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the flat gradient buffer (gradients stay views into it, never None)."""
@@ -123,20 +143,20 @@ class LABPAL(torch.optim.Optimizer):
         return [_record_to_python(r, self.hyper) for r in self._records]
 
     # ------------------------------------------------------------------ phases
-    def _boundary(self) -> None:
-        """Start of an update's accumulation: apply the schedule, check the triggers."""
+    def _boundary(self) -> Tuple[int, bool]:
+        """Start of an update's accumulation: m as the schedule says now, and whether a
+        measurement starts (both applied by the call's commit, so a failed call changes none)."""
         h, c = self.hyper, self.counters
         m = h.multiplier_at(c.calls)
-        trigger = c.pending or c.calls == 0 or m != c.m
-        c.m = m
-        trigger |= not c.warm_measured and c.updates >= h.warmup_updates
-        trigger |= c.updates - c.last_end >= h.reuse_updates
-        if trigger:
-            self._start_measurement()
+        trigger = (c.pending or c.calls == 0 or m != c.m
+                   or (not c.warm_measured and c.updates >= h.warmup_updates)
+                   or c.updates - c.last_end >= h.reuse_updates)
+        return m, trigger
 
-    def _start_measurement(self) -> None:
+    def _start_measurement(self, m: int, run: Commit) -> None:
         c = self.counters
         self._phase = MEASURING
+        c.m = m
         c.pending = False
         self._mcall = 0
         self._formed = False
@@ -144,7 +164,7 @@ class LABPAL(torch.optim.Optimizer):
         c.measure_start_update = c.updates
         if c.updates >= self.hyper.warmup_updates:
             c.warm_measured = True
-        self.line.reset_samples()
+        run(self.line.reset_samples)
         self._closures, self._rngs = [], []
 
     def _decays(self) -> List[List[float]]:
@@ -152,88 +172,111 @@ class LABPAL(torch.optim.Optimizer):
         return [[self.param_groups[g]["weight_decay"] for g, _, _ in flat.segments]
                 for flat in self.flats]
 
-    def _train_call(self, closure: Callable) -> torch.Tensor:
+    def _train_call(self, closure: Callable, m: int) -> torch.Tensor:
         c = self.counters
-        loss = self._forward_backward(closure)
-        c.calls += 1
-        c.acc += 1
-        with torch.no_grad():
-            if c.acc < c.m:
-                for flat in self.flats:
-                    self.ops.accumulate(flat, first=c.acc == 1)
-            else:  # the m-th call: form d, move θ along it
-                self.ops.update(self.flats, self._decays(), self.line, m=c.m,
-                                momentum=self.hyper.momentum)
-                c.acc = 0
-                c.updates += 1
+        stage = _CLOSURE
+        try:
+            loss = self._forward_backward(closure)
+            with self._commit() as run:
+                stage = _COMMIT
+                c.m = m
+                c.calls += 1
+                c.acc += 1
+                if c.acc < m:
+                    for flat in self.flats:
+                        run(self.ops.accumulate, flat, first=c.acc == 1)
+                else:  # the m-th call: form d, move θ along it
+                    self.ops.update(self.flats, self._decays(), self.line, m=m,
+                                    momentum=self.hyper.momentum, run=run)
+                    c.acc = 0
+                    c.updates += 1
+                stage = _DONE
+        except BaseException as exc:
+            self._fault(stage, exc)
+            raise
         return loss
 
-    def _measure_call(self, closure: Callable) -> torch.Tensor:
+    def _measure_call(self, closure: Callable, m: int, start: bool) -> torch.Tensor:
         c = self.counters
-        m, total = c.m, self.hyper.approximation_batches * c.m
+        j = 1 if start else self._mcall + 1
+        total = self.hyper.approximation_batches * m
         rng = capture_rng(self._cuda)
-        j = self._mcall + 1
-        if j <= m:
-            loss = self._forward_backward(closure)
-        else:
-            loss = self._forward(closure)
-        c.calls += 1
-        self._mcall = j
-        self._closures.append(closure)
-        self._rngs.append(rng)
-        with torch.no_grad():
-            self.line.record(0, loss)
-            if j < m:
-                for flat in self.flats:
-                    self.ops.accumulate(flat, first=j == 1)
-            elif j == m:
-                for flat in self.flats:
-                    self.ops.save_direction(flat)
-                self.ops.direction(self.flats, self._decays(), self.line, m=m,
-                                   momentum=self.hyper.momentum, line_terms=True)
-                self._formed = True
-                code = int(self.line.abandon_code().item())  # host sync 1 of 2
-                if code:
+        rng_after = None
+        stage = _CLOSURE
+        try:
+            loss = self._forward_backward(closure) if j <= m else self._forward(closure)
+            with self._commit() as run:
+                stage = _COMMIT
+                if start:
+                    self._start_measurement(m, run)
+                c.calls += 1
+                self._mcall = j
+                self._closures.append(closure)
+                self._rngs.append(rng)
+                run(self.line.record, 0, loss)
+                if j < m:
                     for flat in self.flats:
-                        self.ops.restore_direction(flat)
-                    self._end_measurement(ABANDON_REASONS[code])
-                    return loss
-        if j == total:
-            self._evaluate_line()
+                        run(self.ops.accumulate, flat, first=j == 1)
+                elif j == m:
+                    self._form_direction(m, run)
+                if self._phase == MEASURING and j == total:
+                    # the line's origin, the buffers and the RNG, to come back to
+                    for flat in self.flats:
+                        run(self.ops.save_origin, flat)
+                    self._buffers.save()
+                    rng_after = capture_rng(self._cuda)
+                    stage = _LINE  # from here (a held Ctrl-C included) a fault ends the measurement
+                else:
+                    stage = _DONE
+            if stage == _LINE:
+                with torch.no_grad():
+                    self._evaluate_line()
+                with self._commit() as run:
+                    stage = _COMMIT
+                    self._buffers.restore()
+                    restore_rng(rng_after)
+                    self._finish_line(run)
+                    stage = _DONE
+        except BaseException as exc:
+            self._fault(stage, exc, rng_after)
+            raise
         return loss
+
+    def _form_direction(self, m: int, run: Commit) -> None:
+        """Call m of a measurement: form d (the old one kept to restore); abandon or go on."""
+        for flat in self.flats:
+            run(self.ops.save_direction, flat)
+        self.ops.direction(self.flats, self._decays(), self.line, m=m,
+                           momentum=self.hyper.momentum, line_terms=True, run=run)
+        self._formed = True
+        code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
+        if code:
+            for flat in self.flats:
+                run(self.ops.restore_direction, flat)
+            self._end_measurement(ABANDON_REASONS[code], run)
 
     def _evaluate_line(self) -> None:
-        """Call k·m: evaluate every kept closure at the other positions, fit, move to s_upd."""
-        for flat in self.flats:
-            self.ops.save_origin(flat)
-        self._buffers.save()
-        rng_after = capture_rng(self._cuda)
-        try:
-            for j, s in enumerate(self.hyper.line_positions[1:], start=1):
-                self.ops.move(self.flats, self.line.position_coef(s))
-                for closure, rng in zip(self._closures, self._rngs):
-                    restore_rng(rng)
-                    self.line.record(j, self._forward(closure))
-        except BaseException:
-            for flat in self.flats:
-                self.ops.restore_origin(flat)
-            self._buffers.restore()
-            restore_rng(rng_after)
-            self._end_measurement("interrupted: a closure raised during the line evaluations")
-            raise
-        self._buffers.restore()
-        restore_rng(rng_after)
-        # fit, step rule and the move to s_upd, on the device; without any rate yet s_upd is 0
-        # and the move lands on θ₀ itself
+        """Call k·m: evaluate every kept closure at the other positions (user code: Ctrl-C is
+        not held back here; a fault ends the measurement, `_fault`)."""
+        for j, s in enumerate(self.hyper.line_positions[1:], start=1):
+            self.ops.move(self.flats, self.line.position_coef(s))
+            for closure, rng in zip(self._closures, self._rngs):
+                restore_rng(rng)
+                self.line.record(j, self._forward(closure))
+
+    def _finish_line(self, run: Commit) -> None:
+        """Fit, step rule and the move to s_upd, on the device; without any rate yet s_upd is 0
+        and the move lands on θ₀ itself."""
         averaged = self.counters.measure_start_update >= self.hyper.warmup_updates
-        record = self.ops.finish(self.flats, self.line, averaged)
+        record = self.ops.finish(self.flats, self.line, averaged, run=run)
         valid = bool(record["valid"].item())  # host sync 2 of 2
         self.counters.has_rate |= valid
         if self.counters.has_rate:
             self.counters.updates += 1
-        self._end_measurement(None if valid else "fit invalid", record)
+        self._end_measurement(None if valid else "fit invalid", run, record)
 
-    def _end_measurement(self, reason: Optional[str], record: Optional[dict] = None) -> None:
+    def _end_measurement(self, reason: Optional[str], run: Commit,
+                         record: Optional[dict] = None) -> None:
         c = self.counters
         record = dict(record or {})
         record.update(call=c.measure_start_call, update=c.measure_start_update,
@@ -250,8 +293,43 @@ class LABPAL(torch.optim.Optimizer):
         if not c.has_rate:
             # no update has been made yet: measure again, from a direction of zero
             for flat in self.flats:
-                self.ops.clear_direction(flat)
+                run(self.ops.clear_direction, flat)
             c.pending = True
+
+    # ------------------------------------------------------------------ faults
+    @contextmanager
+    def _commit(self) -> Iterator[Commit]:
+        """A step's writes, made together (`commit.Commit`); if they cannot be finished, the
+        state is half made and every later step is refused."""
+        with Commit() as run, torch.no_grad():
+            try:
+                yield run
+            except BaseException as exc:
+                self._broken = (
+                    f"LABPAL is broken: {type(exc).__name__}: {exc} left a step's writes half "
+                    "made (an op that raised again, or an error between two ops), so its state "
+                    "is undefined. Build a new LABPAL (and load a state_dict saved before).")
+                raise
+
+    def _fault(self, stage: str, exc: BaseException, rng_after=None) -> None:
+        """An exception is leaving the step at `stage`: leave a state the next step goes on from."""
+        if stage == _CLOSURE:
+            # the call did not happen: drop the gradient its backward may have added (the
+            # earlier micro-batches' sum is in grad_sum, untouched)
+            with self._commit() as run:
+                for flat in self.flats:
+                    flat.attach_grads()
+                    run(self.ops.zero_grad, flat)
+        elif stage == _LINE:
+            # θ back at the line's origin (as before the call), buffers and RNG as after it
+            with self._commit() as run:
+                for flat in self.flats:
+                    run(self.ops.restore_origin, flat)
+                self._buffers.restore()
+                restore_rng(rng_after)
+                self._end_measurement(
+                    f"interrupted: {type(exc).__name__} during the line evaluations", run)
+        # _COMMIT: the writes were finished or the optimizer is broken (_commit); _DONE: nothing
 
     # ------------------------------------------------------------------ closures
     def _forward_backward(self, closure: Callable) -> torch.Tensor:
