@@ -76,17 +76,26 @@ class LABPAL(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         super().__init__(params, {"weight_decay": weight_decay})
         self._check_groups()
-        self.flats: List[Flat] = build_flats(self.param_groups)
-        if not self.flats:
+        trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not trained:
             raise ValueError("params: LABPAL got no parameter that requires grad")
-        self.ops = backends.resolve(backend, [f.device for f in self.flats])
+        self.ops = backends.resolve(backend, {p.device for p in trained})
         self.backend = self.ops.name
-        self._device = self.flats[0].device
-        self._cuda = cuda_indices(f.device for f in self.flats)
-        self.line: Line = self.ops.make_line(self.hyper, self._device)
+        # the flats point p.data and p.grad into their buffers: put them back if anything fails
+        # here, so a failed construction leaves the model as it was
+        saved = [(p, p.data, p.grad) for p in trained]
+        try:
+            self.flats: List[Flat] = build_flats(self.param_groups)
+            self._device = self.flats[0].device
+            self._cuda = cuda_indices(f.device for f in self.flats)
+            self.line: Line = self.ops.make_line(self.hyper, self._device)
+            self._buffers = BufferSnapshot(model)
+        except BaseException:
+            for p, data, grad in saved:
+                p.data, p.grad = data, grad
+            raise
         for group in self.param_groups:
             group["lr"] = self.line.lr
-        self._buffers = BufferSnapshot(model)
         self.counters = Counters()
         self._phase = TRAINING
         self._mcall = 0            # calls made in the current measurement
@@ -94,6 +103,7 @@ class LABPAL(torch.optim.Optimizer):
         self._closures: List[Callable] = []
         self._rngs: list = []
         self._records: List[Dict[str, Any]] = []
+        self._stepping = False     # step() is running (it is not re-entrant)
         self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
 
     # ------------------------------------------------------------------ public
@@ -119,17 +129,20 @@ class LABPAL(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
                             "pass on its batch and returns the mean loss (without backward())")
-        if self._broken is not None:
-            raise RuntimeError(self._broken)
-        for flat in self.flats:
-            flat.attach_params()
-        c = self.counters
-        if self._phase == MEASURING:
-            return self._measure_call(closure, c.m, start=False)
-        m, start = self._boundary() if c.acc == 0 else (c.m, False)
-        if start:
-            return self._measure_call(closure, m, start=True)
-        return self._train_call(closure, m)
+        self._check_can_step()
+        self._stepping = True
+        try:
+            for flat in self.flats:
+                flat.attach_params()
+            c = self.counters
+            if self._phase == MEASURING:
+                return self._measure_call(closure, c.m, start=False)
+            m, start = self._boundary() if c.acc == 0 else (c.m, False)
+            if start:
+                return self._measure_call(closure, m, start=True)
+            return self._train_call(closure, m)
+        finally:
+            self._stepping = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the flat gradient buffer (gradients stay views into it, never None)."""
@@ -143,6 +156,14 @@ class LABPAL(torch.optim.Optimizer):
         return [_record_to_python(r, self.hyper) for r in self._records]
 
     # ------------------------------------------------------------------ phases
+    def _check_can_step(self) -> None:
+        if self._stepping:
+            raise RuntimeError("LABPAL.step() was called while a step was running (from its "
+                               "closure?): a closure only runs the forward pass and returns the "
+                               "loss; call step() once per batch, outside the closure")
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""

@@ -191,7 +191,7 @@ def _run(kind, monkeypatch, device="cpu"):
         where = faults.where
         outcome = _outcome(net, opt, ref, call)
         outcomes.setdefault(outcome, set()).add(where)
-        assert opt._broken is None, (at, where)
+        assert opt._broken is None and not opt._stepping, (at, where)
         assert opt.phase in ("training", "measuring")
         if opt.phase == "measuring":
             assert 0 < opt._mcall < K * M and len(opt._closures) == opt._mcall
@@ -289,3 +289,45 @@ def test_an_op_that_raises_twice_breaks_the_optimizer_loudly(backend, monkeypatc
     # the call was half made: refused from now on, even once the op works again
     with pytest.raises(RuntimeError, match="broken: RuntimeError: device lost left a step's"):
         opt.step(closure_for(net, *data[1]))
+
+
+def test_a_failed_construction_leaves_the_model_as_it_was(backend, monkeypatch):
+    from labpal_fast import ops
+
+    net = small_net(0)
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    before = [(p.data_ptr(), p.grad, p.detach().clone()) for p in net.parameters()]
+
+    def unchanged():
+        for p, (ptr, grad, value) in zip(net.parameters(), before):
+            assert p.data_ptr() == ptr and p.grad is grad and torch.equal(p, value)
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        LABPAL(net.parameters(), backend="nope")
+    unchanged()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ops.load(backend), "make_line", interrupted)  # after the flats exist
+    with pytest.raises(KeyboardInterrupt):
+        LABPAL(net.parameters())
+    unchanged()
+
+
+def test_step_is_not_reentrant(backend):
+    net = small_net(0)
+    opt = LABPAL(net.parameters(), approximation_batches=1, direction_norm_range=(0.0, math.inf))
+    x, y = batches(1, 8, 6, seed=0)[0]
+
+    def nested():
+        opt.step(closure_for(net, x, y))
+        return closure_for(net, x, y)()
+
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="called while a step was running"):
+        opt.step(nested)
+    assert all(torch.equal(p, q) for p, q in zip(before, net.parameters()))
+    assert opt.counters.calls == 0 and opt.measurements() == []
+    opt.step(closure_for(net, x, y))
+    assert opt.updates == 1
