@@ -36,6 +36,12 @@ _COMMIT = "commit"      # the optimizer's writes (a Commit): finished, or the op
 _LINE = "line"          # the line evaluations: the measurement ends, θ back at its origin
 _DONE = "done"          # everything written: only a held Ctrl-C or a retried op error is left
 
+_NOT_COPYABLE = (
+    "LABPAL cannot be copied or pickled: the parameters are views into its flat buffers "
+    "(p.data points into them), so a copy would either share the model's memory or train "
+    "tensors no model uses. Save opt.state_dict() and load_state_dict() it into a LABPAL built "
+    "over the (copied) model's parameters.")
+
 
 @dataclass
 class Counters:
@@ -76,7 +82,8 @@ class LABPAL(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         super().__init__(params, {"weight_decay": weight_decay})
         self._check_groups()
-        trained = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        trained = [p for p in self._params if p.requires_grad]
         if not trained:
             raise ValueError("params: LABPAL got no parameter that requires grad")
         self.ops = backends.resolve(backend, {p.device for p in trained})
@@ -96,6 +103,8 @@ class LABPAL(torch.optim.Optimizer):
             raise
         for group in self.param_groups:
             group["lr"] = self.line.lr
+        # which parameters the flats hold: a change of requires_grad is refused at the next step
+        self._requires_grad = tuple(p.requires_grad for p in self._params)
         self.counters = Counters()
         self._phase = TRAINING
         self._mcall = 0            # calls made in the current measurement
@@ -129,6 +138,11 @@ class LABPAL(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
                             "pass on its batch and returns the mean loss (without backward())")
+        if torch.compiler.is_compiling():
+            # a plain raise would be a graph break, after which dynamo runs step() eagerly; a
+            # disabled function runs eagerly, so its error reaches the caller (fullgraph=True
+            # reports this line instead, hence the comment on it)
+            torch.compiler.disable(_refuse_compile)()  # compile the model, not LABPAL.step()
         self._check_can_step()
         self._stepping = True
         try:
@@ -155,6 +169,9 @@ class LABPAL(torch.optim.Optimizer):
         """One record per measurement, as Python numbers (this reads device values)."""
         return [_record_to_python(r, self.hyper) for r in self._records]
 
+    def __getstate__(self):  # what pickle, copy.copy and copy.deepcopy ask for
+        raise TypeError(_NOT_COPYABLE)
+
     # ------------------------------------------------------------------ phases
     def _check_can_step(self) -> None:
         if self._stepping:
@@ -163,6 +180,15 @@ class LABPAL(torch.optim.Optimizer):
                                "loss; call step() once per batch, outside the closure")
         if self._broken is not None:
             raise RuntimeError(self._broken)
+        if tuple(p.requires_grad for p in self._params) != self._requires_grad:
+            changed = [i for i, (p, was) in enumerate(zip(self._params, self._requires_grad))
+                       if p.requires_grad != was]
+            raise RuntimeError(
+                f"requires_grad of parameter(s) {changed} (in param_groups order) changed after "
+                "LABPAL was built: its flat buffers, direction and line hold exactly the "
+                "parameters that required grad then (a frozen one would keep moving with "
+                "momentum and weight decay, an unfrozen one would never train). Build a new "
+                "LABPAL over the parameters to train.")
 
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
@@ -457,6 +483,13 @@ class LABPAL(torch.optim.Optimizer):
         self._phase, self._mcall, self._formed = TRAINING, 0, False
         self._closures, self._rngs = [], []
         self._records = new.records
+
+
+def _refuse_compile() -> None:
+    raise RuntimeError(
+        "LABPAL.step() cannot be compiled (torch.compile is tracing it): its phases are host-side "
+        "counters that a compiled graph would freeze. Compile the model instead and call it in "
+        "the closure: cmodel = torch.compile(model); opt.step(lambda: loss_fn(cmodel(x), y)).")
 
 
 def _check_weight_decay(value: Any, name: str) -> None:
