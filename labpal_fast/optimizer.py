@@ -23,7 +23,7 @@ from . import checkpoint
 from . import ops as backends
 from .commit import Commit
 from .flat import Flat, build_flats
-from .hyper import NAMES, Hyper
+from .hyper import NAMES, Hyper, _number
 from .layout import ABANDON_REASONS, Partial
 from .line import Line
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
@@ -77,7 +77,7 @@ class LABPAL(torch.optim.Optimizer):
             raise TypeError(f"LABPAL got unknown hyper-parameter(s) {unknown}; "
                             f"known: {', '.join(NAMES)}")
         self.hyper = Hyper(**hyper)
-        _check_weight_decay(weight_decay, "weight_decay")
+        weight_decay = _weight_decay(weight_decay, "weight_decay")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         super().__init__(params, {"weight_decay": weight_decay})
@@ -402,7 +402,8 @@ class LABPAL(torch.optim.Optimizer):
             if bad:
                 raise ValueError(f"param_groups[{i}] sets {bad}: LABPAL measures one line across "
                                  "all groups, so only 'weight_decay' may differ per group")
-            _check_weight_decay(group["weight_decay"], f"param_groups[{i}]['weight_decay']")
+            group["weight_decay"] = _weight_decay(group["weight_decay"],
+                                                  f"param_groups[{i}]['weight_decay']")
             devices = {p.device for p in group["params"] if p.requires_grad}
             if len(devices) > 1:
                 raise ValueError(f"param_groups[{i}] has parameters on several devices "
@@ -492,10 +493,10 @@ def _refuse_compile() -> None:
         "the closure: cmodel = torch.compile(model); opt.step(lambda: loss_fn(cmodel(x), y)).")
 
 
-def _check_weight_decay(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+def _weight_decay(value: Any, name: str) -> float:
+    """L2 weight decay as a Python float in [0, 10] (Python or numpy numbers): far above any
+    useful value, low enough that wd·θ cannot overflow fp16 for |θ| < 6000."""
+    return _number(name, value, 0.0, 10.0)
 
 
 def _checked_loss(loss: Any) -> torch.Tensor:

@@ -154,3 +154,16 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
     assert a.updates == b.updates > 0 and a.multiplier == 2
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_weight_decay_takes_numpy_numbers_and_has_bounds():
+    np = pytest.importorskip("numpy")
+    net = torch.nn.Linear(3, 2)
+    opt = LABPAL([{"params": [net.weight], "weight_decay": np.float32(0.5)},
+                  {"params": [net.bias]}], weight_decay=np.float64(1e-3))
+    assert [type(g["weight_decay"]) for g in opt.param_groups] == [float, float]
+    assert opt.param_groups[1]["weight_decay"] == 1e-3
+    for bad in (-1e-9, 10.5, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match=r"weight_decay must be a number in \[0.0, 10.0\]"):
+            LABPAL(net.parameters(), weight_decay=bad)
+    assert LABPAL(net.parameters(), weight_decay=10).param_groups[0]["weight_decay"] == 10.0
