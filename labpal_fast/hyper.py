@@ -105,7 +105,7 @@ def _interval(low, high, low_open, high_open) -> str:
     return f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
-def _number(name: str, value: Any, low, high, *, integer: bool = False, low_open: bool = False,
+def number(name: str, value: Any, low, high, *, integer: bool = False, low_open: bool = False,
             high_open: bool = False):
     """`value` as a Python int (integer) or float within the bounds, else a ValueError naming
     `name` and them. Python and numpy numbers are accepted; bool, strings, arrays are not."""
@@ -141,23 +141,23 @@ def _validate(h: Hyper) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {h.mode!r}")
     set_("mode", str(h.mode))
     # β < 1: d = β·d + ḡ stays bounded
-    set_("momentum", _number("momentum", h.momentum, 0.0, 1.0, high_open=True))
+    set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):
-        set_(name, _number(name, getattr(h, name), 1, MAX_COUNT, integer=True))
+        set_(name, number(name, getattr(h, name), 1, MAX_COUNT, integer=True))
     for name in ("reuse_updates", "warmup_updates"):
-        set_(name, _number(name, getattr(h, name), 0, MAX_COUNT, integer=True))
+        set_(name, number(name, getattr(h, name), 0, MAX_COUNT, integer=True))
     if h.noise_factor is not None:
-        set_("noise_factor", _number("noise_factor", h.noise_factor, 0.0, MAX_NOISE_FACTOR,
+        set_("noise_factor", number("noise_factor", h.noise_factor, 0.0, MAX_NOISE_FACTOR,
                                      low_open=True))
-    set_("approximation_batches", _number("approximation_batches", h.approximation_batches,
+    set_("approximation_batches", number("approximation_batches", h.approximation_batches,
                                           1, MAX_APPROXIMATION_BATCHES, integer=True))
-    set_("averaging_window", _number("averaging_window", h.averaging_window,
+    set_("averaging_window", number("averaging_window", h.averaging_window,
                                      1, MAX_AVERAGING_WINDOW, integer=True))
-    set_("update_step_adaptation", _number("update_step_adaptation", h.update_step_adaptation,
+    set_("update_step_adaptation", number("update_step_adaptation", h.update_step_adaptation,
                                            0.0, MAX_ADAPTATION, low_open=True))
-    set_("max_step_size", _number("max_step_size", h.max_step_size, 0.0, MAX_STEP_SIZE,
+    set_("max_step_size", number("max_step_size", h.max_step_size, 0.0, MAX_STEP_SIZE,
                                   low_open=True))
-    set_("epsilon", _number("epsilon", h.epsilon, 0.0, MAX_EPSILON, low_open=True))
+    set_("epsilon", number("epsilon", h.epsilon, 0.0, MAX_EPSILON, low_open=True))
 
     entries = _items("batch_size_schedule", h.batch_size_schedule, "(call, multiplier) pairs")
     pairs = [_items("batch_size_schedule entry", e, "2 numbers") for e in entries]
@@ -165,8 +165,8 @@ def _validate(h: Hyper) -> None:
         raise ValueError(f"batch_size_schedule must be 1 to {MAX_SCHEDULE_ENTRIES} (call, "
                          f"multiplier) pairs, got {h.batch_size_schedule!r}")
     schedule = tuple(
-        (_number("batch_size_schedule call", c, 0, MAX_COUNT, integer=True),
-         _number("batch_size_schedule multiplier", mult, 0.0, MAX_COUNT, low_open=True))
+        (number("batch_size_schedule call", c, 0, MAX_COUNT, integer=True),
+         number("batch_size_schedule multiplier", mult, 0.0, MAX_COUNT, low_open=True))
         for c, mult in pairs)
     if len({c for c, _ in schedule}) != len(schedule):
         raise ValueError(f"batch_size_schedule lists a call twice: {h.batch_size_schedule!r}")
@@ -179,7 +179,7 @@ def _validate(h: Hyper) -> None:
                 f"(128/batch_size)·(dataset_size/40000)); m must be at most {MAX_MULTIPLIER} "
                 "closure calls per update")
 
-    positions = tuple(_number("sample_positions", s, 0.0, MAX_POSITION)
+    positions = tuple(number("sample_positions", s, 0.0, MAX_POSITION)
                       for s in _items("sample_positions", h.sample_positions, "numbers"))
     if 0.0 not in positions or len(set(positions)) < 3 or len(positions) > MAX_POSITIONS:
         raise ValueError(f"sample_positions must hold 0 and at least 3 distinct values, at most "
@@ -190,6 +190,6 @@ def _validate(h: Hyper) -> None:
     if len(pair) != 2:
         raise ValueError("direction_norm_range must be a pair (low, high) with 0 <= low < high "
                          f"(high may be inf), got {h.direction_norm_range!r}")
-    low = _number("direction_norm_range low", pair[0], 0.0, math.inf, high_open=True)
-    high = _number("direction_norm_range high", pair[1], low, math.inf, low_open=True)
+    low = number("direction_norm_range low", pair[0], 0.0, math.inf, high_open=True)
+    high = number("direction_norm_range high", pair[1], low, math.inf, low_open=True)
     set_("direction_norm_range", (low, high))

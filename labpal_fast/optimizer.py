@@ -23,7 +23,7 @@ from . import checkpoint
 from . import ops as backends
 from .commit import Commit
 from .flat import Flat, build_flats
-from .hyper import NAMES, Hyper, _number
+from .hyper import NAMES, Hyper, number
 from .layout import ABANDON_REASONS, Partial
 from .line import Line
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
@@ -496,7 +496,7 @@ def _refuse_compile() -> None:
 def _weight_decay(value: Any, name: str) -> float:
     """L2 weight decay as a Python float in [0, 10] (Python or numpy numbers): far above any
     useful value, low enough that wd·θ cannot overflow fp16 for |θ| < 6000."""
-    return _number(name, value, 0.0, 10.0)
+    return number(name, value, 0.0, 10.0)
 
 
 def _checked_loss(loss: Any) -> torch.Tensor:

@@ -482,6 +482,19 @@ def _line_rows(flats: Sequence[Flat], line: Line) -> Optional[Tuple[torch.Tensor
     return line.rows
 
 
+def _direction_into_line(rows: Tuple[torch.Tensor, int], flats, decays, line: Line, *, m: int,
+                         momentum: float, line_terms: bool, run: Callable) -> None:
+    """The direction pass over every flat into the rows of `_line_rows`, then one reduction
+    of all of them into line.partials."""
+    buf, stride = rows
+    row = 0
+    for flat, wd in zip(flats, decays):
+        row = _direction_rows(flat, buf, stride, row, summed=m > 1, inv_m=1.0 / m,
+                              momentum=momentum, decays=wd, line_terms=line_terms, run=run)
+    run(_launch, _reduce_kernel, (1,), buf, line.partials, row, stride,
+        RBLOCK=REDUCE_BLOCK, num_warps=4)
+
+
 # ====================================================================== the contract
 class TritonBackend(EagerBackend):
     """The fused passes as Triton kernels; fp64 (and empty) flats keep the eager ops."""
@@ -534,25 +547,23 @@ class TritonBackend(EagerBackend):
                   line_terms: bool, run: Callable = call) -> None:
         """Every flat's partial-sum rows into one buffer, then one fixed-order reduction
         straight into the line (no per-flat results to add up)."""
-        rows_buf = _line_rows(flats, line)
-        if rows_buf is None:
+        rows = _line_rows(flats, line)
+        if rows is None:
             return super().direction(flats, decays, line, m=m, momentum=momentum,
                                      line_terms=line_terms, run=run)
-        buf, stride = rows_buf
-        row = 0
-        for flat, wd in zip(flats, decays):
-            row = _direction_rows(flat, buf, stride, row, summed=m > 1, inv_m=1.0 / m,
-                                  momentum=momentum, decays=wd, line_terms=line_terms, run=run)
-        run(_launch, _reduce_kernel, (1,), buf, line.partials, row, stride,
-            RBLOCK=REDUCE_BLOCK, num_warps=4)
+        _direction_into_line(rows, flats, decays, line, m=m, momentum=momentum,
+                             line_terms=line_terms, run=run)
 
     def update(self, flats, decays, line, *, m: int, momentum: float,
                run: Callable = call) -> None:
-        """`direction`, then one update pass per flat that derives the step's coefficient
-        from the line itself: per update one launch per flat per pass, plus one reduction."""
-        if _line_rows(flats, line) is None:
+        """The fused direction, then one update pass per flat that derives the step's
+        coefficient from the line itself: per update one launch per flat per pass, plus one
+        reduction."""
+        rows = _line_rows(flats, line)
+        if rows is None:
             return super().update(flats, decays, line, m=m, momentum=momentum, run=run)
-        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False, run=run)
+        _direction_into_line(rows, flats, decays, line, m=m, momentum=momentum,
+                             line_terms=False, run=run)
         for i, flat in enumerate(flats):
             run(_launch, _train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
                 line.partials, line.partials, flat.numel, line.partials, line.consts,
