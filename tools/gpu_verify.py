@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import sys
 import tempfile
 import time
@@ -510,12 +511,15 @@ def second_triton_venv(version: str, cache: str) -> str:
                                         "print(sysconfig.get_paths()['purelib'])"], text=True).strip()
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                         site, f"triton=={version}"], check=True)
-        mine = subprocess.check_output([sys.executable, "-c", "import sysconfig; "
-                                        "print(sysconfig.get_paths()['purelib'])"], text=True).strip()
-        # appended to sys.path after the venv's own site-packages: its triton comes first
-        with open(os.path.join(site, "zz_borrow_main_venv.pth"), "w") as fh:
-            fh.write(mine + "\n")
         open(stamp, "w").close()
+    # written on every run, not only when the venv is made: the cache outlives the checkout
+    # whose venv it borrows from (a cached .pth pointing at a removed clone finds no torch)
+    site = subprocess.check_output([py, "-c", "import sysconfig; "
+                                    "print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    mine = sysconfig.get_paths()["purelib"]
+    # appended to sys.path after the venv's own site-packages: its triton comes first
+    with open(os.path.join(site, "zz_borrow_main_venv.pth"), "w") as fh:
+        fh.write(mine + "\n")
     return py
 
 
