@@ -60,6 +60,7 @@ class Hyper:
     max_step_size: float = 0.5
     direction_norm_range: Tuple[float, float] = (1e-3, 100.0)
     epsilon: float = 1e-6
+    replay_tolerance: Optional[float] = 1e-3
 
     def __post_init__(self):
         _validate(self)
@@ -158,6 +159,8 @@ def _validate(h: Hyper) -> None:
     set_("max_step_size", number("max_step_size", h.max_step_size, 0.0, MAX_STEP_SIZE,
                                   low_open=True))
     set_("epsilon", number("epsilon", h.epsilon, 0.0, MAX_EPSILON, low_open=True))
+    if h.replay_tolerance is not None:  # None: the check (one forward per measurement) is off
+        set_("replay_tolerance", number("replay_tolerance", h.replay_tolerance, 0.0, 1.0))
 
     entries = _items("batch_size_schedule", h.batch_size_schedule, "(call, multiplier) pairs")
     pairs = [_items("batch_size_schedule entry", e, "2 numbers") for e in entries]

@@ -55,6 +55,19 @@ class Line:
         self.counts[j:j + 1].add_(finite)
         self.skipped_samples.add_(~finite)
 
+    def drop_unless_repeated(self, first: torch.Tensor, again: torch.Tensor,
+                             tolerance: float) -> torch.Tensor:
+        """Whether a closure evaluated again at θ₀ missed its first (finite) loss by more than
+        `tolerance` relative; then every sample is dropped, so the fit is invalid and no rate
+        comes from samples that are not of one line."""
+        first = first.detach().reshape(()).to(self.sums)
+        again = again.detach().reshape(()).to(self.sums)
+        close = (again - first).abs() <= tolerance * torch.maximum(first.abs(), again.abs())
+        missed = torch.isfinite(first) & ~close  # NaN again: missed
+        self.counts.mul_(~missed)
+        self.sums.mul_(~missed)
+        return missed
+
     def set_partials(self, partials: torch.Tensor) -> None:
         self.partials.copy_(partials)
 

@@ -62,8 +62,11 @@ class LABPAL(torch.optim.Optimizer):
     """Large-batch parabolic approximation line search (Mutschler, Laube & Zell, 2021).
 
     ``loss = opt.step(closure)``: the closure runs the forward pass on its own batch and returns
-    the mean loss as a scalar tensor; it must not call ``backward()`` and must be callable again
-    on the same batch (measurements evaluate it at other points of the line).
+    the mean loss as a scalar tensor, and must give that loss again when called again at the
+    same parameters (measurements evaluate it at other points of the line; a closure that does
+    not, e.g. one reading a loop variable that has moved on, is detected and stopped with an
+    error). LABPAL runs ``backward()`` itself, unless the closure does (torch's convention:
+    ``zero_grad(); loss.backward(); return loss``), which is accepted as well.
 
     Hyper-parameters are keyword-only, named as in docs/algorithm.md. Per parameter group only
     ``weight_decay`` (L2, part of the objective the line measures) may be set. ``model=``
@@ -105,14 +108,21 @@ class LABPAL(torch.optim.Optimizer):
             group["lr"] = self.line.lr
         # which parameters the flats hold: a change of requires_grad is refused at the next step
         self._requires_grad = tuple(p.requires_grad for p in self._params)
+        # set when gradients reach a parameter: tells whether a closure ran backward itself
+        self._backward_seen = _Flag()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._backward_seen.hook)
+                       for p in trained]
         self.counters = Counters()
         self._phase = TRAINING
         self._mcall = 0            # calls made in the current measurement
         self._formed = False       # the measurement's direction is formed (old d in origin)
         self._closures: List[Callable] = []
         self._rngs: list = []
+        self._own_backward: List[bool] = []  # per kept closure: it runs backward() itself
+        self._first_loss: Optional[torch.Tensor] = None  # the measurement's first loss sample
         self._records: List[Dict[str, Any]] = []
         self._stepping = False     # step() is running (it is not re-entrant)
+        self._repeating = False    # kept closures are being evaluated again
         self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
 
     # ------------------------------------------------------------------ public
@@ -126,6 +136,12 @@ class LABPAL(torch.optim.Optimizer):
         return self.counters.updates
 
     @property
+    def repeating(self) -> bool:
+        """True while a measurement evaluates its kept closures again (at other line positions,
+        or at the origin to check they repeat): code in a closure can skip logging then."""
+        return self._repeating
+
+    @property
     def multiplier(self) -> int:
         """m, the number of closure calls averaged into one update (0 before the first call)."""
         return self.counters.m
@@ -137,7 +153,10 @@ class LABPAL(torch.optim.Optimizer):
         for bit as before the call or as after it, and stepping can go on (docs/algorithm.md)."""
         if closure is None or not callable(closure):
             raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
-                            "pass on its batch and returns the mean loss (without backward())")
+                            "pass on its batch and returns the mean loss (LABPAL calls backward "
+                            "itself, unless the closure does); it is called again during "
+                            "measurements, so a loop of `loss.backward(); opt.step()` cannot "
+                            "work: wrap the forward pass in a closure")
         if torch.compiler.is_compiling():
             # a plain raise would be a graph break, after which dynamo runs step() eagerly; a
             # disabled function runs eagerly, so its error reaches the caller (fullgraph=True
@@ -171,6 +190,10 @@ class LABPAL(torch.optim.Optimizer):
 
     def __getstate__(self):  # what pickle, copy.copy and copy.deepcopy ask for
         raise TypeError(_NOT_COPYABLE)
+
+    def __del__(self):
+        for hook in getattr(self, "_hooks", ()):
+            hook.remove()
 
     # ------------------------------------------------------------------ phases
     def _check_can_step(self) -> None:
@@ -212,7 +235,7 @@ class LABPAL(torch.optim.Optimizer):
         if c.updates >= self.hyper.warmup_updates:
             c.warm_measured = True
         run(self.line.reset_samples)
-        self._closures, self._rngs = [], []
+        self._closures, self._rngs, self._own_backward = [], [], []
 
     def _decays(self) -> List[List[float]]:
         """Per flat, the weight decay of each of its segments (as the groups say now)."""
@@ -223,7 +246,7 @@ class LABPAL(torch.optim.Optimizer):
         c = self.counters
         stage = _CLOSURE
         try:
-            loss = self._forward_backward(closure)
+            loss, _ = self._forward_backward(closure)
             with self._commit() as run:
                 stage = _COMMIT
                 c.m = m
@@ -251,7 +274,11 @@ class LABPAL(torch.optim.Optimizer):
         rng_after = None
         stage = _CLOSURE
         try:
-            loss = self._forward_backward(closure) if j <= m else self._forward(closure)
+            if j <= m:
+                loss, own = self._forward_backward(closure)
+            else:  # the measurement's first closure tells the convention
+                own = self._own_backward[0]
+                loss = self._sample(closure, own)
             with self._commit() as run:
                 stage = _COMMIT
                 if start:
@@ -260,6 +287,9 @@ class LABPAL(torch.optim.Optimizer):
                 self._mcall = j
                 self._closures.append(closure)
                 self._rngs.append(rng)
+                self._own_backward.append(own)
+                if j == 1:
+                    self._first_loss = loss
                 run(self.line.record, 0, loss)
                 if j < m:
                     for flat in self.flats:
@@ -276,14 +306,20 @@ class LABPAL(torch.optim.Optimizer):
                 else:
                     stage = _DONE
             if stage == _LINE:
-                with torch.no_grad():
-                    self._evaluate_line()
+                try:
+                    self._repeating = True
+                    with torch.no_grad():
+                        again = self._evaluate_line()
+                finally:
+                    self._repeating = False
                 with self._commit() as run:
                     stage = _COMMIT
                     self._buffers.restore()
                     restore_rng(rng_after)
-                    self._finish_line(run)
+                    failed = self._finish_line(again, run)
                     stage = _DONE
+                if failed:
+                    raise RuntimeError(failed)
         except BaseException as exc:
             self._fault(stage, exc, rng_after)
             raise
@@ -302,25 +338,52 @@ class LABPAL(torch.optim.Optimizer):
                 run(self.ops.restore_direction, flat)
             self._end_measurement(ABANDON_REASONS[code], run)
 
-    def _evaluate_line(self) -> None:
+    def _evaluate_line(self) -> Optional[torch.Tensor]:
         """Call k·m: evaluate every kept closure at the other positions (user code: Ctrl-C is
-        not held back here; a fault ends the measurement, `_fault`)."""
+        not held back here; a fault ends the measurement, `_fault`). First, at θ₀ still, the
+        first closure runs again: its loss (returned) must be its first one (`_finish_line`)."""
+        kept = list(zip(self._closures, self._rngs, self._own_backward))
+        again = None
+        if self.hyper.replay_tolerance is not None and len(kept) > 1:
+            again = self._repeat(*kept[0])
         for j, s in enumerate(self.hyper.line_positions[1:], start=1):
             self.ops.move(self.flats, self.line.position_coef(s))
-            for closure, rng in zip(self._closures, self._rngs):
-                restore_rng(rng)
-                self.line.record(j, self._forward(closure))
+            for closure, rng, own in kept:
+                self.line.record(j, self._repeat(closure, rng, own))
+        return again
 
-    def _finish_line(self, run: Commit) -> None:
+    def _repeat(self, closure: Callable, rng, own_backward: bool) -> torch.Tensor:
+        """A kept closure evaluated again, with the random state of its first call."""
+        restore_rng(rng)
+        return self._sample(closure, own_backward)
+
+    def _finish_line(self, again: Optional[torch.Tensor], run: Commit) -> Optional[str]:
         """Fit, step rule and the move to s_upd, on the device; without any rate yet s_upd is 0
-        and the move lands on θ₀ itself."""
-        averaged = self.counters.measure_start_update >= self.hyper.warmup_updates
+        and the move lands on θ₀ itself. A first closure that did not repeat its loss makes the
+        fit invalid (its samples are not of one line); then the error to raise is returned."""
+        h = self.hyper
+        averaged = self.counters.measure_start_update >= h.warmup_updates
+        first = self._first_loss
+        if again is not None:
+            mismatch = run(self.line.drop_unless_repeated, first, again, h.replay_tolerance)
         record = self.ops.finish(self.flats, self.line, averaged, run=run)
-        valid = bool(record["valid"].item())  # host sync 2 of 2
+        if again is None:
+            valid, failed = bool(record["valid"].item()), None  # host sync 2 of 2
+        else:
+            flags = torch.stack([record["valid"].double(), mismatch.double(),
+                                 first.double().to(mismatch.device),
+                                 again.double().to(mismatch.device)]).tolist()  # sync 2 of 2
+            valid = bool(flags[0])
+            failed = _not_repeated(flags[2], flags[3], h.replay_tolerance) if flags[1] else None
         self.counters.has_rate |= valid
         if self.counters.has_rate:
             self.counters.updates += 1
-        self._end_measurement(None if valid else "fit invalid", run, record)
+        reason = None if valid else "fit invalid"
+        if failed:
+            reason = (f"closure not repeatable: loss {flags[2]:.6g} at its first call, "
+                      f"{flags[3]:.6g} again")
+        self._end_measurement(reason, run, record)
+        return failed
 
     def _end_measurement(self, reason: Optional[str], run: Commit,
                          record: Optional[dict] = None) -> None:
@@ -332,7 +395,8 @@ class LABPAL(torch.optim.Optimizer):
                       partials=self.line.partials.clone(), sums=self.line.sums.clone(),
                       counts=self.line.counts.clone())
         self._records.append(record)
-        self._closures, self._rngs = [], []
+        self._closures, self._rngs, self._own_backward = [], [], []
+        self._first_loss = None
         self._phase = TRAINING
         c.acc = 0
         self._formed = False
@@ -379,20 +443,38 @@ class LABPAL(torch.optim.Optimizer):
         # _COMMIT: the writes were finished or the optimizer is broken (_commit); _DONE: nothing
 
     # ------------------------------------------------------------------ closures
-    def _forward_backward(self, closure: Callable) -> torch.Tensor:
+    def _forward_backward(self, closure: Callable) -> Tuple[torch.Tensor, bool]:
+        """(loss, whether the closure ran backward itself). Gradients that reached a parameter
+        while the closure ran mean it did (torch's convention): backward is not run again."""
+        self._backward_seen.value = False
         with torch.enable_grad():
             loss = _checked_loss(closure())
-            if not loss.requires_grad:
-                raise RuntimeError("the closure's loss does not require grad: LABPAL needs a loss "
-                                   "computed from the parameters, with autograd enabled")
-            loss.backward()
+            own = self._backward_seen.value
+            if not own:
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        "the closure's loss does not require grad and the closure did not run "
+                        "backward(): LABPAL needs a loss computed from the parameters with "
+                        "autograd enabled (it runs backward itself), or a closure that runs "
+                        "loss.backward() itself")
+                loss.backward()
         for flat in self.flats:
             flat.attach_grads()
-        return loss.detach()
+        return loss.detach(), own
 
-    def _forward(self, closure: Callable) -> torch.Tensor:
-        with torch.no_grad():
-            return _checked_loss(closure()).detach()
+    def _sample(self, closure: Callable, own_backward: bool) -> torch.Tensor:
+        """A call that only gives a loss sample: forward only, without autograd, unless the
+        closure runs backward itself (torch's convention needs autograd); its gradient is
+        dropped then."""
+        if not own_backward:
+            with torch.no_grad():
+                return _checked_loss(closure()).detach()
+        with torch.enable_grad():
+            loss = _checked_loss(closure()).detach()
+        for flat in self.flats:
+            flat.attach_grads()
+            self.ops.zero_grad(flat)
+        return loss
 
     # ------------------------------------------------------------------ groups and state
     def _check_groups(self) -> None:
@@ -412,6 +494,7 @@ class LABPAL(torch.optim.Optimizer):
                 if p.requires_grad and not p.is_floating_point():
                     raise ValueError(f"param_groups[{i}] has a parameter of dtype {p.dtype}; "
                                      "LABPAL needs floating-point parameters")
+        _check_no_shared_storage(self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "flats", None) is not None:
@@ -484,6 +567,50 @@ class LABPAL(torch.optim.Optimizer):
         self._phase, self._mcall, self._formed = TRAINING, 0, False
         self._closures, self._rngs = [], []
         self._records = new.records
+
+
+class _Flag:
+    """A bool the parameters' post-accumulate-grad hooks set (held by them, not the optimizer)."""
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = False
+
+    def hook(self, param: torch.Tensor) -> None:
+        self.value = True
+
+
+def _not_repeated(first: float, again: float, tolerance: float) -> str:
+    return (
+        f"the closure did not repeat its loss: evaluated again at the same parameters and with "
+        f"the same random state, the first closure of this measurement gave {again:.6g}, not "
+        f"{first:.6g} (relative tolerance replay_tolerance={tolerance:g}). A measurement "
+        "evaluates each closure again, so each must compute the loss of its own batch: bind the "
+        "batch when the closure is made (`def closure(x=x, y=y): ...` or functools.partial; a "
+        "closure reading the loop's x, y sees the latest batch), and draw random numbers only "
+        "from torch, Python's random or numpy's global generator (they are replayed). The fit "
+        "of this measurement was discarded; stepping may go on once the closure is fixed (or "
+        "replay_tolerance raised, for kernels that are not deterministic).")
+
+
+def _check_no_shared_storage(param_groups) -> None:
+    """Distinct parameters that are views of one storage would be untied: each gets its own
+    place in a flat buffer. (One Parameter object listed twice is fine: it is held once.)"""
+    owner: Dict[Tuple[Any, int], int] = {}
+    position = 0
+    for group in param_groups:
+        for p in group["params"]:
+            position += 1
+            if not p.requires_grad or p.numel() == 0:
+                continue
+            key = (p.device, p.untyped_storage().data_ptr())
+            if owner.setdefault(key, id(p)) != id(p):
+                raise ValueError(
+                    f"params: parameter {position - 1} (in param_groups order) shares storage "
+                    "with an earlier one (views of one tensor): LABPAL gives each parameter its "
+                    "own place in a flat buffer, which would untie them. Tie weights by using "
+                    "one Parameter object in both places (b.weight = a.weight), or give each "
+                    "its own storage (.clone()) if they should not be tied")
 
 
 def _refuse_compile() -> None:

@@ -2,16 +2,20 @@
 
 A measurement evaluates every closure again at other positions on the line. Each repeat
 must draw the same random numbers (dropout masks, augmentation) as the first call, and the
-global RNG must end as if the repeats never ran. Buffers updated in training mode
+global RNG must end as if the repeats never ran: torch's CPU and CUDA generators, Python's
+`random` and numpy's global generator (when numpy is imported; its state is kept only then). Buffers updated in training mode
 (BatchNorm running statistics) must not absorb the repeats.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+import random
+import sys
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-RngState = Tuple[torch.Tensor, List[Tuple[int, torch.Tensor]]]
+# torch CPU, torch CUDA per device, Python's random, numpy's global generator (or None)
+RngState = Tuple[torch.Tensor, List[Tuple[int, torch.Tensor]], Any, Any]
 
 
 def cuda_indices(devices: Iterable[torch.device]) -> Tuple[int, ...]:
@@ -20,15 +24,20 @@ def cuda_indices(devices: Iterable[torch.device]) -> Tuple[int, ...]:
 
 
 def capture_rng(cuda: Sequence[int]) -> RngState:
-    """The CPU generator and the generator of every CUDA device in use."""
-    return torch.get_rng_state(), [(i, torch.cuda.get_rng_state(i)) for i in cuda]
+    """The CPU generator, the generator of every CUDA device in use, Python's and numpy's."""
+    numpy = sys.modules.get("numpy")  # not imported: nothing can draw from it
+    return (torch.get_rng_state(), [(i, torch.cuda.get_rng_state(i)) for i in cuda],
+            random.getstate(), numpy.random.get_state() if numpy is not None else None)
 
 
 def restore_rng(state: RngState) -> None:
-    cpu, cuda = state
+    cpu, cuda, py, np_state = state
     torch.set_rng_state(cpu)
     for i, s in cuda:
         torch.cuda.set_rng_state(s, i)
+    random.setstate(py)
+    if np_state is not None:
+        sys.modules["numpy"].random.set_state(np_state)
 
 
 class BufferSnapshot:

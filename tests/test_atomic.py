@@ -25,11 +25,11 @@ from helpers import batches, closure_for, small_net
 OPS = ("accumulate", "form_direction", "train_update", "line_move", "save_origin",
        "restore_origin", "save_direction", "restore_direction", "clear_direction", "zero_grad")
 LINE_METHODS = ("reset_samples", "record", "set_partials", "abandon_code", "position_coef",
-                "target_coef", "train_coef", "fit")
+                "target_coef", "train_coef", "fit", "drop_unless_repeated")
 # what launches no kernel on Triton
 COPIES = ("save_origin", "restore_origin", "save_direction", "restore_direction",
           "clear_direction", "zero_grad")
-LINE_COPIES = ("reset_samples", "set_partials")
+LINE_COPIES = ("reset_samples", "set_partials", "drop_unless_repeated")
 K, M = 2, 2          # approximation_batches, micro-batches per update
 WINDOW = K * M + M  # the calls faults are injected into: a measurement and an update
 MORE = 20            # steps after the fault
