@@ -5,8 +5,8 @@ writes only after that, so a damaged or foreign state changes nothing. Every err
 ValueError that names the entry by its path (``state_dict['labpal']['line']['s_upd'] is nan``)
 and says what was expected.
 
-The format (version 1) is what `LABPAL.state_dict` writes. Containers are read as mappings and
-sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
+The format (version 2; version 1 loads too) is what `LABPAL.state_dict` writes. Containers are
+read as mappings and sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
 tensors load too; what could corrupt training (a wrong shape that would broadcast, a non-finite
 rate, a counter that breaks the state machine) is refused.
 """
@@ -23,12 +23,15 @@ from .hyper import MAX_MULTIPLIER
 from .layout import NPART, RECORD_SCALARS
 from .line import Line
 
-VERSION = 1
+VERSION = 2
+# version 1 lacked the line's s_base / eta_base (no lr_multiplier_schedule then: factor 1)
+READS = (1, 2)
+LINE_SINCE_2 = {"s_base": "s_upd", "eta_base": "eta"}
 TOP = ("state", "param_groups", "labpal")
 LABPAL_KEYS = ("version", "hyper", "shapes", "counters", "line", "records")
 # the line's rates and counts: applied or compared on the next update, so finite and >= 0
 LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_updates",
-                "skipped_samples")
+                "skipped_samples", "s_base", "eta_base")
 # sums, counts and partials are scratch: reset (samples) or recomputed (partials, when the next
 # direction is formed) before they are read again, so only their shape and dtype matter
 RECORD_KEYS = ("call", "update", "m", "reason", "averaged", "partials", "sums", "counts")
@@ -55,9 +58,11 @@ def check(opt, state_dict: Any) -> Checked:
     path = "state_dict['labpal']"
     if isinstance(extra, Mapping) and "version" in extra:  # first: other versions, other keys
         version = _item(extra["version"], f"{path}['version']")
-        if isinstance(version, bool) or version != VERSION:
-            raise ValueError(f"{path}['version'] is {version!r}: this LABPAL reads state version "
-                             f"{VERSION}")
+        if isinstance(version, bool) or version not in READS:
+            raise ValueError(f"{path}['version'] is {version!r}: this LABPAL reads state "
+                             f"versions {', '.join(map(str, READS))}")
+    else:
+        version = VERSION
     _keys(extra, path, LABPAL_KEYS)
     # other parameters first: the most likely mistake, and what the rest is indexed by
     index, weight_decays = _check_groups(opt, state_dict["param_groups"])
@@ -65,7 +70,7 @@ def check(opt, state_dict: Any) -> Checked:
     _check_hyper(opt, extra["hyper"], f"{path}['hyper']")
     counters = _check_counters(opt, extra["counters"], f"{path}['counters']")
     directions, grad_sums = _check_entries(opt, index, state_dict["state"], counters["acc"])
-    line = _check_line(opt, extra["line"], f"{path}['line']")
+    line = _check_line(opt, extra["line"], f"{path}['line']", version)
     records = _check_records(opt, extra["records"], f"{path}['records']")
     return Checked(directions, grad_sums, weight_decays, counters, line, records)
 
@@ -185,16 +190,19 @@ def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
     return directions, grad_sums
 
 
-def _check_line(opt, line: Any, path: str) -> Dict[str, torch.Tensor]:
+def _check_line(opt, line: Any, path: str, version: int) -> Dict[str, torch.Tensor]:
     """The line tensors, each of this optimizer's shape and dtype; rates and counts >= 0."""
-    _keys(line, path, Line.STATE)
+    names = Line.STATE if version >= 2 else tuple(n for n in Line.STATE if n not in LINE_SINCE_2)
+    _keys(line, path, names)
     out = {}
-    for name in Line.STATE:
+    for name in names:
         mine = getattr(opt.line, name)
         value = _tensor(line[name], f"{path}[{name!r}]", mine.shape, dtype=mine.dtype)
         if name in LINE_CHECKED:
             _finite(value, f"{path}[{name!r}]")
         out[name] = value
+    for name, source in LINE_SINCE_2.items():
+        out.setdefault(name, out[source])
     return out
 
 

@@ -38,6 +38,9 @@ MAX_ADAPTATION = 100.0
 MAX_STEP_SIZE = 100.0
 # the floor of s_upd, η and of ‖d‖ in divisions: any larger, it would override measured steps.
 MAX_EPSILON = 1e-2
+# lr_multiplier_schedule: factors on the measured rate; 1000× is beyond any sensible boost and
+# keeps s_upd·factor <= 1e7, finite in fp32 moves.
+MAX_LR_MULTIPLIER = 1000.0
 # ν is (128/b)·(N/40000) <= 3.2e9 within the bounds above when derived; set directly, the same
 # order; the schedule's bound on m is what limits it in practice.
 MAX_NOISE_FACTOR = 1e12
@@ -61,6 +64,7 @@ class Hyper:
     direction_norm_range: Tuple[float, float] = (1e-3, 100.0)
     epsilon: float = 1e-6
     replay_tolerance: Optional[float] = 1e-3
+    lr_multiplier_schedule: Tuple[Tuple[int, float], ...] = ((0, 1.0),)
 
     def __post_init__(self):
         _validate(self)
@@ -85,6 +89,17 @@ class Hyper:
             if start <= call:
                 m = mult
         return m
+
+    def lr_multiplier_at(self, update: int) -> float:
+        """The factor on the measured rate at update `update` (0-based): the schedule's points
+        joined by straight lines, flat before the first and after the last."""
+        points = self.lr_multiplier_schedule
+        if update <= points[0][0]:
+            return points[0][1]
+        for (u0, f0), (u1, f1) in zip(points, points[1:]):
+            if update < u1:
+                return f0 + (f1 - f0) * (update - u0) / (u1 - u0)
+        return points[-1][1]
 
     @property
     def line_positions(self) -> Tuple[float, ...]:
@@ -181,6 +196,21 @@ def _validate(h: Hyper) -> None:
                 f"{mult * h.nu:.0f} with ν = {h.nu:g} (noise_factor, or "
                 f"(128/batch_size)·(dataset_size/40000)); m must be at most {MAX_MULTIPLIER} "
                 "closure calls per update")
+
+    entries = _items("lr_multiplier_schedule", h.lr_multiplier_schedule,
+                     "(update, multiplier) pairs")
+    pairs = [_items("lr_multiplier_schedule entry", e, "2 numbers") for e in entries]
+    if not 1 <= len(pairs) <= MAX_SCHEDULE_ENTRIES or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"lr_multiplier_schedule must be 1 to {MAX_SCHEDULE_ENTRIES} (update, "
+                         f"multiplier) pairs, got {h.lr_multiplier_schedule!r}")
+    points = tuple(
+        (number("lr_multiplier_schedule update", u, 0, MAX_COUNT, integer=True),
+         number("lr_multiplier_schedule multiplier", f, 0.0, MAX_LR_MULTIPLIER))
+        for u, f in pairs)
+    if any(b[0] <= a[0] for a, b in zip(points, points[1:])):
+        raise ValueError("lr_multiplier_schedule updates must increase strictly, got "
+                         f"{h.lr_multiplier_schedule!r}")
+    set_("lr_multiplier_schedule", points)
 
     positions = tuple(number("sample_positions", s, 0.0, MAX_POSITION)
                       for s in _items("sample_positions", h.sample_positions, "numbers"))

@@ -8,7 +8,7 @@ Nothing here walks parameter memory: moving parameters is the backends' business
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -31,6 +31,10 @@ class Line:
         self.s_upd = torch.zeros((), **f64)  # 0 until a rate exists: moving there = staying
         self.eta = torch.zeros((), **f64)
         self.lr = torch.zeros((), **f64)  # what param_groups[i]["lr"] shows
+        # the measured s_upd and η before lr_multiplier_schedule: s_upd = s_base·multiplier
+        self.s_base = torch.zeros((), **f64)
+        self.eta_base = torch.zeros((), **f64)
+        self.multiplier: Optional[float] = 1.0  # None: unknown (after a load), set it again
         self.hist_s = torch.zeros(hyper.averaging_window, **f64)
         self.hist_eta = torch.zeros(hyper.averaging_window, **f64)
         self.hist_n = torch.zeros((), dtype=torch.int64, device=device)
@@ -40,7 +44,7 @@ class Line:
 
     # tensors that make up the state (for state_dict), in a fixed order
     STATE = ("sums", "counts", "partials", "s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n",
-             "skipped_updates", "skipped_samples")
+             "skipped_updates", "skipped_samples", "s_base", "eta_base")
 
     # -- samples --------------------------------------------------------------------
     def reset_samples(self) -> None:
@@ -106,9 +110,38 @@ class Line:
         self.skipped_updates.add_(~ok)
         return coef, ok
 
+    # -- the rate in use: the measured one times lr_multiplier_schedule's factor -----------
+    def set_multiplier(self, multiplier: float) -> None:
+        """s_upd, η (and lr) = the measured ones × `multiplier` (nothing to do if unchanged)."""
+        if multiplier == self.multiplier:
+            return
+        self.multiplier = multiplier
+        torch.mul(self.s_base, multiplier, out=self.s_upd)
+        torch.mul(self.eta_base, multiplier, out=self.eta)
+        self._show_rate()
+
+    def _show_rate(self) -> None:
+        """lr as used: η (SGD), or s_upd/‖d‖ for the last direction (NSGD; the next update
+        sets it again for its own direction)."""
+        self.lr.copy_(self.eta if self.hyper.mode == "SGD" else self.s_upd / self._norm())
+
     # -- the fit and the step rule ----------------------------------------------------
     def fit(self, averaged: bool) -> Dict[str, torch.Tensor]:
-        """Fit the parabola, apply the step rule, update s_upd / η / lr. Returns the record."""
+        """Fit the parabola, apply the step rule, update s_upd / η / lr (× the multiplier).
+        Returns the record."""
+        record = self._fit_rate(averaged)
+        valid = record["valid"]
+        self.s_base.copy_(torch.where(valid, self.s_upd, self.s_base))
+        self.eta_base.copy_(torch.where(valid, self.eta, self.eta_base))
+        if self.multiplier != 1.0:  # a fresh rate is scaled like the one it replaces
+            self.s_upd.copy_(torch.where(valid, self.s_base * self.multiplier, self.s_upd))
+            self.eta.copy_(torch.where(valid, self.eta_base * self.multiplier, self.eta))
+            self._show_rate()
+            record.update(s_upd=self.s_upd.clone(), eta=self.eta.clone())
+        return record
+
+    def _fit_rate(self, averaged: bool) -> Dict[str, torch.Tensor]:
+        """The fit and the step rule: s_upd / η / lr as measured (where valid)."""
         h = self.hyper
         t = self.positions / self.scale
         n, y = self.counts, self.sums

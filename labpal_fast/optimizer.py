@@ -84,6 +84,7 @@ class LABPAL(torch.optim.Optimizer):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         super().__init__(params, {"weight_decay": weight_decay})
+        self.param_groups = [_Group(group) for group in self.param_groups]
         self._check_groups()
         self._params = [p for group in self.param_groups for p in group["params"]]
         trained = [p for p in self._params if p.requires_grad]
@@ -192,7 +193,8 @@ class LABPAL(torch.optim.Optimizer):
         raise TypeError(_NOT_COPYABLE)
 
     def __del__(self):
-        for hook in getattr(self, "_hooks", ()):
+        # vars(): a wrapper copying this class (Lightning's) forwards getattr to this optimizer
+        for hook in vars(self).get("_hooks", ()):
             hook.remove()
 
     # ------------------------------------------------------------------ phases
@@ -256,6 +258,7 @@ class LABPAL(torch.optim.Optimizer):
                     for flat in self.flats:
                         run(self.ops.accumulate, flat, first=c.acc == 1)
                 else:  # the m-th call: form d, move θ along it
+                    run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
                     self.ops.update(self.flats, self._decays(), self.line, m=m,
                                     momentum=self.hyper.momentum, run=run)
                     c.acc = 0
@@ -366,6 +369,7 @@ class LABPAL(torch.optim.Optimizer):
         first = self._first_loss
         if again is not None:
             mismatch = run(self.line.drop_unless_repeated, first, again, h.replay_tolerance)
+        run(self.line.set_multiplier, h.lr_multiplier_at(self.counters.updates))
         record = self.ops.finish(self.flats, self.line, averaged, run=run)
         if again is None:
             valid, failed = bool(record["valid"].item()), None  # host sync 2 of 2
@@ -497,6 +501,7 @@ class LABPAL(torch.optim.Optimizer):
         _check_no_shared_storage(self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Only while constructing (`Optimizer.__init__` adds the groups)."""
         if getattr(self, "flats", None) is not None:
             raise RuntimeError("LABPAL cannot add parameter groups after construction: its flat "
                                "buffers and the line span all groups; pass every group up front")
@@ -560,6 +565,7 @@ class LABPAL(torch.optim.Optimizer):
                 self.ops.zero_grad(flat)
             for name, value in new.line.items():
                 getattr(self.line, name).copy_(value)
+        self.line.multiplier = None  # s_upd = s_base·factor is made again at the next update
         for group, weight_decay in zip(self.param_groups, new.weight_decays):
             group["weight_decay"] = weight_decay
             group["lr"] = self.line.lr
@@ -567,6 +573,39 @@ class LABPAL(torch.optim.Optimizer):
         self._phase, self._mcall, self._formed = TRAINING, 0, False
         self._closures, self._rngs = [], []
         self._records = new.records
+
+
+_NO_SCHEDULER = (
+    "LABPAL measures its learning rate: param_groups[i]['lr'] shows the rate in use and cannot "
+    "be set, so torch LR schedulers (and assigning 'lr') cannot drive it. To scale the measured "
+    "rate over training, pass lr_multiplier_schedule=((update, factor), ...) to LABPAL: the "
+    "factor runs linearly between the points, e.g. ((0, 1.0), (10000, 0.1)) decays it to a "
+    "tenth over 10000 updates (README, 'Learning-rate schedules').")
+
+
+class _Group(dict):
+    """A parameter group whose 'lr' is LABPAL's measured rate (a device tensor, updated in
+    place): a torch LR scheduler (it records 'initial_lr') or an assignment to 'lr' is refused,
+    rather than change what is shown but not what is used."""
+
+    def __setitem__(self, key, value):
+        if key == "initial_lr" or (key == "lr" and "lr" in self and value is not self["lr"]):
+            raise RuntimeError(_NO_SCHEDULER)
+        super().__setitem__(key, value)
+
+    def setdefault(self, key, default=None):
+        if key == "initial_lr":
+            raise RuntimeError(_NO_SCHEDULER)
+        return super().setdefault(key, default)
+
+    def __contains__(self, key):  # a scheduler resuming (last_epoch >= 0) asks first
+        if key == "initial_lr":
+            raise RuntimeError(_NO_SCHEDULER)
+        return super().__contains__(key)
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
 
 
 class _Flag:
@@ -594,23 +633,28 @@ def _not_repeated(first: float, again: float, tolerance: float) -> str:
 
 
 def _check_no_shared_storage(param_groups) -> None:
-    """Distinct parameters that are views of one storage would be untied: each gets its own
-    place in a flat buffer. (One Parameter object listed twice is fine: it is held once.)"""
-    owner: Dict[Tuple[Any, int], int] = {}
+    """Distinct parameters over the same memory (one a view of another) would be untied: each
+    gets its own place in a flat buffer. (One Parameter object listed twice is held once; views
+    of disjoint parts of one tensor, as a previous LABPAL's flat buffer holds them, are fine.)"""
+    spans: Dict[Tuple[Any, int], List[Tuple[int, int, int]]] = {}
     position = 0
     for group in param_groups:
         for p in group["params"]:
             position += 1
             if not p.requires_grad or p.numel() == 0:
                 continue
+            last = sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
+            start = p.storage_offset()
             key = (p.device, p.untyped_storage().data_ptr())
-            if owner.setdefault(key, id(p)) != id(p):
-                raise ValueError(
-                    f"params: parameter {position - 1} (in param_groups order) shares storage "
-                    "with an earlier one (views of one tensor): LABPAL gives each parameter its "
-                    "own place in a flat buffer, which would untie them. Tie weights by using "
-                    "one Parameter object in both places (b.weight = a.weight), or give each "
-                    "its own storage (.clone()) if they should not be tied")
+            for other_start, other_last, other_id in spans.get(key, ()):
+                if other_id != id(p) and start <= other_last and other_start <= start + last:
+                    raise ValueError(
+                        f"params: parameter {position - 1} (in param_groups order) shares "
+                        "memory with an earlier one (one is a view of the other): LABPAL gives "
+                        "each parameter its own place in a flat buffer, which would untie "
+                        "them. Tie weights by using one Parameter object in both places "
+                        "(b.weight = a.weight), or .clone() one if they should not be tied")
+            spans.setdefault(key, []).append((start, start + last, id(p)))
 
 
 def _refuse_compile() -> None:

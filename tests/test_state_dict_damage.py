@@ -266,11 +266,11 @@ def test_state_dict_that_is_not_a_dict_is_refused():
 
 def test_an_unknown_version_names_both(backend):
     sd = saved_state(backend)
-    sd["labpal"]["version"] = 2
+    sd["labpal"]["version"] = 3
     sd["labpal"]["format_of_the_future"] = {}  # other keys are not what the error is about
     net, opt = fresh(seed=0)
     with pytest.raises(ValueError, match=re.escape(
-            "state_dict['labpal']['version'] is 2: this LABPAL reads state version 1")):
+            "state_dict['labpal']['version'] is 3: this LABPAL reads state versions 1, 2")):
         opt.load_state_dict(sd)
 
 
@@ -289,7 +289,7 @@ def test_numbers_may_come_as_tensors_or_numpy_and_sequences_as_lists(backend):
     expected = resumed_from(saved_state(backend), backend)
     sd = saved_state(backend)
     lab = sd["labpal"]
-    lab["version"] = torch.tensor(1)
+    lab["version"] = torch.tensor(2)
     lab["counters"] = {k: torch.tensor(v) if i % 2 else v if isinstance(v, bool) else np.int64(v)
                        for i, (k, v) in enumerate(lab["counters"].items())}
     lab["hyper"] = {k: list(v) if isinstance(v, tuple) else v for k, v in lab["hyper"].items()}
@@ -303,6 +303,23 @@ def test_numbers_may_come_as_tensors_or_numpy_and_sequences_as_lists(backend):
     assert got[1] == expected[1]
     for p, q in zip(got[0], expected[0]):
         assert torch.equal(p, q)
+
+
+def test_a_version_1_state_resumes_exactly(backend):
+    """Version 1 (before lr_multiplier_schedule) had no s_base / eta_base: the measured rate
+    was the rate in use."""
+    expected = resumed_from(saved_state(backend), backend)
+    sd = saved_state(backend)
+    sd["labpal"]["version"] = 1
+    del sd["labpal"]["line"]["s_base"], sd["labpal"]["line"]["eta_base"]
+    got = resumed_from(sd, backend)
+    assert got[1] == expected[1]
+    for p, q in zip(got[0], expected[0]):
+        assert torch.equal(p, q)
+    # and a version-2 state without them is damaged
+    sd["labpal"]["version"] = 2
+    with pytest.raises(ValueError, match=re.escape("['line']['s_base'] is missing")):
+        fresh(seed=0)[1].load_state_dict(sd)
 
 
 def test_a_grad_sum_is_needed_only_while_gradients_are_being_summed(backend):

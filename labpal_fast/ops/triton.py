@@ -653,7 +653,7 @@ class TritonLine(Line):
         _launch(_abandon_kernel, (1,), self._code, self.partials, self.consts, num_warps=1)
         return self._code
 
-    def fit(self, averaged: bool) -> Dict[str, torch.Tensor]:
+    def _fit_rate(self, averaged: bool) -> Dict[str, torch.Tensor]:
         h = self.hyper
         npos = self._npos
         out = torch.empty(record_size(npos), dtype=torch.float64, device=self.sums.device)
