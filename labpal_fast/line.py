@@ -42,8 +42,8 @@ class Line:
         self._slots = torch.arange(hyper.averaging_window, device=device)
         # ‖ḡ‖ before clipping of the last direction formed (NaN while max_grad_norm is None:
         # not computed), and its clipping factor (a buffer the direction ops read)
-        self.grad_norm = torch.full((), float("nan"), **f64)
-        self.clip_factor = torch.ones((), **f64)
+        self.clip = torch.tensor([float("nan"), 1.0], **f64)
+        self.grad_norm, self.clip_factor = self.clip[0], self.clip[1]
 
     # tensors that make up the state (for state_dict), in a fixed order
     STATE = ("sums", "counts", "partials", "s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n",
