@@ -320,7 +320,8 @@ def test_clipped_update_matches_eager(name, mode, other, max_norm, m):
         b.update(fl, decays, line, m=m, momentum=0.9)
         lines.append(line)
     for r, o in zip(refs, outs):
-        compare(f"clipped_update[{mode}]", r, o, name, skip=("grad_sum",))
+        # the factor comes from ‖ḡ‖², summed in fp32 over the fp32 flat by every backend
+        compare(f"clipped_update[{mode}]", r, o, name, skip=("grad_sum",), tol=2e-6)
     for line in lines:
         torch.testing.assert_close(line.grad_norm, torch.tensor(exact, dtype=torch.float64),
                                    rtol=1e-6, atol=0)
@@ -345,7 +346,7 @@ def test_clipped_measurement_direction_matches_eager(name, other):
         b.direction(fl, decays, line, m=2, momentum=0.5, line_terms=True)
         lines.append(line)
     for r, o in zip(refs, outs):
-        compare("clipped_direction", r, o, name, skip=("grad_sum",))
+        compare("clipped_direction", r, o, name, skip=("grad_sum",), tol=2e-6)
     torch.testing.assert_close(lines[1].partials, lines[0].partials, rtol=2e-5, atol=0)
     torch.testing.assert_close(lines[1].clip, lines[0].clip, rtol=1e-6, atol=0)
     assert float(lines[0].clip_factor) < 1.0
