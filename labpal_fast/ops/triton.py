@@ -42,7 +42,7 @@ import inspect
 import json
 import os
 import weakref
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -509,9 +509,16 @@ def _sqnorm_rows(flat: Flat, buf: torch.Tensor, row: int, *, summed: bool, inv_m
     return row + nprog
 
 
-# how a direction launch scales ḡ: not at all, or (CLIP 1) by a device scalar, or (CLIP 2) by
-# the factor it derives from the rows of ‖ḡ‖² (kernel, rows, line constants, line.clip, first)
-_Clip = Tuple[int, torch.Tensor, int, Optional[torch.Tensor], Optional[torch.Tensor], bool]
+class _Clip(NamedTuple):
+    """How direction launches scale ḡ: (mode 1) by the device scalar `src`, or (mode 2) by the
+    factor each derives from the `nrows` rows of ‖ḡ‖² in `src` and the line's `consts`, the
+    first launch (`store`) keeping [‖ḡ‖, factor] in `out` (line.clip)."""
+    mode: int
+    src: torch.Tensor
+    nrows: int = 0
+    consts: Optional[torch.Tensor] = None
+    out: Optional[torch.Tensor] = None
+    store: bool = False
 
 
 def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, summed: bool,
@@ -522,8 +529,7 @@ def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, sum
     goes through `run` (base.Backend: a fused composite's ops are its launches)."""
     if summed and flat.grad_sum is None:
         raise RuntimeError("form_direction(summed=True) before any accumulate()")
-    # unused pointers when off: any tensor of this flat
-    mode, clip_buf, nclip, consts, out, store = clip or (0, buf, 0, None, None, False)
+    clip = clip or _Clip(0, buf)  # off: `buf` stands in for the pointers the kernel ignores
     decays = [float(w) for w in decays] or [0.0]
     grad_sum = flat.grad_sum if summed else flat.grad
     for i, segments in enumerate(_ws(flat).launches):
@@ -534,12 +540,12 @@ def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, sum
         wds += [0.0] * (_SEGS - len(wds))
         nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, DIRECTION_BLOCK)))
         run(_launch, _direction_kernel, (nprog,),
-            flat.grad, grad_sum, flat.direction, flat.param, buf, clip_buf,
-            buf if consts is None else consts, buf if out is None else out,
-            lo, hi, stride, row, nclip, int(store and i == 0), float(inv_m), float(momentum),
-            *ends, *wds,
+            flat.grad, grad_sum, flat.direction, flat.param, buf, clip.src,
+            buf if clip.consts is None else clip.consts, buf if clip.out is None else clip.out,
+            lo, hi, stride, row, clip.nrows, int(clip.store and i == 0), float(inv_m),
+            float(momentum), *ends, *wds,
             SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
-            HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms), CLIP=mode,
+            HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms), CLIP=clip.mode,
             BLOCK=DIRECTION_BLOCK, CLIP_BLOCK=CLIP_BLOCK, num_warps=DIRECTION_WARPS)
         row += nprog
     return row
@@ -572,14 +578,14 @@ def _direction_into_line(rows: Tuple[torch.Tensor, int], flats, decays, line: Li
         for flat in flats:
             nclip = _sqnorm_rows(flat, line.clip_rows, nclip, summed=m > 1, inv_m=1.0 / m,
                                  run=run)
-        clip = (2, line.clip_rows, nclip, line.consts, line.clip, True)
+        clip = _Clip(2, line.clip_rows, nclip, line.consts, line.clip, store=True)
     row = 0
     for flat, wd in zip(flats, decays):
         row = _direction_rows(flat, buf, stride, row, summed=m > 1, inv_m=1.0 / m,
                               momentum=momentum, decays=wd, line_terms=line_terms, clip=clip,
                               run=run)
         if clip is not None:
-            clip = clip[:5] + (False,)  # ‖ḡ‖ is stored once
+            clip = clip._replace(store=False)  # ‖ḡ‖ is stored once
     run(_launch, _reduce_kernel, (1,), buf, line.partials, row, stride,
         K=NPART, RBLOCK=REDUCE_BLOCK, num_warps=4)
 
@@ -636,8 +642,7 @@ class TritonBackend(EagerBackend):
                                           decays=decays, line_terms=line_terms,
                                           grad_scale=grad_scale)
         ws = _ws(flat)
-        clip = None if grad_scale is None else \
-            (1, _on(grad_scale, flat.device), 0, None, None, False)
+        clip = None if grad_scale is None else _Clip(1, _on(grad_scale, flat.device))
         rows = _direction_rows(flat, ws.partials, ws.stride, 0, summed=summed, inv_m=inv_m,
                                momentum=momentum, decays=decays, line_terms=line_terms,
                                clip=clip)
