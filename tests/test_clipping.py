@@ -18,7 +18,7 @@ from labpal_fast import LABPAL
 from labpal_fast.optimizer import MEASURING, TRAINING
 
 from helpers import batches
-from test_sync_and_memory import Watch, closure_of, make as make_sync_net
+from test_sync_and_memory import Watch, closure_of
 
 # every test but the launch count runs on every backend
 on_every_backend = pytest.mark.usefixtures("backend")
@@ -191,12 +191,19 @@ def test_a_measurement_with_a_non_finite_gradient_is_abandoned():
 
 
 # -- host syncs and launches --------------------------------------------------------------
+def sync_net():
+    """test_sync_and_memory's network (one tile per flat, for Triton's interpreter)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(48, 48), torch.nn.ReLU(), torch.nn.Linear(48, 3))
+
+
 @on_every_backend
 def test_clipping_adds_no_host_sync_and_no_allocation():
     """As test_sync_and_memory, with clipping on (and active): 0 syncs in TRAINING, at most 2
     per measurement; TRAINING steps allocate nothing beyond forward and backward."""
     for mode, momentum, m in (("NSGD", 0.0, 1), ("SGD", 0.9, 2)):
-        net, _ = make_sync_net(mode, momentum, m=m, wd=1e-4)
+        net = sync_net()
         opt = LABPAL([{"params": net[:4].parameters(), "weight_decay": 1e-4},
                       {"params": net[5].parameters()}], model=net, mode=mode, momentum=momentum,
                      approximation_batches=3, reuse_updates=20, warmup_updates=10**6,
@@ -226,7 +233,7 @@ def test_clipping_adds_no_host_sync_and_no_allocation():
 
 @on_every_backend
 def test_no_sync_in_any_training_step_with_clipping():
-    net, _ = make_sync_net("NSGD", 0.5, m=2)
+    net = sync_net()
     opt = LABPAL(net.parameters(), model=net, momentum=0.5, approximation_batches=2,
                  reuse_updates=10**6, warmup_updates=10**6, batch_size_schedule=((0, 2),),
                  noise_factor=1.0, max_grad_norm=0.05)
