@@ -149,8 +149,9 @@ class LABPAL(torch.optim.Optimizer):
     @property
     def grad_norm(self) -> torch.Tensor:
         """‖ḡ‖, the global L2 norm of the averaged loss gradient of the last direction formed,
-        before clipping: a 0-dim fp64 device tensor (reading it syncs). NaN when max_grad_norm
-        is None (not computed) and before the first direction."""
+        before clipping: a 0-dim fp64 device tensor that the next direction overwrites (clone it
+        to keep it; reading it syncs). NaN when max_grad_norm is None (not computed) and before
+        the first direction."""
         return self.line.grad_norm
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
