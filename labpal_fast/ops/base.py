@@ -102,7 +102,7 @@ class Backend:
         flat.grad.zero_()
 
     # ------------------------------------------------------------------ composite steps
-    def clip_scale(self, flats: Sequence[Flat], line: Line, *, m: int,
+    def _clip_scale(self, flats: Sequence[Flat], line: Line, *, m: int,
                    run: Callable = call) -> Optional[torch.Tensor]:
         """The clipping factor of ḡ from its norm over every flat (`Line.clip_scale`), a
         device scalar; None when max_grad_norm is None (nothing is launched then)."""
@@ -117,7 +117,7 @@ class Backend:
                   m: int, momentum: float, line_terms: bool, run: Callable = call) -> None:
         """d ← β·d + ḡ on every flat, ḡ clipped by its global norm when max_grad_norm is set;
         the partial sums, added over the flats, go to `line`."""
-        scale = self.clip_scale(flats, line, m=m, run=run)
+        scale = self._clip_scale(flats, line, m=m, run=run)
         parts = [run(self.form_direction, flat, summed=m > 1, inv_m=1.0 / m, momentum=momentum,
                      decays=wd, line_terms=line_terms,
                      grad_scale=None if scale is None else _on(scale, flat.device))
