@@ -103,7 +103,7 @@ class Backend:
 
     # ------------------------------------------------------------------ composite steps
     def _clip_scale(self, flats: Sequence[Flat], line: Line, *, m: int,
-                   run: Callable = call) -> Optional[torch.Tensor]:
+                    run: Callable = call) -> Optional[torch.Tensor]:
         """The clipping factor of ḡ from its norm over every flat (`Line.clip_scale`), a
         device scalar; None when max_grad_norm is None (nothing is launched then)."""
         if line.hyper.max_grad_norm is None:
