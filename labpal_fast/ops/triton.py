@@ -71,9 +71,12 @@ BLOCK = 4096          # elements per tile of the streaming kernels
 NUM_WARPS = 8
 DIRECTION_BLOCK = 2048  # the direction kernel keeps five accumulators per element: smaller tiles
 DIRECTION_WARPS = 16  # 2048 x 16 warps: ~64 registers, fastest of the H200 sweep (RESULTS.md)
+# a measurement's direction with clipping keeps one value more per element: half the tile, so
+# it does not spill (make gpu-verify); measurements are rare, their speed hardly matters
+CLIP_LINE_BLOCK = DIRECTION_BLOCK // 2
 MAX_PROGRAMS = 1024   # reduction kernels: fixed cap on the grid (so results do not depend on the GPU)
 REDUCE_BLOCK = 1024   # rows summed per step by the partial-sum reducer
-CLIP_BLOCK = 512      # rows of ‖ḡ‖² summed per step by each direction program (clipping)
+CLIP_BLOCK = 256      # rows of ‖ḡ‖² summed per step by each direction program (clipping)
 _SEGS = 4             # weight-decay segments handled by one direction launch
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -179,15 +182,12 @@ def _direction_kernel(grad_ptr, sum_ptr, d_ptr, theta_ptr, part_ptr, clip_ptr, c
         else:
             g = grad.to(tl.float32)
         if CLIP != 0:
-            g_obj = g  # the objective's gradient, for ⟨ḡ, d⟩
+            g_loss = g  # unclipped, for ⟨ḡ, d⟩
             g = g * scale
         if HAS_WD:
             theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             wd = tl.where(offs < e0, wd0, tl.where(offs < e1, wd1, tl.where(offs < e2, wd2, wd3)))
             g = tl.where(wd != 0.0, g + wd * theta, g)
-            if CLIP != 0:
-                if LINE_TERMS:
-                    g_obj = tl.where(wd != 0.0, g_obj + wd * theta, g_obj)
         if HAS_MOM:
             d = g + beta * tl.load(d_ptr + offs, mask=mask, other=0.0)
         else:
@@ -197,7 +197,7 @@ def _direction_kernel(grad_ptr, sum_ptr, d_ptr, theta_ptr, part_ptr, clip_ptr, c
         acc_dd += d * d
         if LINE_TERMS:
             if CLIP != 0:
-                acc_gd += g_obj * d
+                acc_gd += g_loss * d  # + Σ wd·⟨θ, d⟩ below: ⟨ḡ + wd·θ, d⟩
             else:
                 acc_gd += g * d
             if HAS_WD:
@@ -206,7 +206,11 @@ def _direction_kernel(grad_ptr, sum_ptr, d_ptr, theta_ptr, part_ptr, clip_ptr, c
                 acc_wtt += tl.where(wd != 0.0, wd * (theta * theta), 0.0)
     row = part_base + pid
     tl.store(part_ptr + _DD * part_stride + row, tl.sum(acc_dd, axis=0))
-    tl.store(part_ptr + _GD * part_stride + row, tl.sum(acc_gd, axis=0))
+    gd = tl.sum(acc_gd, axis=0)
+    if CLIP != 0:
+        if HAS_WD:
+            gd += tl.sum(acc_wtd, axis=0)
+    tl.store(part_ptr + _GD * part_stride + row, gd)
     tl.store(part_ptr + _WD_DD * part_stride + row, tl.sum(acc_wdd, axis=0))
     tl.store(part_ptr + _WD_TD * part_stride + row, tl.sum(acc_wtd, axis=0))
     tl.store(part_ptr + _WD_TT * part_stride + row, tl.sum(acc_wtt, axis=0))
@@ -538,7 +542,8 @@ def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, sum
         ends += [hi] * (_SEGS - 1 - len(ends))
         wds = decays[i * _SEGS:i * _SEGS + len(segments)]
         wds += [0.0] * (_SEGS - len(wds))
-        nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, DIRECTION_BLOCK)))
+        block = CLIP_LINE_BLOCK if clip.mode and line_terms else DIRECTION_BLOCK
+        nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, block)))
         run(_launch, _direction_kernel, (nprog,),
             flat.grad, grad_sum, flat.direction, flat.param, buf, clip.src,
             buf if clip.consts is None else clip.consts, buf if clip.out is None else clip.out,
@@ -546,7 +551,7 @@ def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, sum
             float(momentum), *ends, *wds,
             SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
             HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms), CLIP=clip.mode,
-            BLOCK=DIRECTION_BLOCK, CLIP_BLOCK=CLIP_BLOCK, num_warps=DIRECTION_WARPS)
+            BLOCK=block, CLIP_BLOCK=CLIP_BLOCK, num_warps=DIRECTION_WARPS)
         row += nprog
     return row
 
