@@ -5,7 +5,8 @@
    beside it), forward, backward, step. LABPAL: `step(closure)`
    in steady TRAINING (after its first measurement). Targets: eager <= 1.3x SGD, ext <= 1.05x.
 2. The optimizer side alone on the same 10M parameters, through the backend contract
-   (`Backend.update` over flat buffers and a line), beside SGD's `step()` on gradients in place.
+   (`Backend.update` over flat buffers and a line), beside SGD's `step()` on gradients in place;
+   NSGD also with gradient clipping (`max_grad_norm`), for the ratio clip on / off.
 
 All candidates are timed interleaved in one process (one round = one step of each), and the
 ratios use the best round of each (this machine is shared: medians swing by 30% between runs).
@@ -75,17 +76,19 @@ def optimizer_sides() -> Dict[str, Callable[[], None]]:
     steps["SGD(foreach).step"] = sgd.step
     for backend in BACKENDS:
         ops = load(backend)
-        for mode in ("SGD", "NSGD"):
+        # clipping beside the same update without it: one more read of the gradient
+        for mode, clip in (("SGD", None), ("NSGD", None), ("NSGD", 1.0)):
             ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
             for p, q in zip(ps, params):
                 p.grad = q.grad.clone()
             flats = build_flats([{"params": ps}])
-            line = ops.make_line(Hyper(mode=mode), torch.device("cpu"))
+            line = ops.make_line(Hyper(mode=mode, max_grad_norm=clip), torch.device("cpu"))
             line.eta.fill_(1e-3)  # a rate, as after a measurement
             line.s_upd.fill_(1e-3)
             decays = [[0.0] * len(f.segments) for f in flats]
             # the update also clears the gradient (its own work): later rounds see zeros, same cost
-            steps[f"update {mode} ({backend})"] = (
+            name = f"update {mode}" + ("" if clip is None else f", max_grad_norm={clip:g}")
+            steps[f"{name} ({backend})"] = (
                 lambda o=ops, f=flats, d=decays, ln=line: o.update(f, d, ln, m=1, momentum=0.9))
     return steps
 

@@ -64,8 +64,9 @@ void accumulate_cpu(at::Tensor grad_sum, at::Tensor grad, bool first) {
 }
 
 // ---------------------------------------------------------------------------- form_direction
-// ḡ = (grad_sum + grad)·inv_m (or grad) + wd·θ per segment;  d = β·d + ḡ;  grad = 0.
-// Returns fp64[5]: ‖d‖², ⟨ḡ,d⟩, Σ wd‖d‖², Σ wd⟨θ,d⟩, Σ wd‖θ‖² (the last four with line_terms).
+// ḡ = c·(grad_sum + grad)·inv_m (or c·grad) + wd·θ per segment;  d = β·d + ḡ;  grad = 0;
+// c = *grad_scale (clipping) or 1. Returns fp64[5]: ‖d‖², ⟨ḡ,d⟩ (ḡ unclipped: the objective's
+// slope), Σ wd‖d‖², Σ wd⟨θ,d⟩, Σ wd‖θ‖² (the last four with line_terms).
 
 // 16-byte vectors of the accumulation type (GCC / Clang vector extensions): 4 floats or 2
 // doubles; SSE2 / NEON without -march, and vector code whatever the auto-vectorizer decides.
@@ -100,7 +101,7 @@ template <typename P, typename A, bool SUMMED, bool MOM, bool WD, bool TERMS>
 __attribute__((noinline)) void direction_range(A* __restrict__ d, P* __restrict__ grad,
                                                const A* __restrict__ gs, const P* __restrict__ th,
                                                int64_t a, int64_t b, A inv_m, A beta, A wd,
-                                               double* r) {
+                                               A scale, double* r) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::W;
   constexpr int U = 2;  // independent accumulators: no add-latency chain
@@ -109,15 +110,21 @@ __attribute__((noinline)) void direction_range(A* __restrict__ d, P* __restrict_
   auto step = [&](int64_t i, int u) __attribute__((always_inline)) {
     V g = load_vec<A>(grad + i);
     if constexpr (SUMMED) g = (load_vec<A>(gs + i) + g) * inv_m;
+    V go = g;  // the objective's gradient, for ⟨ḡ, d⟩ (= g unless clipping: scale·1 is exact)
+    g = g * scale;
     V t = {};
-    if constexpr (WD) { t = load_vec<A>(th + i); g = g + wd * t; }
+    if constexpr (WD) {
+      t = load_vec<A>(th + i);
+      g = g + wd * t;
+      if constexpr (TERMS) go = go + wd * t;
+    }
     V dn = g;
     if constexpr (MOM) dn = g + beta * load_vec<A>(d + i);
     store_vec<A>(d + i, dn);
     store_vec<A>(grad + i, zero);
     sdd[u] += dn * dn;
     if constexpr (TERMS) {
-      sgd[u] += g * dn;
+      sgd[u] += go * dn;
       if constexpr (WD) { std_[u] += t * dn; stt[u] += t * t; }
     }
   };
@@ -138,15 +145,21 @@ __attribute__((noinline)) void direction_range(A* __restrict__ d, P* __restrict_
   for (; i < b; ++i) {  // the tail, one element at a time
     A g = static_cast<A>(grad[i]);
     if constexpr (SUMMED) g = (gs[i] + g) * inv_m;
+    A go = g;
+    g = g * scale;
     A t = A(0);
-    if constexpr (WD) { t = static_cast<A>(th[i]); g = g + wd * t; }
+    if constexpr (WD) {
+      t = static_cast<A>(th[i]);
+      g = g + wd * t;
+      if constexpr (TERMS) go = go + wd * t;
+    }
     A dn = g;
     if constexpr (MOM) dn = g + beta * d[i];
     d[i] = dn;
     grad[i] = P(0);
     s[0] += static_cast<double>(dn) * dn;
     if constexpr (TERMS) {
-      s[1] += static_cast<double>(g) * dn;
+      s[1] += static_cast<double>(go) * dn;
       if constexpr (WD) { s[3] += static_cast<double>(t) * dn; s[4] += static_cast<double>(t) * t; }
     }
   }
@@ -155,7 +168,7 @@ __attribute__((noinline)) void direction_range(A* __restrict__ d, P* __restrict_
 
 template <typename P, typename A, bool SUMMED, bool MOM, bool TERMS>
 void direction_blocks(A* d, P* grad, const A* gs, const P* th, const std::vector<Segment>& segments,
-                      int64_t n, A inv_m, A beta, double* out) {
+                      int64_t n, A inv_m, A beta, A scale, double* out) {
   const int64_t blocks = (n + BLOCK - 1) / BLOCK;
   std::vector<double> part(static_cast<size_t>(blocks) * 5, 0.0);
   at::parallel_for(0, blocks, BLOCK_GRAIN, [&](int64_t cb, int64_t ce) {
@@ -171,10 +184,10 @@ void direction_blocks(A* d, P* grad, const A* gs, const P* th, const std::vector
         double s[5] = {0, 0, 0, 0, 0};
         if (wd != 0.0) {
           direction_range<P, A, SUMMED, MOM, true, TERMS>(d, grad, gs, th, a, b, inv_m, beta,
-                                                          static_cast<A>(wd), s);
+                                                          static_cast<A>(wd), scale, s);
         } else {
           direction_range<P, A, SUMMED, MOM, false, TERMS>(d, grad, gs, th, a, b, inv_m, beta,
-                                                           A(0), s);
+                                                           A(0), scale, s);
         }
         r[0] += s[0];
         if (TERMS) {
@@ -190,8 +203,10 @@ void direction_blocks(A* d, P* grad, const A* gs, const P* th, const std::vector
 
 template <typename P, typename A>
 void direction_dispatch(bool summed, bool mom, bool terms, A* d, P* g, const A* gs, const P* th,
-                        const std::vector<Segment>& segments, int64_t n, A inv_m, A beta, double* o) {
-#define LABPAL_DIR(S, M, T) direction_blocks<P, A, S, M, T>(d, g, gs, th, segments, n, inv_m, beta, o)
+                        const std::vector<Segment>& segments, int64_t n, A inv_m, A beta,
+                        A scale, double* o) {
+#define LABPAL_DIR(S, M, T) \
+  direction_blocks<P, A, S, M, T>(d, g, gs, th, segments, n, inv_m, beta, scale, o)
   switch ((summed ? 4 : 0) + (mom ? 2 : 0) + (terms ? 1 : 0)) {
     case 0: LABPAL_DIR(false, false, false); break;
     case 1: LABPAL_DIR(false, false, true); break;
@@ -208,7 +223,8 @@ void direction_dispatch(bool summed, bool mom, bool terms, A* d, P* g, const A* 
 at::Tensor form_direction_cpu(at::Tensor direction, at::Tensor grad, const c10::optional<at::Tensor>& grad_sum,
                               const at::Tensor& param, c10::ArrayRef<int64_t> seg_starts,
                               c10::ArrayRef<int64_t> seg_ends, c10::ArrayRef<double> decays,
-                              double inv_m, double momentum, bool line_terms) {
+                              double inv_m, double momentum, bool line_terms,
+                              const c10::optional<at::Tensor>& grad_scale) {
   check_param(param);
   const int64_t n = param.numel();
   const auto acc = acc_type(param.scalar_type());
@@ -217,6 +233,8 @@ at::Tensor form_direction_cpu(at::Tensor direction, at::Tensor grad, const c10::
   const bool summed = grad_sum.has_value() && grad_sum->defined();
   if (summed) check_flat(*grad_sum, "grad_sum", acc, n, param);
   const auto segments = cover_segments(n, seg_starts, seg_ends, decays);
+  const double scale = grad_scale.has_value() && grad_scale->defined()
+                           ? cpu_scalar(*grad_scale, "grad_scale") : 1.0;
   at::Tensor out = at::zeros({5}, param.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "form_direction", [&] {
@@ -227,9 +245,71 @@ at::Tensor form_direction_cpu(at::Tensor direction, at::Tensor grad, const c10::
     const A* gs = summed ? grad_sum->const_data_ptr<A>() : nullptr;
     const P* th = param.const_data_ptr<P>();
     direction_dispatch<P, A>(summed, momentum != 0.0, line_terms, d, g, gs, th, segments, n,
-                             static_cast<A>(inv_m), static_cast<A>(momentum), o);
+                             static_cast<A>(inv_m), static_cast<A>(momentum),
+                             static_cast<A>(scale), o);
   });
   return out;
+}
+
+// ---------------------------------------------------------------------------- grad_sqnorm
+// ‖ḡ‖², ḡ = (grad_sum + grad)·inv_m (or grad) formed as form_direction forms it; fp64, 0-dim.
+template <typename P, typename A, bool SUMMED>
+double sqnorm_range(const P* __restrict__ grad, const A* __restrict__ gs, int64_t a, int64_t b,
+                    A inv_m) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::W;
+  constexpr int U = 2;
+  V acc[U] = {};
+  int64_t i = a;
+  for (; i + U * W <= b; i += U * W) {
+    for (int u = 0; u < U; ++u) {
+      V g = load_vec<A>(grad + i + u * W);
+      if constexpr (SUMMED) g = (load_vec<A>(gs + i + u * W) + g) * inv_m;
+      acc[u] += g * g;
+    }
+  }
+  double s = 0;
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < W; ++j) s += acc[u][j];
+  for (; i < b; ++i) {
+    A g = static_cast<A>(grad[i]);
+    if constexpr (SUMMED) g = (gs[i] + g) * inv_m;
+    s += static_cast<double>(g) * g;
+  }
+  return s;
+}
+
+template <typename P, typename A, bool SUMMED>
+double sqnorm_blocks(const P* grad, const A* gs, int64_t n, A inv_m) {
+  const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  std::vector<double> part(static_cast<size_t>(blocks), 0.0);
+  at::parallel_for(0, blocks, BLOCK_GRAIN, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c)
+      part[c] = sqnorm_range<P, A, SUMMED>(grad, gs, c * BLOCK, std::min(n, (c + 1) * BLOCK), inv_m);
+  });
+  double s = 0;
+  for (int64_t c = 0; c < blocks; ++c) s += part[c];  // fixed order: deterministic
+  return s;
+}
+
+at::Tensor grad_sqnorm_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_sum,
+                           double inv_m) {
+  check_param(grad);
+  const int64_t n = grad.numel();
+  const bool summed = grad_sum.has_value() && grad_sum->defined();
+  if (summed) check_flat(*grad_sum, "grad_sum", acc_type(grad.scalar_type()), n, grad);
+  double s = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "grad_sqnorm", [&] {
+    using P = scalar_t;
+    using A = typename Acc<P>::type;
+    const P* g = grad.const_data_ptr<P>();
+    if (summed) {
+      s = sqnorm_blocks<P, A, true>(g, grad_sum->const_data_ptr<A>(), n, static_cast<A>(inv_m));
+    } else {
+      s = sqnorm_blocks<P, A, false>(g, nullptr, n, static_cast<A>(inv_m));
+    }
+  });
+  return at::full({}, s, grad.options().dtype(at::kDouble));
 }
 
 // ---------------------------------------------------------------------------- train_update
@@ -287,15 +367,17 @@ void line_move_cpu(at::Tensor param, const at::Tensor& origin, const at::Tensor&
 
 TORCH_LIBRARY(labpal_fast, m) {
   m.def("accumulate(Tensor(a!) grad_sum, Tensor(b!) grad, bool first) -> ()");
+  m.def("grad_sqnorm(Tensor grad, Tensor? grad_sum, float inv_m) -> Tensor");
   m.def("form_direction(Tensor(a!) direction, Tensor(b!) grad, Tensor? grad_sum, Tensor param, "
         "int[] seg_starts, int[] seg_ends, float[] decays, float inv_m, float momentum, "
-        "bool line_terms) -> Tensor");
+        "bool line_terms, Tensor? grad_scale=None) -> Tensor");
   m.def("train_update(Tensor(a!) param, Tensor(b!) direction, Tensor coef, Tensor ok) -> ()");
   m.def("line_move(Tensor(a!) param, Tensor origin, Tensor direction, Tensor coef) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(labpal_fast, CPU, m) {
   m.impl("accumulate", &accumulate_cpu);
+  m.impl("grad_sqnorm", &grad_sqnorm_cpu);
   m.impl("form_direction", &form_direction_cpu);
   m.impl("train_update", &train_update_cpu);
   m.impl("line_move", &line_move_cpu);

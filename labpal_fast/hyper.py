@@ -44,6 +44,9 @@ MAX_LR_MULTIPLIER = 1000.0
 # ν is (128/b)·(N/40000) <= 3.2e9 within the bounds above when derived; set directly, the same
 # order; the schedule's bound on m is what limits it in practice.
 MAX_NOISE_FACTOR = 1e12
+# max_grad_norm (clipping of ḡ by its global L2 norm): any positive size; 1e12 is far above any
+# gradient norm worth clipping to, and keeps max_grad_norm / (‖ḡ‖ + 1e-6) finite in fp64.
+MAX_GRAD_NORM = 1e12
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Hyper:
     epsilon: float = 1e-6
     replay_tolerance: Optional[float] = 1e-3
     lr_multiplier_schedule: Tuple[Tuple[int, float], ...] = ((0, 1.0),)
+    max_grad_norm: Optional[float] = None  # None: no clipping
 
     def __post_init__(self):
         _validate(self)
@@ -176,6 +180,9 @@ def _validate(h: Hyper) -> None:
     set_("epsilon", number("epsilon", h.epsilon, 0.0, MAX_EPSILON, low_open=True))
     if h.replay_tolerance is not None:  # None: the check (one forward per measurement) is off
         set_("replay_tolerance", number("replay_tolerance", h.replay_tolerance, 0.0, 1.0))
+    if h.max_grad_norm is not None:
+        set_("max_grad_norm", number("max_grad_norm", h.max_grad_norm, 0.0, MAX_GRAD_NORM,
+                                      low_open=True))
 
     entries = _items("batch_size_schedule", h.batch_size_schedule, "(call, multiplier) pairs")
     pairs = [_items("batch_size_schedule entry", e, "2 numbers") for e in entries]

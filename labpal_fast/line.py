@@ -15,6 +15,9 @@ import torch
 from .hyper import Hyper
 from .layout import NPART, Abandon, Partial
 
+# added to ‖ḡ‖ in the clipping factor, as torch.nn.utils.clip_grad_norm_ does
+CLIP_EPS = 1e-6
+
 
 class Line:
     """Device-resident state of the line search: samples, current rate, histories, counters."""
@@ -41,6 +44,10 @@ class Line:
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_samples = torch.zeros((), dtype=torch.int64, device=device)
         self._slots = torch.arange(hyper.averaging_window, device=device)
+        # ‖ḡ‖ before clipping of the last direction formed (NaN while max_grad_norm is None:
+        # not computed), and its clipping factor (a buffer the direction ops read)
+        self.clip = torch.tensor([float("nan"), 1.0], **f64)
+        self.grad_norm, self.clip_factor = self.clip[0], self.clip[1]
 
     # tensors that make up the state (for state_dict), in a fixed order
     STATE = ("sums", "counts", "partials", "s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n",
@@ -76,6 +83,17 @@ class Line:
         self.partials.copy_(partials)
 
     # -- the direction ----------------------------------------------------------------
+    def clip_scale(self, sqnorm: torch.Tensor) -> torch.Tensor:
+        """The factor of ḡ for clipping to max_grad_norm, from ‖ḡ‖² over every flat:
+        min(1, max_grad_norm / (‖ḡ‖ + 1e-6)) as torch's clip_grad_norm_; NaN when ‖ḡ‖ is not
+        finite, so that the direction is not finite either and the skip rule takes it.
+        Keeps ‖ḡ‖ in `grad_norm`. Returns a buffer that the next call overwrites."""
+        norm = sqnorm.to(self.grad_norm.dtype).sqrt()
+        self.grad_norm.copy_(norm)
+        factor = (self.hyper.max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+        self.clip_factor.copy_(torch.where(torch.isfinite(norm), factor, float("nan")))
+        return self.clip_factor
+
     def _norm(self) -> torch.Tensor:
         """max(‖d‖, ε): the divisor of every move along d/‖d‖."""
         return self.partials[Partial.DD].sqrt().clamp(min=self.hyper.epsilon)

@@ -147,6 +147,14 @@ class LABPAL(torch.optim.Optimizer):
         """m, the number of closure calls averaged into one update (0 before the first call)."""
         return self.counters.m
 
+    @property
+    def grad_norm(self) -> torch.Tensor:
+        """‖ḡ‖, the global L2 norm of the averaged loss gradient of the last direction formed,
+        before clipping: a 0-dim fp64 device tensor that the next direction overwrites (clone it
+        to keep it; reading it syncs). NaN when max_grad_norm is None (not computed) and before
+        the first direction."""
+        return self.line.grad_norm
+
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
         """One closure call: returns its loss (detached). Updates when m calls are averaged.
 

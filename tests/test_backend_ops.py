@@ -71,15 +71,18 @@ FORM_CASES = {
 
 def exact_partials(flat, kwargs) -> torch.Tensor:
     """The partial sums in fp64 from the inputs: the reference for every backend (eager's
-    fp16 ⟨θ,θ⟩ is an fp16 dot product, not an accurate reference)."""
+    fp16 ⟨θ,θ⟩ is an fp16 dot product, not an accurate reference). With a grad_scale c,
+    d = β·d + c·ḡ + wd·θ and ⟨ḡ, d⟩ takes the objective's gradient ḡ + wd·θ (unclipped)."""
     gs = flat.grad_sum.double().cpu() if kwargs["summed"] else 0.0
     g = (gs + flat.grad.double().cpu()) * kwargs["inv_m"]
     theta = flat.param.double().cpu()
     wd = torch.zeros_like(theta)
     for (_, s, e), w in zip(flat.segments, kwargs["decays"]):
         wd[s:e] = w
+    scale = kwargs.get("grad_scale")
+    c = 1.0 if scale is None else float(scale)
+    d = c * g + wd * theta + kwargs["momentum"] * flat.direction.double().cpu()
     g = g + wd * theta
-    d = g + kwargs["momentum"] * flat.direction.double().cpu()
     out = torch.zeros(NPART, dtype=torch.float64)
     out[Partial.DD] = d @ d
     if kwargs["line_terms"]:
@@ -112,6 +115,87 @@ def test_form_direction(name, device, dtype, n, case):
         tol = 1e-12 if dtype == torch.float64 else 2e-5
         assert err <= tol or abs(p_out[k].item()) <= 1e-12 * abs(exact[Partial.DD].item()), \
             (k.name, p_out.tolist(), exact.tolist())
+
+
+# clipping: ḡ scaled by a device scalar (fp64, as Line.clip_scale makes it)
+SCALED_CASES = {
+    "summed_mom_wd_line": dict(FORM_CASES["summed_mom_wd_line"], grad_scale=0.3719),
+    "m1_mom_wd_train": dict(FORM_CASES["m1_mom_wd_train"], grad_scale=0.0625),
+    "summed_train": dict(summed=True, inv_m=0.5, momentum=0.0, decays=(0.0, 2e-3, 0.0),
+                         line_terms=False, grad_scale=0.81),
+    "m1_line_no_wd": dict(FORM_CASES["m1_plain"], line_terms=True, grad_scale=0.5),
+}
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases())
+@pytest.mark.parametrize("case", list(SCALED_CASES))
+def test_form_direction_scaled(name, device, dtype, n, case):
+    """form_direction with a grad_scale against eager (buffers) and the fp64 partial sums
+    (⟨ḡ, d⟩ with the unscaled ḡ)."""
+    backend = need(name, device)
+    kwargs = dict(SCALED_CASES[case])
+    flat = make_flat(n, dtype, seed=5 * n + len(case), device=device)
+    kwargs["decays"] = kwargs["decays"][:len(flat.segments)]
+    exact = exact_partials(flat, kwargs)
+    kwargs["grad_scale"] = torch.tensor(kwargs["grad_scale"], dtype=torch.float64, device=device)
+    poisoned = [] if kwargs["momentum"] else ["direction"]
+    ref, out, _, p_out = run_both(backend, "form_direction", flat, kwargs, poisoned)
+    compare(f"form_direction_scaled[{case}]", ref, out, name, skip=("grad_sum",))
+    assert (out.grad == 0).all()
+    p_out = p_out.cpu()
+    for k in Partial:
+        err = abs(p_out[k].item() - exact[k].item()) / (abs(exact[k].item()) + 1e-30)
+        report(f"form_direction_scaled[{case}]", n, dtype, k.name, err, name)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert err <= tol or abs(p_out[k].item()) <= 1e-12 * abs(exact[Partial.DD].item()), \
+            (k.name, p_out.tolist(), exact.tolist())
+
+
+@pytest.mark.parametrize("name", ("eager",) + FAST)
+@pytest.mark.parametrize("line_terms", [False, True], ids=["train", "line"])
+def test_form_direction_with_a_nan_scale_gives_a_direction_that_is_not_finite(name, line_terms):
+    """A non-finite ‖ḡ‖ makes the clipping factor NaN: ‖d‖² must not be finite (the skip rule)."""
+    backend = need(name, "cpu")
+    flat = make_flat(4097, torch.float32, seed=2)
+    parts = backend.form_direction(flat, summed=True, inv_m=0.5, momentum=0.9,
+                                   decays=(1e-2, 0.0, 0.0), line_terms=line_terms,
+                                   grad_scale=torch.tensor(float("nan"), dtype=torch.float64))
+    assert not torch.isfinite(parts[Partial.DD]) and not torch.isfinite(flat.direction).any()
+
+
+def exact_sqnorm(flat, summed, inv_m) -> float:
+    gs = flat.grad_sum.double().cpu() if summed else 0.0
+    g = (gs + flat.grad.double().cpu()) * inv_m
+    return float(g @ g)
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases())
+@pytest.mark.parametrize("summed", [False, True], ids=["m1", "summed"])
+def test_grad_sqnorm(name, device, dtype, n, summed):
+    """‖ḡ‖² against eager and the fp64 value; it reads only (every buffer bit for bit)."""
+    backend = need(name, device)
+    flat = make_flat(n, dtype, seed=19 * n + summed, device=device)
+    inv_m = 1 / 3 if summed else 1.0
+    before = twin(flat)
+    ref, out, r_ref, r_out = run_both(backend, "grad_sqnorm", flat,
+                                      {"summed": summed, "inv_m": inv_m})
+    assert r_out.dtype == torch.float64 and r_out.shape == () and r_out.device == flat.device
+    exact = exact_sqnorm(flat, summed, inv_m)
+    for label, value in (("vs_exact", r_out), ("eager_vs_exact", r_ref)):
+        err = abs(float(value) - exact) / exact
+        report(f"grad_sqnorm[{label}]", n, dtype, "sqnorm", err, name)
+        assert err <= (1e-12 if dtype == torch.float64 else 2e-5), (label, float(value), exact)
+    for name_ in ("param", "grad", "direction", "grad_sum", "origin"):
+        assert torch.equal(getattr(out, name_), getattr(before, name_)), name_
+
+
+@pytest.mark.parametrize("name,device,dtype,n", cases(sizes=(1023, 278011)))
+def test_grad_sqnorm_is_deterministic(name, device, dtype, n):
+    backend = need(name, device)
+    flat = make_flat(n, dtype, seed=4, device=device)
+    a = backend.grad_sqnorm(flat, summed=True, inv_m=0.25).clone()
+    b = backend.grad_sqnorm(twin(flat), summed=True, inv_m=0.25).clone()
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name,device,dtype,n", cases(sizes=(1023, 278011)))
@@ -168,16 +252,18 @@ BACKENDS = ("eager",) + FAST
 @pytest.mark.parametrize("mode", ["SGD", "NSGD"])
 @pytest.mark.parametrize("other", [torch.float64, torch.float16], ids=["fp64", "fp16"])
 @pytest.mark.parametrize("where", [0, 1], ids=["in_fp32", "in_other"])
-def test_update_skips_the_whole_line_bit_for_bit(name, mode, other, where):
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["no_clip", "clip"])
+def test_update_skips_the_whole_line_bit_for_bit(name, mode, other, where, clip):
     """A non-finite gradient in one flat only (an fp32 flat and an fp64 or fp16 one; Triton
     fuses the update when every flat is on its kernels): no parameter of any flat moves (bit
-    for bit), every direction is cleared, the skip is counted once."""
+    for bit), every direction is cleared, the skip is counted once; with clipping, its
+    non-finite norm leads to the same skip."""
     backend = need(name, "cpu")
     flats = [make_flat(4097, torch.float32, seed=1), make_flat(1023, other, seed=2)]
     bad = flats[where]
     bad.grad[bad.numel // 3] = float("inf")
     before = [f.param.clone() for f in flats]
-    line = backend.make_line(Hyper(mode=mode), torch.device("cpu"))
+    line = backend.make_line(Hyper(mode=mode, max_grad_norm=clip), torch.device("cpu"))
     line.eta.fill_(0.05)
     line.s_upd.fill_(0.1)
     backend.update(flats, [[0.01, 0.0, 1e-3], [0.0, 0.0, 0.0]], line, m=1, momentum=0.9)
@@ -205,6 +291,65 @@ def test_update_matches_eager(name, mode):
     for r, o in zip(refs, outs):
         compare(f"update[{mode}]", r, o, name, skip=("grad_sum",))
     torch.testing.assert_close(lines[1].lr, lines[0].lr, rtol=1e-6, atol=0)
+
+
+def _clip_flats(other):
+    return [make_flat(4097, torch.float32, seed=3), make_flat(1023, other, seed=4)]
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
+@pytest.mark.parametrize("other", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e4], ids=["active", "inactive"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_clipped_update_matches_eager(name, mode, other, max_norm, m):
+    """The TRAINING update with clipping across two flats (Triton: fused with an fp16 flat,
+    its per-flat ops with an fp64 one): parameters, directions, ‖ḡ‖ and the factor follow
+    eager, and ‖ḡ‖ is the fp64 norm of the averaged gradient over both flats."""
+    backend = need(name, "cpu")
+    flats = _clip_flats(other)
+    refs, outs = [twin(f) for f in flats], [twin(f) for f in flats]
+    decays = [[0.01, 0.0, 1e-3], [0.0, 0.02, 0.0]]
+    exact = sum(exact_sqnorm(f, m > 1, 1.0 / m) for f in flats) ** 0.5
+    assert (exact > max_norm) == (max_norm == 0.5)
+    lines = []
+    for b, fl in ((EAGER, refs), (backend, outs)):
+        line = b.make_line(Hyper(mode=mode, max_grad_norm=max_norm), torch.device("cpu"))
+        line.eta.fill_(0.05)
+        line.s_upd.fill_(0.1)
+        b.update(fl, decays, line, m=m, momentum=0.9)
+        lines.append(line)
+    for r, o in zip(refs, outs):
+        # the factor comes from ‖ḡ‖², summed in fp32 over the fp32 flat by every backend
+        compare(f"clipped_update[{mode}]", r, o, name, skip=("grad_sum",), tol=2e-6)
+    for line in lines:
+        torch.testing.assert_close(line.grad_norm, torch.tensor(exact, dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
+        want = min(1.0, max_norm / (exact + 1e-6))
+        torch.testing.assert_close(line.clip_factor, torch.tensor(want, dtype=torch.float64),
+                                   rtol=1e-6, atol=0)
+    torch.testing.assert_close(lines[1].lr, lines[0].lr, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("other", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_clipped_measurement_direction_matches_eager(name, other):
+    """A measurement's direction with clipping (the line terms, ⟨ḡ, d⟩ unclipped) over two
+    flats: directions and every partial sum follow eager."""
+    backend = need(name, "cpu")
+    flats = _clip_flats(other)
+    refs, outs = [twin(f) for f in flats], [twin(f) for f in flats]
+    decays = [[0.01, 0.0, 1e-3], [0.0, 0.02, 0.0]]
+    lines = []
+    for b, fl in ((EAGER, refs), (backend, outs)):
+        line = b.make_line(Hyper(max_grad_norm=0.25), torch.device("cpu"))
+        b.direction(fl, decays, line, m=2, momentum=0.5, line_terms=True)
+        lines.append(line)
+    for r, o in zip(refs, outs):
+        compare("clipped_direction", r, o, name, skip=("grad_sum",), tol=2e-6)
+    torch.testing.assert_close(lines[1].partials, lines[0].partials, rtol=2e-5, atol=0)
+    torch.testing.assert_close(lines[1].clip, lines[0].clip, rtol=1e-6, atol=0)
+    assert float(lines[0].clip_factor) < 1.0
 
 
 def _samples(lines, g, curvature, slope, noise=1e-3, empty=None):

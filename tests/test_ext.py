@@ -39,10 +39,12 @@ def test_reductions_are_deterministic_whatever_the_threads():
             flat = make_flat(300_007, torch.float32, seed=11)
             results.append(ext.BACKEND.form_direction(flat, summed=True, inv_m=0.5, momentum=0.9,
                                                       decays=[0.01, 0.02, 0.0], line_terms=True))
+            results.append(ext.BACKEND.grad_sqnorm(make_flat(300_007, torch.float16, seed=12),
+                                                   summed=True, inv_m=0.25).reshape(1))
     finally:
         torch.set_num_threads(threads)
-    for r in results[1:]:
-        assert torch.equal(r, results[0])
+    for i, r in enumerate(results[2:]):
+        assert torch.equal(r, results[i % 2])
 
 
 @needs_ext
@@ -70,6 +72,10 @@ def _opcheck_cases():
         ("form_direction", (r(), r(), None, r(), [0, 400], [400, n], [0.0, 0.1], 1.0, 0.9, True)),
         ("form_direction", (r(), r(torch.bfloat16), r(), r(torch.bfloat16), [0], [n], [0.01], 0.5,
                             0.0, False)),
+        ("form_direction", (r(), r(), r(), r(), [0], [n], [0.01], 0.5, 0.9, True,
+                            torch.tensor(0.25, dtype=torch.float64))),
+        ("grad_sqnorm", (r(), None, 1.0)),
+        ("grad_sqnorm", (r(torch.float16), r(), 0.5)),
         ("train_update", (r(), r(), coef, torch.tensor(True))),
         ("train_update", (r(torch.float16), r(), coef, torch.tensor(False))),
         ("line_move", (r(), r(), r(), coef)),

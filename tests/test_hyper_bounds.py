@@ -77,6 +77,12 @@ EDGES = [
     ("direction_norm_range", (1.0, up(1.0)), (1.0, 1.0), {}),
     ("direction_norm_range", (1e300, math.inf), (math.inf, math.inf), {}),
     ("direction_norm_range", (0.0, math.inf), (0.0, math.nan), {}),
+    # clipping: any positive norm up to 1e12 (None: off)
+    ("max_grad_norm", TINY, 0.0, {}),
+    ("max_grad_norm", 1e12, up(1e12), {}),
+    ("max_grad_norm", 1.0, -1.0, {}),
+    ("max_grad_norm", 1.0, math.inf, {}),
+    ("max_grad_norm", 1.0, math.nan, {}),
 ]
 
 
@@ -127,13 +133,13 @@ NUMPY = dict(mode=np.str_("SGD"), momentum=np.float32(0.5), dataset_size=np.int6
              update_step_adaptation=np.float16(2.0), max_step_size=np.float32(0.25),
              direction_norm_range=(np.float64(0.0), np.float32(np.inf)),
              epsilon=np.float64(2.0 ** -20), replay_tolerance=np.float32(0.25),
-             lr_multiplier_schedule=np.array([[0, 1.0], [5, 0.5]]))
+             lr_multiplier_schedule=np.array([[0, 1.0], [5, 0.5]]), max_grad_norm=np.float32(0.75))
 PYTHON = dict(mode="SGD", momentum=0.5, dataset_size=1000, batch_size=64,
               batch_size_schedule=((0, 1.0), (6, 2.0)), approximation_batches=2, reuse_updates=4,
               warmup_updates=3, averaging_window=2, sample_positions=(0.0, 0.25, 0.5),
               update_step_adaptation=2.0, max_step_size=0.25, direction_norm_range=(0.0, math.inf),
               epsilon=2.0 ** -20, replay_tolerance=0.25,
-              lr_multiplier_schedule=((0, 1.0), (5, 0.5)))
+              lr_multiplier_schedule=((0, 1.0), (5, 0.5)), max_grad_norm=0.75)
 
 
 def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
@@ -169,3 +175,12 @@ def test_weight_decay_takes_numpy_numbers_and_has_bounds():
         with pytest.raises(ValueError, match=r"weight_decay must be a number in \[0.0, 10.0\]"):
             LABPAL(net.parameters(), weight_decay=bad)
     assert LABPAL(net.parameters(), weight_decay=10).param_groups[0]["weight_decay"] == 10.0
+
+
+def test_max_grad_norm_is_off_by_default_and_refuses_what_is_not_a_number():
+    assert make().hyper.max_grad_norm is None and make(max_grad_norm=None).hyper.max_grad_norm is None
+    assert make(max_grad_norm=np.int64(2)).hyper.max_grad_norm == 2.0
+    assert type(make(max_grad_norm=np.int64(2)).hyper.max_grad_norm) is float
+    for bad in (True, "1.0", torch.tensor(1.0), [1.0]):
+        with pytest.raises(ValueError, match=r"max_grad_norm must be a number in \(0.0, 1000000000000.0\]"):
+            make(max_grad_norm=bad)

@@ -47,7 +47,7 @@ at::Tensor form_direction_cuda(at::Tensor direction, at::Tensor grad,
                                const c10::optional<at::Tensor>& grad_sum, const at::Tensor& param,
                                c10::ArrayRef<int64_t> seg_starts, c10::ArrayRef<int64_t> seg_ends,
                                c10::ArrayRef<double> decays, double inv_m, double momentum,
-                               bool line_terms) {
+                               bool line_terms, const c10::optional<at::Tensor>& grad_scale) {
   check_param(param);
   const int64_t n = param.numel();
   const auto acc = acc_type(param.scalar_type());
@@ -76,14 +76,36 @@ at::Tensor form_direction_cuda(at::Tensor direction, at::Tensor grad,
   }
   const c10::cuda::CUDAGuard guard(param.device());
   const auto f64 = param.options().dtype(at::kDouble);
+  at::Tensor scale;
+  if (grad_scale.has_value() && grad_scale->defined())
+    scale = device_scalar(*grad_scale, at::kDouble, param, "grad_scale");
   at::Tensor work = at::empty({cuda::form_direction_blocks(n) * 5}, f64);
   at::Tensor out = at::empty({5}, f64);
   check(cuda::form_direction(direction.data_ptr(), grad.data_ptr(),
                              summed ? grad_sum->const_data_ptr() : nullptr, param.const_data_ptr(),
                              segments, n, dtype_code(param.scalar_type()), inv_m, momentum,
-                             line_terms, work.data_ptr<double>(), out.data_ptr<double>(),
+                             line_terms, scale.defined() ? scale.const_data_ptr<double>() : nullptr,
+                             work.data_ptr<double>(), out.data_ptr<double>(),
                              c10::cuda::getCurrentCUDAStream().stream()),
         "form_direction");
+  return out;
+}
+
+at::Tensor grad_sqnorm_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_sum,
+                            double inv_m) {
+  check_param(grad);
+  const int64_t n = grad.numel();
+  const bool summed = grad_sum.has_value() && grad_sum->defined();
+  if (summed) check_flat(*grad_sum, "grad_sum", acc_type(grad.scalar_type()), n, grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto f64 = grad.options().dtype(at::kDouble);
+  at::Tensor work = at::empty({cuda::form_direction_blocks(n)}, f64);
+  at::Tensor out = at::zeros({}, f64);
+  if (n == 0) return out;
+  check(cuda::grad_sqnorm(grad.const_data_ptr(), summed ? grad_sum->const_data_ptr() : nullptr,
+                          n, dtype_code(grad.scalar_type()), inv_m, work.data_ptr<double>(),
+                          out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()),
+        "grad_sqnorm");
   return out;
 }
 
@@ -118,6 +140,7 @@ void line_move_cuda(at::Tensor param, const at::Tensor& origin, const at::Tensor
 
 TORCH_LIBRARY_IMPL(labpal_fast, CUDA, m) {
   m.impl("accumulate", &accumulate_cuda);
+  m.impl("grad_sqnorm", &grad_sqnorm_cuda);
   m.impl("form_direction", &form_direction_cuda);
   m.impl("train_update", &train_update_cuda);
   m.impl("line_move", &line_move_cuda);

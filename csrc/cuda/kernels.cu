@@ -83,16 +83,48 @@ __global__ void line_move_kernel(P* __restrict__ th, const typename Cvt<P>::A* _
 }
 
 // ------------------------------------------------------------------------------ direction
-// Block-wide sum of 5 values per thread, in a fixed tree order; thread 0 gets the totals.
-__device__ void block_sum5(double (&v)[5], double (*sh)[THREADS]) {
-  for (int k = 0; k < 5; ++k) sh[k][threadIdx.x] = v[k];
+// Block-wide sum of K values per thread, in a fixed tree order; thread 0 gets the totals.
+template <int K>
+__device__ void block_sum(double (&v)[K], double (*sh)[THREADS]) {
+  for (int k = 0; k < K; ++k) sh[k][threadIdx.x] = v[k];
   __syncthreads();
   for (int stride = THREADS / 2; stride > 0; stride >>= 1) {
     if (threadIdx.x < stride)
-      for (int k = 0; k < 5; ++k) sh[k][threadIdx.x] += sh[k][threadIdx.x + stride];
+      for (int k = 0; k < K; ++k) sh[k][threadIdx.x] += sh[k][threadIdx.x + stride];
     __syncthreads();
   }
-  for (int k = 0; k < 5; ++k) v[k] = sh[k][0];
+  for (int k = 0; k < K; ++k) v[k] = sh[k][0];
+}
+
+// ------------------------------------------------------------------------------ grad_sqnorm
+// Stage 1: block b sums ḡ² over [b·DIR_BLOCK, (b+1)·DIR_BLOCK) (ḡ formed as direction_kernel
+// forms it) into work[b]; stage 2 (sum_kernel) adds the blocks in a fixed order.
+template <typename P>
+__global__ void sqnorm_kernel(const P* __restrict__ grad, const typename Cvt<P>::A* __restrict__ gs,
+                              int64_t n, double inv_m, double* __restrict__ work) {
+  using A = typename Cvt<P>::A;
+  __shared__ double sh[1][THREADS];
+  const A im = static_cast<A>(inv_m);
+  double v[1] = {0};
+  const int64_t base = blockIdx.x * DIR_BLOCK;
+  for (int k = 0; k < ITEMS; ++k) {
+    const int64_t i = base + k * THREADS + threadIdx.x;
+    if (i >= n) break;
+    A g = Cvt<P>::load(grad[i]);
+    if (gs != nullptr) g = (gs[i] + g) * im;
+    v[0] += static_cast<double>(g) * static_cast<double>(g);
+  }
+  block_sum<1>(v, sh);
+  if (threadIdx.x == 0) work[blockIdx.x] = v[0];
+}
+
+__global__ void sum_kernel(const double* __restrict__ work, int64_t blocks,
+                           double* __restrict__ out) {
+  __shared__ double sh[1][THREADS];
+  double v[1] = {0};
+  for (int64_t b = threadIdx.x; b < blocks; b += THREADS) v[0] += work[b];
+  block_sum<1>(v, sh);
+  if (threadIdx.x == 0) *out = v[0];
 }
 
 // Stage 1: block b owns elements [b·DIR_BLOCK, (b+1)·DIR_BLOCK) and writes its 5 sums to work.
@@ -101,10 +133,11 @@ __global__ void direction_kernel(typename Cvt<P>::A* __restrict__ d, P* __restri
                                  const typename Cvt<P>::A* __restrict__ gs,
                                  const P* __restrict__ th, const Segments segments, int64_t n,
                                  double inv_m, double momentum, bool terms,
-                                 double* __restrict__ work) {
+                                 const double* __restrict__ scale, double* __restrict__ work) {
   using A = typename Cvt<P>::A;
   __shared__ double sh[5][THREADS];
   const A im = static_cast<A>(inv_m), beta = static_cast<A>(momentum);
+  const A c = scale != nullptr ? static_cast<A>(*scale) : A(1);  // clipping factor
   double v[5] = {0, 0, 0, 0, 0};
   const int64_t base = blockIdx.x * DIR_BLOCK;
   int p = 0;
@@ -115,15 +148,21 @@ __global__ void direction_kernel(typename Cvt<P>::A* __restrict__ d, P* __restri
     const double wd = segments.wd[p];
     A g = Cvt<P>::load(grad[i]);
     if (gs != nullptr) g = (gs[i] + g) * im;
+    A go = g;  // the objective's gradient, for ⟨ḡ, d⟩
+    if (scale != nullptr) g = g * c;
     A t = A(0);
-    if (wd != 0.0) { t = Cvt<P>::load(th[i]); g = g + static_cast<A>(wd) * t; }
+    if (wd != 0.0) {
+      t = Cvt<P>::load(th[i]);
+      g = g + static_cast<A>(wd) * t;
+      go = go + static_cast<A>(wd) * t;
+    }
     const A dn = momentum != 0.0 ? g + beta * d[i] : g;
     d[i] = dn;
     grad[i] = Cvt<P>::store(A(0));
     const double dd = static_cast<double>(dn);
     v[0] += dd * dd;
     if (terms) {
-      v[1] += static_cast<double>(g) * dd;
+      v[1] += static_cast<double>(go) * dd;
       if (wd != 0.0) {
         const double td = static_cast<double>(t);
         v[2] += wd * dd * dd;
@@ -132,7 +171,7 @@ __global__ void direction_kernel(typename Cvt<P>::A* __restrict__ d, P* __restri
       }
     }
   }
-  block_sum5(v, sh);
+  block_sum<5>(v, sh);
   if (threadIdx.x == 0)
     for (int k = 0; k < 5; ++k) work[blockIdx.x * 5 + k] = v[k];
 }
@@ -144,7 +183,7 @@ __global__ void direction_finish_kernel(const double* __restrict__ work, int64_t
   double v[5] = {0, 0, 0, 0, 0};
   for (int64_t b = threadIdx.x; b < blocks; b += THREADS)
     for (int k = 0; k < 5; ++k) v[k] += work[b * 5 + k];
-  block_sum5(v, sh);
+  block_sum<5>(v, sh);
   if (threadIdx.x == 0)
     for (int k = 0; k < 5; ++k) out[k] = v[k];
 }
@@ -170,16 +209,30 @@ template <typename P> struct AccumulateLaunch {
 
 template <typename P> struct DirectionLaunch {
   static cudaError_t run(void* d, void* g, const void* gs, const void* th, const Segments& segments,
-                         int64_t n, double inv_m, double momentum, bool terms, double* work,
-                         double* out, cudaStream_t st) {
+                         int64_t n, double inv_m, double momentum, bool terms,
+                         const double* scale, double* work, double* out, cudaStream_t st) {
     using A = typename Cvt<P>::A;
     const int64_t blocks = form_direction_blocks(n);
     direction_kernel<P><<<static_cast<unsigned>(blocks), THREADS, 0, st>>>(
         static_cast<A*>(d), static_cast<P*>(g), static_cast<const A*>(gs),
-        static_cast<const P*>(th), segments, n, inv_m, momentum, terms, work);
+        static_cast<const P*>(th), segments, n, inv_m, momentum, terms, scale, work);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     direction_finish_kernel<<<1, THREADS, 0, st>>>(work, blocks, out);
+    return cudaGetLastError();
+  }
+};
+
+template <typename P> struct SqnormLaunch {
+  static cudaError_t run(const void* g, const void* gs, int64_t n, double inv_m, double* work,
+                         double* out, cudaStream_t st) {
+    using A = typename Cvt<P>::A;
+    const int64_t blocks = form_direction_blocks(n);
+    sqnorm_kernel<P><<<static_cast<unsigned>(blocks), THREADS, 0, st>>>(
+        static_cast<const P*>(g), static_cast<const A*>(gs), n, inv_m, work);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    sum_kernel<<<1, THREADS, 0, st>>>(work, blocks, out);
     return cudaGetLastError();
   }
 };
@@ -218,11 +271,16 @@ cudaError_t accumulate(void* grad_sum, void* grad, int64_t n, DType dtype, bool 
 
 cudaError_t form_direction(void* direction, void* grad, const void* grad_sum, const void* param,
                            const Segments& segments, int64_t n, DType dtype, double inv_m,
-                           double momentum, bool terms, double* work, double* out,
-                           cudaStream_t stream) {
+                           double momentum, bool terms, const double* scale, double* work,
+                           double* out, cudaStream_t stream) {
   if (segments.count < 1 || segments.count > MAX_SEGMENTS) return cudaErrorInvalidValue;
   return by_dtype<DirectionLaunch>(dtype, direction, grad, grad_sum, param, segments, n, inv_m,
-                                   momentum, terms, work, out, stream);
+                                   momentum, terms, scale, work, out, stream);
+}
+
+cudaError_t grad_sqnorm(const void* grad, const void* grad_sum, int64_t n, DType dtype,
+                        double inv_m, double* work, double* out, cudaStream_t stream) {
+  return by_dtype<SqnormLaunch>(dtype, grad, grad_sum, n, inv_m, work, out, stream);
 }
 
 cudaError_t train_update(void* param, void* direction, const double* coef, const bool* ok,

@@ -30,13 +30,19 @@ int64_t form_direction_blocks(int64_t n);
 cudaError_t accumulate(void* grad_sum, void* grad, int64_t n, DType dtype, bool first,
                        cudaStream_t stream);
 
-// ḡ = (grad_sum + grad)·inv_m (grad_sum may be null: ḡ = grad) + wd·θ;  d = β·d + ḡ;  grad = 0.
-// out[5] (fp64, device) = ‖d‖², and with `terms` ⟨ḡ,d⟩, Σwd‖d‖², Σwd⟨θ,d⟩, Σwd‖θ‖² (else 0).
-// work: 5·form_direction_blocks(n) doubles. Two launches, no atomics: deterministic.
+// ḡ = c·(grad_sum + grad)·inv_m (grad_sum may be null: ḡ = c·grad) + wd·θ;  d = β·d + ḡ;
+// grad = 0; c = *scale (a device scalar: clipping), or 1 when scale is null.
+// out[5] (fp64, device) = ‖d‖², and with `terms` ⟨ḡ,d⟩ (ḡ unclipped), Σwd‖d‖², Σwd⟨θ,d⟩,
+// Σwd‖θ‖² (else 0). work: 5·form_direction_blocks(n) doubles. Two launches, no atomics.
 cudaError_t form_direction(void* direction, void* grad, const void* grad_sum, const void* param,
                            const Segments& segments, int64_t n, DType dtype, double inv_m,
-                           double momentum, bool terms, double* work, double* out,
-                           cudaStream_t stream);
+                           double momentum, bool terms, const double* scale, double* work,
+                           double* out, cudaStream_t stream);
+
+// *out (fp64, device) = ‖ḡ‖², ḡ = (grad_sum + grad)·inv_m (grad_sum may be null: ḡ = grad).
+// work: form_direction_blocks(n) doubles. Two launches, no atomics: deterministic.
+cudaError_t grad_sqnorm(const void* grad, const void* grad_sum, int64_t n, DType dtype,
+                        double inv_m, double* work, double* out, cudaStream_t stream);
 
 // *ok: θ += (*coef)·d;  else d = 0 (θ += coef·0).  coef, ok: device scalars.
 cudaError_t train_update(void* param, void* direction, const double* coef, const bool* ok,

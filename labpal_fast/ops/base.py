@@ -1,7 +1,7 @@
 """The backend contract: the op set on one `Flat`, and the steps the optimizer runs, built from it.
 
 Basic ops (each one pass over a flat's memory, one launch per flat where the backend can):
-  accumulate, form_direction, train_update, line_move — implemented by every backend
+  accumulate, grad_sqnorm, form_direction, train_update, line_move — implemented by every backend
   (`eager.EagerBackend` is the reference); the plain copies and fills below are torch's own
   single launches and rarely worth overriding.
 
@@ -36,6 +36,11 @@ def call(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return op(*args, **kwargs)
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device scalar on `device` (a copy only when the line lives elsewhere)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 class Backend:
     name = "base"
 
@@ -51,12 +56,21 @@ class Backend:
         """grad_sum (+)= grad; grad = 0 (one micro-batch of an update that averages several)."""
         raise NotImplementedError
 
+    def grad_sqnorm(self, flat: Flat, *, summed: bool, inv_m: float) -> torch.Tensor:
+        """‖ḡ‖² of the loss gradient ḡ = (grad_sum + grad)·inv_m (or grad), as an fp64 0-dim
+        device tensor (gradient clipping). Reads only; a buffer the next call may reuse."""
+        raise NotImplementedError
+
     def form_direction(self, flat: Flat, *, summed: bool, inv_m: float, momentum: float,
-                       decays: Decays, line_terms: bool) -> torch.Tensor:
-        """ḡ = (grad_sum + grad)·inv_m + wd·θ (per segment);  d = β·d + ḡ;  grad = 0.
+                       decays: Decays, line_terms: bool,
+                       grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ḡ = c·(grad_sum + grad)·inv_m + wd·θ (per segment);  d = β·d + ḡ;  grad = 0, with
+        c = 1, or the device scalar `grad_scale` (clipping; on the flat's device).
 
         Returns the partial sums as fp64 [NPART] (`layout.Partial`); all but ‖d‖² are 0
-        unless `line_terms` (a measurement). The tensor may be a buffer the next call reuses.
+        unless `line_terms` (a measurement). ⟨ḡ, d⟩ is taken with the objective's gradient,
+        unclipped (c = 1): the slope of the loss along d. The tensor may be a buffer the next
+        call reuses.
         """
         raise NotImplementedError
 
@@ -88,11 +102,25 @@ class Backend:
         flat.grad.zero_()
 
     # ------------------------------------------------------------------ composite steps
+    def _clip_scale(self, flats: Sequence[Flat], line: Line, *, m: int,
+                    run: Callable = call) -> Optional[torch.Tensor]:
+        """The clipping factor of ḡ from its norm over every flat (`Line.clip_scale`), a
+        device scalar; None when max_grad_norm is None (nothing is launched then)."""
+        if line.hyper.max_grad_norm is None:
+            return None
+        squares = [run(self.grad_sqnorm, flat, summed=m > 1, inv_m=1.0 / m) for flat in flats]
+        total = squares[0] if len(squares) == 1 else \
+            torch.stack([s.to(line.partials.device) for s in squares]).sum()
+        return run(line.clip_scale, total)
+
     def direction(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *,
                   m: int, momentum: float, line_terms: bool, run: Callable = call) -> None:
-        """d ← β·d + ḡ on every flat; the partial sums, added over the flats, go to `line`."""
+        """d ← β·d + ḡ on every flat, ḡ clipped by its global norm when max_grad_norm is set;
+        the partial sums, added over the flats, go to `line`."""
+        scale = self._clip_scale(flats, line, m=m, run=run)
         parts = [run(self.form_direction, flat, summed=m > 1, inv_m=1.0 / m, momentum=momentum,
-                     decays=wd, line_terms=line_terms)
+                     decays=wd, line_terms=line_terms,
+                     grad_scale=None if scale is None else _on(scale, flat.device))
                  for flat, wd in zip(flats, decays)]
         if len(parts) == 1:
             run(line.set_partials, parts[0])

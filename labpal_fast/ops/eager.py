@@ -6,7 +6,7 @@ number of launches does not depend on the number of parameter tensors. Device sc
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -30,6 +30,16 @@ def _tiles(flat: Flat, buf: torch.Tensor) -> List[torch.Tensor]:
     return cache[key]
 
 
+def _scratch(flat: Flat) -> torch.Tensor:
+    """One tile of the accumulation dtype, made once per flat: ḡ's norm is summed tile by
+    tile through it, so no step allocates a buffer of the gradient's size."""
+    buf = flat.__dict__.get("_eager_scratch")
+    if buf is None or buf.device != flat.device or buf.dtype != flat.acc_dtype:
+        buf = flat.__dict__["_eager_scratch"] = torch.empty(
+            min(TILE, max(flat.numel, 1)), dtype=flat.acc_dtype, device=flat.device)
+    return buf
+
+
 def _mean_gradient(flat: Flat, summed: bool, inv_m: float) -> torch.Tensor:
     """ḡ, written where it costs the least: into grad_sum, or (m = 1, same dtype) the grad itself."""
     if summed:
@@ -41,6 +51,13 @@ def _mean_gradient(flat: Flat, summed: bool, inv_m: float) -> torch.Tensor:
     else:
         g = flat.grad
     return g
+
+
+def _add_decay(x: torch.Tensor, theta: torch.Tensor, segments, decays: Decays) -> None:
+    """x += wd·θ, segment by segment."""
+    for (_, start, end), wd in zip(segments, decays):
+        if wd != 0.0:
+            x[start:end].add_(theta[start:end], alpha=wd)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,20 +78,54 @@ class EagerBackend(Backend):
             grad_sum.add_(flat.grad)
         flat.grad.zero_()
 
+    def grad_sqnorm(self, flat: Flat, *, summed: bool, inv_m: float) -> torch.Tensor:
+        """Tile by tile, ḡ formed exactly as `form_direction` forms it (in the accumulation
+        dtype), its squares summed as ‖d‖² is."""
+        if flat.numel == 0:
+            return torch.zeros((), dtype=torch.float64, device=flat.device)
+        grads = _tiles(flat, flat.grad)
+        sums = _tiles(flat, flat.grad_sum) if summed else grads
+        squares = []
+        for gp, sp in zip(grads, sums):
+            if summed or flat.acc_dtype != flat.dtype:
+                x = _scratch(flat)[:gp.numel()]
+                if summed:
+                    torch.add(sp, gp, out=x).mul_(inv_m)
+                else:
+                    x.copy_(gp)
+            else:
+                x = gp
+            squares.append(_dot(x, x))
+        return squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+
     def form_direction(self, flat: Flat, *, summed: bool, inv_m: float, momentum: float,
-                       decays: Decays, line_terms: bool) -> torch.Tensor:
-        """As the contract says; ḡ is left in grad_sum (or grad) as a side effect."""
+                       decays: Decays, line_terms: bool,
+                       grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As the contract says; ḡ is left in grad_sum (or grad) as a side effect (the
+        objective's gradient in a measurement, the scaled one in TRAINING)."""
         g = _mean_gradient(flat, summed, inv_m)
         d, theta = flat.direction, flat.param
-        for (_, start, end), wd in zip(flat.segments, decays):
-            if wd != 0.0:
-                g[start:end].add_(theta[start:end], alpha=wd)
         zero = torch.zeros((), dtype=torch.float64, device=d.device)
-        if line_terms:  # a measurement: whole-buffer passes, clearest over speed
+        if grad_scale is None:
+            _add_decay(g, theta, flat.segments, decays)
+        elif line_terms:
+            # d from the clipped loss gradient; g becomes the objective's own gradient (the
+            # slope ⟨ḡ, d⟩ is the loss's along d)
             if momentum != 0.0:
-                torch.add(g, d, alpha=momentum, out=d)
+                d.mul_(momentum).addcmul_(g, grad_scale)
             else:
-                d.copy_(g)
+                torch.mul(g, grad_scale, out=d)
+            _add_decay(d, theta, flat.segments, decays)
+            _add_decay(g, theta, flat.segments, decays)
+        else:
+            g.mul_(grad_scale)
+            _add_decay(g, theta, flat.segments, decays)
+        if line_terms:  # a measurement: whole-buffer passes, clearest over speed
+            if grad_scale is None:  # (with clipping, d is formed above)
+                if momentum != 0.0:
+                    torch.add(g, d, alpha=momentum, out=d)
+                else:
+                    d.copy_(g)
             parts = [_dot(d, d), _dot(g, d)]
             wdd, wtd, wtt = zero, zero, zero
             for (_, start, end), wd in zip(flat.segments, decays):

@@ -34,9 +34,13 @@ if available:
     def _accumulate_fake(grad_sum, grad, first):
         return None
 
+    @torch.library.register_fake("labpal_fast::grad_sqnorm")
+    def _grad_sqnorm_fake(grad, grad_sum, inv_m):
+        return grad.new_empty((), dtype=torch.float64)
+
     @torch.library.register_fake("labpal_fast::form_direction")
     def _form_direction_fake(direction, grad, grad_sum, param, seg_starts, seg_ends, decays,
-                             inv_m, momentum, line_terms):
+                             inv_m, momentum, line_terms, grad_scale=None):
         return direction.new_empty(5, dtype=torch.float64)
 
     @torch.library.register_fake("labpal_fast::train_update")
@@ -72,14 +76,21 @@ class ExtBackend(Backend):
     def accumulate(self, flat: Flat, first: bool) -> None:
         torch.ops.labpal_fast.accumulate(flat.need_grad_sum(), flat.grad, bool(first))
 
+    def grad_sqnorm(self, flat: Flat, *, summed: bool, inv_m: float) -> torch.Tensor:
+        if summed and flat.grad_sum is None:
+            raise RuntimeError("grad_sqnorm(summed=True) before any accumulate()")
+        return torch.ops.labpal_fast.grad_sqnorm(flat.grad, flat.grad_sum if summed else None,
+                                                 float(inv_m))
+
     def form_direction(self, flat: Flat, *, summed: bool, inv_m: float, momentum: float,
-                       decays: Decays, line_terms: bool) -> torch.Tensor:
+                       decays: Decays, line_terms: bool,
+                       grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         starts = [start for _, start, _ in flat.segments]
         ends = [end for _, _, end in flat.segments]
         return torch.ops.labpal_fast.form_direction(
             flat.direction, flat.grad, flat.need_grad_sum() if summed else None, flat.param,
             starts, ends, [float(w) for w in decays], float(inv_m), float(momentum),
-            bool(line_terms))
+            bool(line_terms), None if grad_scale is None else _on(grad_scale, flat))
 
     def train_update(self, flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
         torch.ops.labpal_fast.train_update(flat.param, flat.direction, _on(coef, flat),

@@ -42,7 +42,7 @@ import inspect
 import json
 import os
 import weakref
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,7 +58,7 @@ from ..flat import Flat
 from ..hyper import Hyper
 from ..layout import NCONST, NPART, RECORD_SCALARS, REC_PARTIALS, REC_SUMS, Const, Partial, \
     record_size
-from ..line import Line
+from ..line import CLIP_EPS, Line
 from .base import call
 from .eager import EagerBackend
 
@@ -71,8 +71,12 @@ BLOCK = 4096          # elements per tile of the streaming kernels
 NUM_WARPS = 8
 DIRECTION_BLOCK = 2048  # the direction kernel keeps five accumulators per element: smaller tiles
 DIRECTION_WARPS = 16  # 2048 x 16 warps: ~64 registers, fastest of the H200 sweep (RESULTS.md)
+# a measurement's direction with clipping keeps one value more per element: half the tile, so
+# it does not spill (make gpu-verify); measurements are rare, their speed hardly matters
+CLIP_LINE_BLOCK = DIRECTION_BLOCK // 2
 MAX_PROGRAMS = 1024   # reduction kernels: fixed cap on the grid (so results do not depend on the GPU)
 REDUCE_BLOCK = 1024   # rows summed per step by the partial-sum reducer
+CLIP_BLOCK = 256      # rows of ‖ḡ‖² summed per step by each direction program (clipping)
 _SEGS = 4             # weight-decay segments handled by one direction launch
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -89,6 +93,8 @@ _HIGH: tl.constexpr = tl.constexpr(int(Const.NORM_HIGH))
 _ALPHA: tl.constexpr = tl.constexpr(int(Const.ALPHA))
 _MAX_STEP: tl.constexpr = tl.constexpr(int(Const.MAX_STEP))
 _SCALE: tl.constexpr = tl.constexpr(int(Const.SCALE))
+_CLIP_MAX: tl.constexpr = tl.constexpr(int(Const.CLIP_MAX))
+_CLIP_EPS: tl.constexpr = tl.constexpr(int(Const.CLIP_EPS))
 _REC_PARTIALS: tl.constexpr = tl.constexpr(REC_PARTIALS)
 _REC_SUMS: tl.constexpr = tl.constexpr(REC_SUMS)
 
@@ -110,18 +116,58 @@ def _accumulate_kernel(grad_ptr, sum_ptr, n, FIRST: tl.constexpr, BLOCK: tl.cons
 
 
 @triton.jit
-def _direction_kernel(grad_ptr, sum_ptr, d_ptr, theta_ptr, part_ptr,
-                      lo, hi, part_stride, part_base,
+def _grad_sqnorm_kernel(grad_ptr, sum_ptr, part_ptr, n, part_base, inv_m,
+                        SUMMED: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-program partial sums of ‖ḡ‖², ḡ = (sum + grad)·inv_m (or grad) formed as the
+    direction kernel forms it; program p writes part[part_base + p]. Reads only."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(pid * BLOCK, n, nprog * BLOCK):  # int64 when n needs it
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+        if SUMMED:
+            g = (tl.load(sum_ptr + offs, mask=mask, other=0.0) + g.to(tl.float32)) * inv_m
+        else:
+            g = g.to(tl.float32)
+        acc += g * g
+    tl.store(part_ptr + part_base + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _direction_kernel(grad_ptr, sum_ptr, d_ptr, theta_ptr, part_ptr, clip_ptr, consts_ptr,
+                      norm_ptr, lo, hi, part_stride, part_base, nclip, store_norm,
                       inv_m, beta, e0, e1, e2, wd0, wd1, wd2, wd3,
                       SUMMED: tl.constexpr, HAS_MOM: tl.constexpr, HAS_WD: tl.constexpr,
-                      LINE_TERMS: tl.constexpr, BLOCK: tl.constexpr):
-    """ḡ = (sum + grad)·inv_m + wd·θ;  d = β·d + ḡ;  grad = 0; per-program partial sums.
+                      LINE_TERMS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+                      CLIP_BLOCK: tl.constexpr):
+    """ḡ = c·(sum + grad)·inv_m + wd·θ;  d = β·d + ḡ;  grad = 0; per-program partial sums.
 
     Programs stride over the tiles of [lo, hi); program p writes partial sum k (layout.Partial)
-    to part[k·part_stride + part_base + p].
+    to part[k·part_stride + part_base + p]. c: 1 (CLIP 0), the fp64 scalar at clip_ptr (CLIP
+    1), or (CLIP 2) the clipping factor from the nclip rows of ‖ḡ‖² at clip_ptr, summed by every
+    program in the same fixed order (so no launch of its own), with the line's constants;
+    with store_norm, program 0 stores [‖ḡ‖, c] at norm_ptr. ⟨ḡ, d⟩ takes the unclipped ḡ.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    if CLIP == 1:
+        scale = tl.load(clip_ptr).to(tl.float32)
+    elif CLIP == 2:
+        sq = tl.zeros([CLIP_BLOCK], dtype=tl.float64)
+        for r0 in range(0, nclip, CLIP_BLOCK):
+            r = r0 + tl.arange(0, CLIP_BLOCK)
+            sq += tl.load(clip_ptr + r, mask=r < nclip, other=0.0).to(tl.float64)
+        norm = tl.sqrt(tl.sum(sq, axis=0))
+        factor = tl.load(consts_ptr + _CLIP_MAX) / (norm + tl.load(consts_ptr + _CLIP_EPS))
+        factor = tl.where(factor < 1.0, factor, 1.0)
+        factor = tl.where((norm * 0.0) == 0.0, factor, norm * 0.0)  # NaN: the update skips
+        if store_norm != 0:
+            if pid == 0:
+                tl.store(norm_ptr, norm)
+                tl.store(norm_ptr + 1, factor)
+        scale = factor.to(tl.float32)
     acc_dd = tl.zeros([BLOCK], dtype=tl.float32)
     acc_gd = tl.zeros([BLOCK], dtype=tl.float32)
     acc_wdd = tl.zeros([BLOCK], dtype=tl.float32)
@@ -135,6 +181,9 @@ def _direction_kernel(grad_ptr, sum_ptr, d_ptr, theta_ptr, part_ptr,
             g = (tl.load(sum_ptr + offs, mask=mask, other=0.0) + grad.to(tl.float32)) * inv_m
         else:
             g = grad.to(tl.float32)
+        if CLIP != 0:
+            g_loss = g  # unclipped, for ⟨ḡ, d⟩
+            g = g * scale
         if HAS_WD:
             theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             wd = tl.where(offs < e0, wd0, tl.where(offs < e1, wd1, tl.where(offs < e2, wd2, wd3)))
@@ -147,23 +196,30 @@ def _direction_kernel(grad_ptr, sum_ptr, d_ptr, theta_ptr, part_ptr,
         tl.store(grad_ptr + offs, tl.zeros_like(grad), mask=mask)
         acc_dd += d * d
         if LINE_TERMS:
-            acc_gd += g * d
+            if CLIP != 0:
+                acc_gd += g_loss * d  # + Σ wd·⟨θ, d⟩ below: ⟨ḡ + wd·θ, d⟩
+            else:
+                acc_gd += g * d
             if HAS_WD:
                 acc_wdd += tl.where(wd != 0.0, wd * (d * d), 0.0)
                 acc_wtd += tl.where(wd != 0.0, wd * (theta * d), 0.0)
                 acc_wtt += tl.where(wd != 0.0, wd * (theta * theta), 0.0)
     row = part_base + pid
     tl.store(part_ptr + _DD * part_stride + row, tl.sum(acc_dd, axis=0))
-    tl.store(part_ptr + _GD * part_stride + row, tl.sum(acc_gd, axis=0))
+    gd = tl.sum(acc_gd, axis=0)
+    if CLIP != 0:
+        if HAS_WD:
+            gd += tl.sum(acc_wtd, axis=0)
+    tl.store(part_ptr + _GD * part_stride + row, gd)
     tl.store(part_ptr + _WD_DD * part_stride + row, tl.sum(acc_wdd, axis=0))
     tl.store(part_ptr + _WD_TD * part_stride + row, tl.sum(acc_wtd, axis=0))
     tl.store(part_ptr + _WD_TT * part_stride + row, tl.sum(acc_wtt, axis=0))
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, out_ptr, nrows, part_stride, RBLOCK: tl.constexpr):
-    """out[k] = Σ_rows part[k, row] in fp64, always in the same order (one program)."""
-    for k in tl.static_range(_NPART):
+def _reduce_kernel(part_ptr, out_ptr, nrows, part_stride, K: tl.constexpr, RBLOCK: tl.constexpr):
+    """out[k] = Σ_rows part[k, row] (k < K) in fp64, always in the same order (one program)."""
+    for k in tl.static_range(K):
         acc = tl.zeros([RBLOCK], dtype=tl.float64)
         for start in range(0, nrows, RBLOCK):
             rows = start + tl.arange(0, RBLOCK)
@@ -419,6 +475,7 @@ class _Workspace:
         self.stride = MAX_PROGRAMS * len(self.launches)
         self.partials = torch.zeros(NPART * self.stride, dtype=torch.float32, device=flat.device)
         self.out = torch.zeros(NPART, dtype=torch.float64, device=flat.device)
+        self.sqnorm = torch.zeros((), dtype=torch.float64, device=flat.device)
 
 
 _WS: "weakref.WeakKeyDictionary[Flat, _Workspace]" = weakref.WeakKeyDictionary()
@@ -443,14 +500,40 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device, non_blocking=True)
 
 
+def _sqnorm_rows(flat: Flat, buf: torch.Tensor, row: int, *, summed: bool, inv_m: float,
+                 run: Callable = call) -> int:
+    """The ‖ḡ‖² pass over one flat, its per-program sums written to buf[row], buf[row+1], ...;
+    returns the next free row."""
+    if summed and flat.grad_sum is None:
+        raise RuntimeError("grad_sqnorm(summed=True) before any accumulate()")
+    nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(flat.numel, BLOCK)))
+    run(_launch, _grad_sqnorm_kernel, (nprog,), flat.grad,
+        flat.grad_sum if summed else flat.grad, buf, flat.numel, row, float(inv_m),
+        SUMMED=bool(summed), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return row + nprog
+
+
+class _Clip(NamedTuple):
+    """How direction launches scale ḡ: (mode 1) by the device scalar `src`, or (mode 2) by the
+    factor each derives from the `nrows` rows of ‖ḡ‖² in `src` and the line's `consts`, the
+    first launch (`store`) keeping [‖ḡ‖, factor] in `out` (line.clip)."""
+    mode: int
+    src: torch.Tensor
+    nrows: int = 0
+    consts: Optional[torch.Tensor] = None
+    out: Optional[torch.Tensor] = None
+    store: bool = False
+
+
 def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, summed: bool,
                     inv_m: float, momentum: float, decays: Sequence[float],
-                    line_terms: bool, run: Callable = call) -> int:
+                    line_terms: bool, clip: Optional[_Clip] = None, run: Callable = call) -> int:
     """The direction pass over one flat, its per-program partial sums written to rows
     row, row+1, ... of `buf` (partial k at k·stride); returns the next free row. Each launch
     goes through `run` (base.Backend: a fused composite's ops are its launches)."""
     if summed and flat.grad_sum is None:
         raise RuntimeError("form_direction(summed=True) before any accumulate()")
+    clip = clip or _Clip(0, buf)  # off: `buf` stands in for the pointers the kernel ignores
     decays = [float(w) for w in decays] or [0.0]
     grad_sum = flat.grad_sum if summed else flat.grad
     for i, segments in enumerate(_ws(flat).launches):
@@ -459,13 +542,16 @@ def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, sum
         ends += [hi] * (_SEGS - 1 - len(ends))
         wds = decays[i * _SEGS:i * _SEGS + len(segments)]
         wds += [0.0] * (_SEGS - len(wds))
-        nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, DIRECTION_BLOCK)))
+        block = CLIP_LINE_BLOCK if clip.mode and line_terms else DIRECTION_BLOCK
+        nprog = max(1, min(MAX_PROGRAMS, triton.cdiv(hi - lo, block)))
         run(_launch, _direction_kernel, (nprog,),
-            flat.grad, grad_sum, flat.direction, flat.param, buf,
-            lo, hi, stride, row, float(inv_m), float(momentum), *ends, *wds,
+            flat.grad, grad_sum, flat.direction, flat.param, buf, clip.src,
+            buf if clip.consts is None else clip.consts, buf if clip.out is None else clip.out,
+            lo, hi, stride, row, clip.nrows, int(clip.store and i == 0), float(inv_m),
+            float(momentum), *ends, *wds,
             SUMMED=bool(summed), HAS_MOM=momentum != 0.0,
-            HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms),
-            BLOCK=DIRECTION_BLOCK, num_warps=DIRECTION_WARPS)
+            HAS_WD=any(w != 0.0 for w in wds), LINE_TERMS=bool(line_terms), CLIP=clip.mode,
+            BLOCK=block, CLIP_BLOCK=CLIP_BLOCK, num_warps=DIRECTION_WARPS)
         row += nprog
     return row
 
@@ -479,20 +565,34 @@ def _line_rows(flats: Sequence[Flat], line: Line) -> Optional[Tuple[torch.Tensor
     if line.rows is None:
         stride = sum(MAX_PROGRAMS * len(_ws(f).launches) for f in flats)
         line.rows = (torch.zeros(NPART * stride, dtype=torch.float32, device=dev), stride)
+        if line.hyper.max_grad_norm is not None:
+            line.clip_rows = torch.zeros(MAX_PROGRAMS * len(flats), dtype=torch.float32,
+                                         device=dev)
     return line.rows
 
 
 def _direction_into_line(rows: Tuple[torch.Tensor, int], flats, decays, line: Line, *, m: int,
                          momentum: float, line_terms: bool, run: Callable) -> None:
     """The direction pass over every flat into the rows of `_line_rows`, then one reduction
-    of all of them into line.partials."""
+    of all of them into line.partials. With clipping, first one ‖ḡ‖² pass per flat: the
+    direction launches derive the factor from its rows themselves."""
     buf, stride = rows
+    clip = None
+    if line.hyper.max_grad_norm is not None:
+        nclip = 0
+        for flat in flats:
+            nclip = _sqnorm_rows(flat, line.clip_rows, nclip, summed=m > 1, inv_m=1.0 / m,
+                                 run=run)
+        clip = _Clip(2, line.clip_rows, nclip, line.consts, line.clip, store=True)
     row = 0
     for flat, wd in zip(flats, decays):
         row = _direction_rows(flat, buf, stride, row, summed=m > 1, inv_m=1.0 / m,
-                              momentum=momentum, decays=wd, line_terms=line_terms, run=run)
+                              momentum=momentum, decays=wd, line_terms=line_terms, clip=clip,
+                              run=run)
+        if clip is not None:
+            clip = clip._replace(store=False)  # ‖ḡ‖ is stored once
     run(_launch, _reduce_kernel, (1,), buf, line.partials, row, stride,
-        RBLOCK=REDUCE_BLOCK, num_warps=4)
+        K=NPART, RBLOCK=REDUCE_BLOCK, num_warps=4)
 
 
 # ====================================================================== the contract
@@ -528,18 +628,31 @@ class TritonBackend(EagerBackend):
         _launch(_accumulate_kernel, _grid(flat.numel), flat.grad, flat.need_grad_sum(),
                 flat.numel, FIRST=bool(first), BLOCK=BLOCK, num_warps=NUM_WARPS)
 
+    def grad_sqnorm(self, flat: Flat, *, summed: bool, inv_m: float) -> torch.Tensor:
+        if not _fast(flat):
+            return super().grad_sqnorm(flat, summed=summed, inv_m=inv_m)
+        ws = _ws(flat)
+        rows = _sqnorm_rows(flat, ws.partials, 0, summed=summed, inv_m=inv_m)
+        _launch(_reduce_kernel, (1,), ws.partials, ws.sqnorm, rows, ws.stride,
+                K=1, RBLOCK=REDUCE_BLOCK, num_warps=4)
+        return ws.sqnorm
+
     def form_direction(self, flat: Flat, *, summed: bool, inv_m: float, momentum: float,
-                       decays: Sequence[float], line_terms: bool) -> torch.Tensor:
+                       decays: Sequence[float], line_terms: bool,
+                       grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns the partial sums in a buffer of this flat that the next call overwrites.
         Unlike eager, ḡ is not left in grad_sum (it is scratch there; nothing reads it)."""
         if not _fast(flat):
             return super().form_direction(flat, summed=summed, inv_m=inv_m, momentum=momentum,
-                                          decays=decays, line_terms=line_terms)
+                                          decays=decays, line_terms=line_terms,
+                                          grad_scale=grad_scale)
         ws = _ws(flat)
+        clip = None if grad_scale is None else _Clip(1, _on(grad_scale, flat.device))
         rows = _direction_rows(flat, ws.partials, ws.stride, 0, summed=summed, inv_m=inv_m,
-                               momentum=momentum, decays=decays, line_terms=line_terms)
+                               momentum=momentum, decays=decays, line_terms=line_terms,
+                               clip=clip)
         _launch(_reduce_kernel, (1,), ws.partials, ws.out, rows, ws.stride,
-                RBLOCK=REDUCE_BLOCK, num_warps=4)
+                K=NPART, RBLOCK=REDUCE_BLOCK, num_warps=4)
         return ws.out
 
     # -- composite steps, fused where every flat runs on the kernels ---------------------
@@ -609,7 +722,9 @@ class TritonLine(Line):
         consts = [0.0] * NCONST
         for index, value in ((Const.EPS, hyper.epsilon), (Const.NORM_LOW, low),
                              (Const.NORM_HIGH, high), (Const.ALPHA, hyper.update_step_adaptation),
-                             (Const.MAX_STEP, hyper.max_step_size), (Const.SCALE, self.scale)):
+                             (Const.MAX_STEP, hyper.max_step_size), (Const.SCALE, self.scale),
+                             (Const.CLIP_MAX, hyper.max_grad_norm or 0.0),
+                             (Const.CLIP_EPS, CLIP_EPS)):
             consts[index] = value
         self.consts = torch.tensor(consts, **f64)
         self._index = {s: j for j, s in enumerate(hyper.line_positions)}
@@ -620,6 +735,7 @@ class TritonLine(Line):
         self._p_block = max(2, _next_pow2(self._npos))
         self._a_block = max(2, _next_pow2(hyper.averaging_window))
         self.rows: Optional[Tuple[torch.Tensor, int]] = None  # the fused direction's rows
+        self.clip_rows: Optional[torch.Tensor] = None  # and those of ‖ḡ‖² (clipping)
 
     def record(self, j: int, loss: torch.Tensor) -> None:
         y = loss.detach().reshape(())
