@@ -615,12 +615,15 @@ class LABPAL(torch.optim.Optimizer):
             # the learning rate is part of the line state below, not of the groups
             groups.append({"params": ids, "weight_decay": group["weight_decay"]})
         measuring = self._phase == MEASURING
+        # an unfinished update's gradient sum is this rank's own until its last call averages it
+        # (DDP model= with m > 1): not saved; the update starts over at load, on every rank alike
+        local_sum = self._dist is not None and self._dist.ddp is not None and self.counters.m > 1
         state: Dict[int, Dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for flat in self.flats:
                 direction = flat.origin if measuring and self._formed else flat.direction
                 sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and not measuring \
-                    and self.counters.acc > 0 else [None] * len(flat.params)
+                    and self.counters.acc > 0 and not local_sum else [None] * len(flat.params)
                 for p, d, s in zip(flat.params, flat.slices(direction), sums):
                     entry = {"direction": d.clone()}
                     if s is not None:
@@ -629,6 +632,8 @@ class LABPAL(torch.optim.Optimizer):
         counters = asdict(self.counters)
         if measuring:  # resume by starting this measurement over, parameters untouched
             counters.update(acc=0, pending=True)
+        elif local_sum:
+            counters.update(acc=0)
         return {
             "state": state,
             "param_groups": groups,

@@ -1,0 +1,253 @@
+"""LABPAL under torch.distributed: real gloo process groups of CPU ranks (tests/dist_cases.py).
+
+The oracle of every run on N ranks is one process on the whole batch: each rank's closure sees
+its share (rows rank, rank+N, ...) of the same global batch, and the line, the rates and the
+parameters must match the single process to rounding (float64 models, no dropout or BatchNorm).
+Across ranks they must agree bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from labpal_fast import LABPAL
+
+from dist_cases import run_ranks
+
+PER_RANK = 4          # batch_size: the per-rank batch
+# ν = (128/(ranks·batch_size))·(N/40000) is 1 on the global batch of 8 (2 ranks · 4, or the single
+# process's 8), so the schedule's multiplier 2 from call 30 on gives m = 2 everywhere; were the
+# per-rank batch used, ranks would take m = 2 from the start and part from the single process.
+GLOBAL = 8
+DATASET = 40000 * GLOBAL // 128
+
+
+def hyper(ranks: int, **over):
+    h = dict(approximation_batches=2, reuse_updates=4, warmup_updates=6, averaging_window=3,
+             dataset_size=DATASET, batch_size=GLOBAL // ranks,
+             batch_size_schedule=((0, 1), (30, 2)), sample_positions=(0.0, 0.03, 0.1))
+    h.update(over)
+    return h
+
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).double()
+
+
+def global_batches(n: int, seed: int = 1, size: int = GLOBAL):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 6, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+
+
+def build(case: dict, ranks: int):
+    """The model, what the closure calls, and LABPAL, as `case` says: wrap="model" (DDP passed
+    as model=), "ddp" (DDP, not passed), "none" (one process)."""
+    model = net()
+    wrap = case["wrap"] if ranks > 1 else "none"
+    called = model
+    if wrap != "none":
+        called = DDP(model, gradient_as_bucket_view=case.get("bucket_view", False))
+    groups = [{"params": list(model[0].parameters()), "weight_decay": case.get("wd", 0.0)},
+              {"params": list(model[2].parameters())}]
+    opt = LABPAL(groups, model=called if wrap == "model" else model, mode=case["mode"],
+                 momentum=case["momentum"], **hyper(ranks))
+    return model, called, opt
+
+
+def train(model, called, opt, batches, rank: int, ranks: int, start: int = 0):
+    for x, y in batches[start:]:
+        xs, ys = x[rank::ranks], y[rank::ranks]
+        opt.step(lambda: torch.nn.functional.cross_entropy(called(xs), ys))
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "lr": opt.param_groups[0]["lr"].item(), "updates": opt.updates,
+            "records": opt.measurements()}
+
+
+def local(record) -> bool:
+    """Records of measurements that ended before the line's collective (abandoned, interrupted)
+    hold the rank's own loss samples at position 0 (README)."""
+    return bool(record["reason"]) and record["reason"].split(":")[0] in ("abandoned", "interrupted")
+
+
+def same_records(a, b) -> bool:
+    """Bit for bit, NaN equal to NaN; local samples left out."""
+    def key(r):
+        out = {k: v for k, v in r.items()
+               if not (local(r) and k in ("mean_losses", "counts"))}
+        return repr(out)  # repr: nan == nan
+    return len(a) == len(b) and all(key(x) == key(y) for x, y in zip(a, b))
+
+
+CASES = [
+    dict(mode="NSGD", momentum=0.9, wd=1e-3, wrap="model"),
+    dict(mode="SGD", momentum=0.5, wd=1e-2, wrap="model", bucket_view=True),
+    dict(mode="NSGD", momentum=0.0, wd=0.0, wrap="ddp"),
+]
+CALLS = 50
+
+
+def _cases_worker(rank, world, cases, calls):
+    out = []
+    for case in cases:
+        model, called, opt = build(case, world)
+        out.append(train(model, called, opt, global_batches(calls), rank, world))
+    return out
+
+
+def _check_ranks_and_oracle(results, cases, calls, ranks):
+    for i, case in enumerate(cases):
+        model, called, opt = build(case, 1)
+        oracle = train(model, called, opt, global_batches(calls), 0, 1)
+        valid = [r for r in oracle["records"] if r["valid"]]
+        assert len(valid) >= 3 and {r["m"] for r in valid} == {1, 2}, oracle["records"]
+        first = results[0][i]
+        for other in results[1:]:  # bit for bit across ranks
+            got = other[i]
+            assert all(torch.equal(a, b) for a, b in zip(first["params"], got["params"])), case
+            assert first["lr"] == got["lr"] and same_records(first["records"], got["records"])
+        # one process on the whole batch, to rounding
+        assert first["updates"] == oracle["updates"]
+        assert [r["reason"] for r in first["records"]] == [r["reason"] for r in oracle["records"]]
+        for r, o in zip(first["records"], oracle["records"]):
+            assert r["call"] == o["call"] and r["m"] == o["m"], (r, o)
+            assert r["counts"] == [c * (1 if local(r) else ranks) for c in o["counts"]], (r, o)
+            for key in ("s_min", "s_upd", "eta"):
+                assert r[key] == pytest.approx(o[key], rel=1e-9, abs=1e-15, nan_ok=True), (key, r, o)
+        assert first["lr"] == pytest.approx(oracle["lr"], rel=1e-9)
+        for a, b in zip(first["params"], oracle["params"]):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), (case, (a - b).abs().max())
+
+
+def test_ranks_bit_identical_and_equal_to_one_process(backend):
+    """2 ranks, DDP as model= (with and without gradient_as_bucket_view) and DDP not passed;
+    both modes, momentum, weight decay; m = 1 then 2 (the multiplier's change measures again)."""
+    results = run_ranks(_cases_worker, 2, CASES, CALLS, backend=backend, deadline=240)
+    _check_ranks_and_oracle(results, CASES, CALLS, 2)
+
+
+def test_four_ranks_match_one_process():
+    cases = [dict(mode="NSGD", momentum=0.9, wd=1e-3, wrap="model")]
+    results = run_ranks(_cases_worker, 4, cases, CALLS, deadline=120)
+    _check_ranks_and_oracle(results, cases, CALLS, 4)
+
+
+# ---------------------------------------------------------------- collectives and host reads
+class Watch(TorchDispatchMode):
+    """The collectives (name, bytes sent) and host reads of the code it wraps."""
+
+    def __init__(self):
+        super().__init__()
+        self.collectives, self.syncs = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            first = args[0]
+            tensors = first if isinstance(first, (list, tuple)) else [first]
+            if func.__name__.startswith("allgather"):
+                tensors = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            self.collectives.append((func.__name__.split(".")[0],
+                                     sum(t.numel() * t.element_size() for t in tensors)))
+        elif func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_worker(rank, world, wrap, m, calls):
+    model = net()
+    called = DDP(model)
+    opt = LABPAL(model.parameters(), model=called if wrap == "model" else model, momentum=0.9,
+                 **hyper(world, batch_size_schedule=((0, m),)))
+    per_call = []
+    for x, y in global_batches(calls):
+        xs, ys = x[rank::world], y[rank::world]
+        with Watch() as w:
+            opt.step(lambda: torch.nn.functional.cross_entropy(called(xs), ys))
+        # DDP rebuilds its buckets once, broadcasting from rank 0 (not a per-step cost)
+        per_call.append(([c for c in w.collectives if c[0] != "broadcast_"], w.syncs))
+    return per_call, opt.measurements(), sum(p.numel() * 8 for p in model.parameters())
+
+
+@pytest.mark.parametrize("wrap", ["model", "ddp"])
+def test_collectives_and_host_reads_per_update_and_measurement(wrap):
+    """DDP as model=: one gradient all-reduce per update of m = 3 calls; DDP not passed: m.
+    A measurement adds one all-gather of its line row; no host read in TRAINING, <= 2 per
+    measurement."""
+    m, k = 3, 2
+    per_call, records, grad_bytes = run_ranks(_count_worker, 2, wrap, m, 40)[0]
+    measuring = set()
+    for r in records:
+        length = m if r["reason"] and r["reason"].startswith("abandoned") else k * m
+        measuring.update(range(r["call"], r["call"] + length))
+        syncs = sum(per_call[c][1] for c in range(r["call"], r["call"] + length))
+        assert 1 <= syncs <= 2, r
+        gathers = [c for call in range(r["call"], r["call"] + length)
+                   for c in per_call[call][0] if c[0] != "allreduce_"]
+        assert len(gathers) == (0 if length == m else 1), (r, gathers)
+    assert len(records) >= 3 and any(r["valid"] for r in records)
+    train_calls = [c for c in range(len(per_call)) if c not in measuring]
+    assert len(train_calls) >= 3 * m and all(per_call[c][1] == 0 for c in train_calls)
+    reduces = [per_call[c][0] for c in train_calls]
+    for i, found in enumerate(reduces):
+        assert all(name == "allreduce_" for name, _ in found)
+        if wrap == "ddp":          # DDP's own reduce in every backward
+            assert len(found) == 1 and found[0][1] == grad_bytes
+        else:                      # LABPAL's, once, at the m-th call of each update
+            last = (train_calls[i] - min(train_calls)) % m == m - 1
+            assert found == ([("allreduce_", grad_bytes)] if last else []), (i, found)
+
+
+# ---------------------------------------------------------------- checkpoints
+CKPT_CASE = dict(mode="SGD", momentum=0.9, wd=1e-3, wrap="model")
+
+
+def _checkpoint_worker(rank, world, path, save_at, calls):
+    batches = global_batches(calls)
+    model, called, opt = build(CKPT_CASE, world)
+    full = train(model, called, opt, batches, rank, world)
+    resumed = []
+    for at in save_at:
+        model, called, opt = build(CKPT_CASE, world)
+        train(model, called, opt, batches[:at], rank, world)
+        phase, acc = opt.phase, opt.counters.acc
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+        dist.barrier()
+        saved = torch.load(path, weights_only=False)
+        model, called, opt = build(CKPT_CASE, world)
+        with torch.no_grad():  # the fresh model must get everything from the checkpoint
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        resumed.append((phase, acc, train(model, called, opt, batches, rank, world, start=at)))
+        dist.barrier()  # before rank 0 writes the next checkpoint
+    return full, resumed
+
+
+def test_checkpoint_saved_on_rank_0_resumes_exactly(tmp_path):
+    # 35: in an update of m = 2; 17: between updates; 31: in a measurement
+    results = run_ranks(_checkpoint_worker, 2, str(tmp_path / "ckpt.pt"), (35, 17, 31), 50,
+                        deadline=120)
+    (full, resumed), (full1, resumed1) = results
+    assert all(torch.equal(a, b) for a, b in zip(full["params"], full1["params"]))
+    for (_, _, got), (_, _, other) in zip(resumed, resumed1):  # across ranks: bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(got["params"], other["params"]))
+        assert got["lr"] == other["lr"] and same_records(got["records"], other["records"])
+    assert [(phase, acc) for phase, acc, _ in resumed] == [
+        ("training", 1), ("training", 0), ("measuring", 0)]
+    for (phase, acc, got), exact in zip(resumed, (False, True, False)):
+        if exact:  # saved between updates: bit for bit the uninterrupted run
+            assert all(torch.equal(a, b) for a, b in zip(got["params"], full["params"]))
+            assert got["lr"] == full["lr"] and same_records(got["records"], full["records"])
+        else:  # in a measurement, or in an update whose gradients are rank-local (DDP model=,
+            # m > 1): it starts over at load, alike on every rank (checked above)
+            assert got["updates"] < full["updates"]
