@@ -79,10 +79,11 @@ def local(record) -> bool:
 
 
 def same_records(a, b) -> bool:
-    """Bit for bit, NaN equal to NaN; local samples left out."""
+    """Bit for bit, NaN equal to NaN; local samples (and what each rank says about its own
+    interruption) left out."""
     def key(r):
         out = {k: v for k, v in r.items()
-               if not (local(r) and k in ("mean_losses", "counts"))}
+               if not (local(r) and k in ("mean_losses", "counts", "reason"))}
         return repr(out)  # repr: nan == nan
     return len(a) == len(b) and all(key(x) == key(y) for x, y in zip(a, b))
 
@@ -251,3 +252,140 @@ def test_checkpoint_saved_on_rank_0_resumes_exactly(tmp_path):
         else:  # in a measurement, or in an update whose gradients are rank-local (DDP model=,
             # m > 1): it starts over at load, alike on every rank (checked above)
             assert got["updates"] < full["updates"]
+
+
+# ---------------------------------------------------------------- faults and misuse
+FAULT_CASE = dict(mode="NSGD", momentum=0.9, wd=1e-3, wrap="model")
+FAULT_FROM = 10    # the first line evaluated from this call on fails
+
+
+def _closure(called, xs, ys, explode):
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if explode is not None and calls[0] == 2:  # its repeat in the line evaluations
+            explode()
+        return torch.nn.functional.cross_entropy(called(xs), ys)
+    return closure
+
+
+class Boom(Exception):
+    pass
+
+
+def _raise():
+    raise Boom("a closure failed on this rank")
+
+
+def _exit():
+    os._exit(3)
+
+
+def _fault_worker(rank, world, failing_rank, how, calls):
+    """`failing_rank`'s closure fails in the first line evaluations from call FAULT_FROM on
+    (how: "raise", caught and stepped on; "exit": the process dies)."""
+    model, called, opt = build(FAULT_CASE, world)
+    batches = global_batches(calls)
+    out = {}
+    for i, (x, y) in enumerate(batches):
+        xs, ys = x[rank::world], y[rank::world]
+        explode = None
+        if i >= FAULT_FROM and rank == failing_rank and "call" not in out:
+            explode = _raise if how == "raise" else _exit
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step(_closure(called, xs, ys, explode))
+        except Exception as exc:
+            out.update(call=i, error=type(exc).__name__, message=str(exc), phase=opt.phase,
+                       at_origin=all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+            if how == "exit":
+                break
+    out.update(train(model, called, opt, [], rank, world))
+    return out
+
+
+def test_exception_on_one_rank_in_a_measurement():
+    """Rank 0's closure raises in the line evaluations and rank 0 steps on: it joins the pending
+    collective with its error flag, so rank 1 ends the measurement too (RuntimeError naming
+    rank 0, not a timeout); both are at the line's origin and go on in step, bit for bit."""
+    results = run_ranks(_fault_worker, 2, 0, "raise", 30, timeout=30.0, deadline=120)
+    (r0, r1) = results
+    assert r0["call"] == r1["call"] >= FAULT_FROM
+    assert r0["error"] == "Boom"
+    assert r1["error"] == "RuntimeError" and "raised on rank(s) [0]" in r1["message"]
+    assert r0["at_origin"] and r1["at_origin"] and r0["phase"] == r1["phase"] == "training"
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    assert r0["lr"] == r1["lr"] and r0["updates"] == r1["updates"] > FAULT_FROM // 2
+    ended = [r["reason"] for r in r0["records"] + r1["records"]
+             if r["call"] <= r0["call"] and r["reason"] and r["reason"].startswith("interrupted")]
+    assert len(ended) == 2 and all(e.startswith("interrupted") for e in ended), ended
+    assert any(r["valid"] and r["call"] > r0["call"] for r in r0["records"])
+    assert same_records(r0["records"], r1["records"])
+
+
+def test_rank_that_dies_in_a_measurement_does_not_hang_the_others():
+    """Rank 0's process exits in the line evaluations: rank 1's collective fails (gloo reports
+    the lost peer, at the latest at the process group's timeout), which ends its measurement at
+    the line's origin, and step() raises it."""
+    results = run_ranks(_fault_worker, 2, 0, "exit", 30, timeout=5.0, deadline=60, exits=(0,))
+    r1 = results[1]
+    assert r1["call"] >= FAULT_FROM and r1["error"] in ("RuntimeError", "DistBackendError")
+    assert r1["at_origin"] and r1["phase"] == "training"
+    assert r1["records"][-1]["reason"].startswith("interrupted")
+
+
+def _misuse_worker(rank, world):
+    out = {}
+    batches = global_batches(12)
+    # 1. no DDP: each rank's gradient is its own, the directions differ
+    model = net()
+    opt = LABPAL(model.parameters(), **hyper(world))
+    start = [p.detach().clone() for p in model.parameters()]
+    try:
+        train(model, model, opt, batches[:2], rank, world)
+    except RuntimeError as exc:
+        out["differ"] = (str(exc), all(torch.equal(a, b) for a, b in zip(start, model.parameters())))
+    # 2. out of step: rank 1 makes one more call (its gradient is zero: θ is unchanged), so its
+    # next measurement starts at another call than rank 0's
+    model = net()
+    opt = LABPAL(model.parameters(), **hyper(world, reuse_updates=2))
+    try:
+        for i, (x, y) in enumerate(batches):  # the whole batch on both ranks: equal directions
+            opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+            if i == 3 and rank == 1:
+                opt.step(lambda: 0.0 * model(x).sum())
+    except RuntimeError as exc:
+        out["out_of_step"] = (i, str(exc))
+    # 3. process_group: checked; a group of this rank alone opts out
+    model = net()
+    for bad in (object(), "gloo"):
+        try:
+            LABPAL(model.parameters(), process_group=bad)
+        except TypeError as exc:
+            out.setdefault("type", []).append(str(exc))
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    opt = LABPAL(model.parameters(), process_group=alone, **hyper(world))
+    out["alone"] = train(model, model, opt, batches, rank, world)
+    ddp = DDP(net())
+    try:
+        LABPAL(ddp.parameters(), model=ddp, process_group=alone)
+    except ValueError as exc:
+        out["ddp_group"] = str(exc)
+    return out
+
+
+def test_misuse_fails_loudly_on_every_rank():
+    r0, r1 = run_ranks(_misuse_worker, 2, deadline=90)
+    for r in (r0, r1):
+        message, at_origin = r["differ"]
+        assert "directions differ" in message and "DistributedDataParallel" in message
+        assert at_origin
+        call, message = r["out_of_step"]
+        assert "different measurements" in message and "where each started: {0: (" in message
+        assert len(r["type"]) == 2 and all("process_group must be" in m for m in r["type"])
+        assert "process_group is not the process group" in r["ddp_group"]
+    assert r0["out_of_step"][1] == r1["out_of_step"][1]  # the same message on every rank
+    # alone: no collective, each rank fits its own samples (the ranks' parameters part)
+    assert r0["alone"]["records"][0]["counts"][0] == 2
+    assert not torch.equal(r0["alone"]["params"][0], r1["alone"]["params"][0])
