@@ -387,5 +387,7 @@ def test_misuse_fails_loudly_on_every_rank():
         assert "process_group is not the process group" in r["ddp_group"]
     assert r0["out_of_step"][1] == r1["out_of_step"][1]  # the same message on every rank
     # alone: no collective, each rank fits its own samples (the ranks' parameters part)
-    assert r0["alone"]["records"][0]["counts"][0] == 2
+    # and counts its batch alone in ν: (128/4)·(N/40000) = 2, so m = 2, k·m = 4 samples
+    first = r0["alone"]["records"][0]
+    assert first["m"] == 2 and first["counts"][0] == 4
     assert not torch.equal(r0["alone"]["params"][0], r1["alone"]["params"][0])
