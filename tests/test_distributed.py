@@ -391,3 +391,30 @@ def test_misuse_fails_loudly_on_every_rank():
     first = r0["alone"]["records"][0]
     assert first["m"] == 2 and first["counts"][0] == 4
     assert not torch.equal(r0["alone"]["params"][0], r1["alone"]["params"][0])
+
+
+# ---------------------------------------------------------------- the command
+def test_command_trains_on_two_ranks(tmp_path):
+    """`labpal-fast train --nproc 2`: two spawned gloo ranks, each on half of every batch; rank 0
+    writes the outputs, and LABPAL's line samples are those of both ranks."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    k = 3
+    proc = subprocess.run(
+        [sys.executable, "-m", "labpal_fast", "train", "--task", "digits", "--steps", "10",
+         "--eval-every", "5", "--batch-size", "64", "--nproc", "2", "--approximation-batches",
+         str(k), "--device", "cpu", "--quiet", "--no-plots", "--out", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 ranks (cpu)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["nproc"] == 2
+    assert summary["runs"][0]["settings"]["batch_size"] == 32   # LABPAL's: per rank
+    lines = json.loads((out / "lines.json").read_text())["labpal"]
+    first = lines[0]
+    assert first["counts"] == [2 * k * first["m"]] * 3, first  # k·m calls on each of 2 ranks
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len([r for r in rows if ",train," in r]) == 10
