@@ -131,8 +131,9 @@ def _check_ranks_and_oracle(results, cases, calls, ranks):
 def test_ranks_bit_identical_and_equal_to_one_process(backend):
     """2 ranks, DDP as model= (with and without gradient_as_bucket_view) and DDP not passed;
     both modes, momentum, weight decay; m = 1 then 2 (the multiplier's change measures again)."""
-    results = run_ranks(_cases_worker, 2, CASES, CALLS, backend=backend, deadline=240)
-    _check_ranks_and_oracle(results, CASES, CALLS, 2)
+    cases = CASES if backend == "eager" else CASES[1:2]  # the other backends: one case (time)
+    results = run_ranks(_cases_worker, 2, cases, CALLS, backend=backend, deadline=240)
+    _check_ranks_and_oracle(results, cases, CALLS, 2)
 
 
 def test_four_ranks_match_one_process():
@@ -177,13 +178,24 @@ def _count_worker(rank, world, wrap, m, calls):
     return per_call, opt.measurements(), sum(p.numel() * 8 for p in model.parameters())
 
 
-@pytest.mark.parametrize("wrap", ["model", "ddp"])
-def test_collectives_and_host_reads_per_update_and_measurement(wrap):
+def _count_both(rank, world, m, calls):
+    return [_count_worker(rank, world, wrap, m, calls) for wrap in WRAPS]
+
+
+WRAPS = ("model", "ddp")
+
+
+def test_collectives_and_host_reads_per_update_and_measurement():
     """DDP as model=: one gradient all-reduce per update of m = 3 calls; DDP not passed: m.
     A measurement adds one all-gather of its line row; no host read in TRAINING, <= 2 per
     measurement."""
+    for wrap, result in zip(WRAPS, run_ranks(_count_both, 2, 3, 40)[0]):
+        _check_counts(wrap, result)
+
+
+def _check_counts(wrap, result):
     m, k = 3, 2
-    per_call, records, grad_bytes = run_ranks(_count_worker, 2, wrap, m, 40)[0]
+    per_call, records, grad_bytes = result
     measuring = set()
     for r in records:
         length = m if r["reason"] and r["reason"].startswith("abandoned") else k * m
