@@ -21,6 +21,7 @@ import torch
 
 from . import checkpoint
 from . import ops as backends
+from . import shards
 from .commit import Commit
 from .distributed import ERRORS, Collectives
 from .flat import Flat, build_flats
@@ -94,13 +95,17 @@ class LABPAL(torch.optim.Optimizer):
         trained = [p for p in self._params if p.requires_grad]
         if not trained:
             raise ValueError("params: LABPAL got no parameter that requires grad")
+        shards.refuse_fsdp1(trained, model)
+        placed = shards.fsdp_params(model)  # FSDP2: the flats become its sharded storage
+        shards.check_placed(trained, placed, model is not None)
         self.ops = backends.resolve(backend, {p.device for p in trained})
         self.backend = self.ops.name
+        self.ops = shards.sharded_ops(self.ops, model, placed, trained, trained[0].device)
         # the flats point p.data and p.grad into their buffers: put them back if anything fails
         # here, so a failed construction leaves the model as it was
         saved = [(p, p.data, p.grad) for p in trained]
         try:
-            self.flats: List[Flat] = build_flats(self.param_groups)
+            self.flats: List[Flat] = build_flats(self.param_groups, placed)
             self._device = self.flats[0].device
             self._cuda = cuda_indices(f.device for f in self.flats)
             self.line: Line = self.ops.make_line(self.hyper, self._device)
@@ -624,10 +629,10 @@ class LABPAL(torch.optim.Optimizer):
                 direction = flat.origin if measuring and self._formed else flat.direction
                 sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and not measuring \
                     and self.counters.acc > 0 and not local_sum else [None] * len(flat.params)
-                for p, d, s in zip(flat.params, flat.slices(direction), sums):
-                    entry = {"direction": d.clone()}
+                for i, (p, d, s) in enumerate(zip(flat.params, flat.slices(direction), sums)):
+                    entry = {"direction": flat.saved(i, d)}
                     if s is not None:
-                        entry["grad_sum"] = s.clone()
+                        entry["grad_sum"] = flat.saved(i, s)
                     state[index[id(p)]] = entry
         counters = asdict(self.counters)
         if measuring:  # resume by starting this measurement over, parameters untouched
