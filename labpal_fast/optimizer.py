@@ -639,7 +639,7 @@ class LABPAL(torch.optim.Optimizer):
             counters.update(acc=0, pending=True)
         elif local_sum:
             counters.update(acc=0)
-        return {
+        return shards.fixed_layout(self, {
             "state": state,
             "param_groups": groups,
             "labpal": {
@@ -652,7 +652,7 @@ class LABPAL(torch.optim.Optimizer):
                 "records": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in r.items()}
                             for r in self._records],
             },
-        }
+        })
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restores a state saved by `state_dict` from an optimizer over the same parameters.

@@ -1,0 +1,219 @@
+"""FSDP2 (fully_shard) with LABPAL: real gloo process groups of spawned CPU ranks.
+
+Oracle: the same model and data in one process, a plain LABPAL on the whole global batch. Each
+rank holds its share of every global batch (equal shares: the mean of the ranks' mean losses is
+the global mean loss, and FSDP2 averages the gradients), so the line samples, ‖d‖², ⟨ḡ, d⟩ and
+the weight-decay terms, and so every step, are those of the one process up to the order of
+float additions. The models are float64, without BatchNorm or dropout.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_cases import run_ranks
+
+D_IN, D_HID, D_OUT = 6, 9, 3   # odd sizes: uneven shards, padding, an empty shard on 4 ranks
+BATCH = 8                      # global batch per closure call (each rank: BATCH / world rows)
+CALLS = 28
+HYPER = dict(batch_size_schedule=((0, 2),), noise_factor=1.0, approximation_batches=2,
+             reuse_updates=3, warmup_updates=3, averaging_window=2,
+             sample_positions=(0.0, 0.1, 0.3), max_step_size=5.0, update_step_adaptation=1.0)
+# relative deviation from the one-process run allowed after CALLS calls (float64)
+TOLERANCE = 1e-9
+
+
+class Net(torch.nn.Module):
+    """Two linear blocks and a root parameter `bias`: added to the output (`in_forward`), or
+    only in a penalty of its own, so that its gradient is the same on every rank even when no
+    fully_shard manages it."""
+
+    def __init__(self, seed: int, in_forward: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.hidden = torch.nn.Linear(D_IN, D_HID, dtype=torch.float64)
+        self.out = torch.nn.Linear(D_HID, D_OUT, dtype=torch.float64)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(D_OUT, generator=g, dtype=torch.float64))
+        self.in_forward = in_forward
+
+    def forward(self, x):
+        y = self.out(torch.tanh(self.hidden(x)))
+        return y + self.bias if self.in_forward else y
+
+    def loss(self, x, y):
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        if not self.in_forward:
+            loss = loss + 0.5 * ((self.bias - 1.0) ** 2).sum()
+        return loss
+
+
+def batch(call: int, rank: int = 0, world: int = 1):
+    g = torch.Generator().manual_seed(1000 + call)
+    x = torch.randn(BATCH, D_IN, generator=g, dtype=torch.float64)
+    y = torch.randn(BATCH, D_OUT, generator=g, dtype=torch.float64)
+    share = BATCH // world
+    return x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+
+
+def sharded(seed: int, wrap: str):
+    """wrap "nested": fully_shard on each block and the root (bias: the root's own FSDP2
+    parameter); "blocks": on the blocks only (bias: a plain tensor outside any fully_shard)."""
+    from torch.distributed.fsdp import fully_shard
+    model = Net(seed, in_forward=wrap == "nested")
+    fully_shard(model.hidden)
+    fully_shard(model.out)
+    if wrap == "nested":
+        fully_shard(model)
+    return model
+
+
+def full(model) -> dict:
+    """Every parameter as a whole tensor (a collective for the sharded ones)."""
+    from torch.distributed.tensor import DTensor
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+def train(model, opt, calls, rank=0, world=1):
+    for call in calls:
+        x, y = batch(call, rank, world)
+        opt.step(lambda x=x, y=y: model.loss(x, y))
+
+
+def summary(opt) -> list:
+    return [(r["valid"], r["reason"], r["s_upd"], r["eta"], r["direction_norm"],
+             r["mean_losses"]) for r in opt.measurements()]
+
+
+def _equivalence(rank, world, cases):
+    from labpal_fast import LABPAL
+    out = []
+    for mode, wrap in cases:
+        model = sharded(0, wrap)
+        opt = LABPAL(model.parameters(), model=model, mode=mode, momentum=0.9,
+                     weight_decay=0.01, **HYPER)
+        train(model, opt, range(CALLS), rank, world)
+        out.append((full(model), summary(opt), float(opt.param_groups[0]["lr"])))
+    return out
+
+
+def oracle(mode, wrap):
+    from labpal_fast import LABPAL
+    model = Net(0, in_forward=wrap == "nested")
+    opt = LABPAL(model.parameters(), model=model, mode=mode, momentum=0.9, weight_decay=0.01,
+                 **HYPER)
+    train(model, opt, range(CALLS))
+    return ({n: p.detach().clone() for n, p in model.named_parameters()}, summary(opt),
+            float(opt.param_groups[0]["lr"]))
+
+
+def _assert_matches(got, want, what):
+    params, records, lr = got
+    oparams, orecords, olr = want
+    assert len(orecords) >= 3 and all(r[0] for r in orecords), orecords  # valid fits
+    assert len(records) == len(orecords), (what, records, orecords)
+    for (v, reason, s, eta, norm, losses), (ov, oreason, os_, oeta, onorm, olosses) in \
+            zip(records, orecords):
+        assert (v, reason) == (ov, oreason), what
+        for a, b in [(s, os_), (eta, oeta), (norm, onorm)] + list(zip(losses, olosses)):
+            assert abs(a - b) <= TOLERANCE * abs(b), (what, a, b)
+    assert abs(lr - olr) <= TOLERANCE * abs(olr), (what, lr, olr)
+    for name, want_p in oparams.items():
+        err = (params[name] - want_p).norm() / want_p.norm()
+        assert err <= TOLERANCE, (what, name, float(err))
+
+
+CASES = [("SGD", "nested"), ("NSGD", "blocks")]
+
+
+def test_two_ranks_match_one_process(backend):
+    """Both modes, momentum and weight decay, ≥ 3 measurements: every rank holds the same
+    parameters and measurements as the others, and those of one process on the whole batch."""
+    ranks = run_ranks(_equivalence, 2, CASES, backend=backend)
+    for i, case in enumerate(CASES):
+        want = oracle(*case)
+        for r, got in enumerate(ranks):
+            _assert_matches(got[i], want, (case, r))
+        for name in ranks[0][i][0]:  # the ranks agree bit for bit
+            assert torch.equal(ranks[0][i][0][name], ranks[1][i][0][name]), (case, name)
+        assert ranks[0][i][1:] == ranks[1][i][1:], case
+
+
+def test_four_ranks_match_one_process():
+    """Correctness on 4 ranks: 2 rows of each batch per rank, out.weight's last shard empty."""
+    case = CASES[0]
+    want = oracle(*case)
+    for r, got in enumerate(run_ranks(_equivalence, 4, [case])):
+        _assert_matches(got[0], want, (case, r))
+
+
+SAVE_AT = 13   # a call in TRAINING with one micro-batch of an update summed (acc = 1)
+
+
+def _checkpoint(rank, world, path, wrap):
+    import torch.distributed.checkpoint as dcp
+    from labpal_fast import LABPAL
+
+    def build(seed):
+        model = sharded(seed, wrap)
+        return model, LABPAL(model.parameters(), model=model, mode="SGD", momentum=0.9,
+                             weight_decay=0.01, **HYPER)
+
+    model, opt = build(0)
+    train(model, opt, range(SAVE_AT), rank, world)
+    assert opt.phase == "training" and opt.counters.acc == 1
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=path)
+    train(model, opt, range(SAVE_AT, CALLS), rank, world)
+    straight = (full(model), summary(opt), opt.counters)
+
+    model, opt = build(1)  # other initial values, overwritten by the checkpoint
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    train(model, opt, range(SAVE_AT, CALLS), rank, world)
+    return straight, (full(model), summary(opt), opt.counters)
+
+
+@pytest.mark.parametrize("wrap", ["nested", "blocks"])
+def test_distributed_checkpoint_resumes_exactly(tmp_path, wrap):
+    """Saved with torch.distributed.checkpoint mid-update (a gradient sum pending) and loaded
+    into a LABPAL over a freshly initialized model, training goes on bit for bit."""
+    for straight, resumed in run_ranks(_checkpoint, 2, str(tmp_path / "ckpt"), wrap):
+        assert len(straight[1]) >= 3
+        assert straight[1:] == resumed[1:]
+        for name, p in straight[0].items():
+            assert torch.equal(p, resumed[0][name]), name
+
+
+def _refusals(rank, world):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from labpal_fast import LABPAL
+    messages = []
+    for orig in (True, False):
+        model = FullyShardedDataParallel(Net(0, True), use_orig_params=orig)
+        before = [p.detach().clone() for p in model.parameters()]
+        for kwargs in ({}, {"model": model}):
+            with pytest.raises(TypeError) as err:
+                LABPAL(model.parameters(), **kwargs)
+            messages.append(str(err.value))
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model = sharded(0, "nested")
+    with pytest.raises(ValueError) as err:  # DTensor parameters without model=
+        LABPAL(model.parameters())
+    messages.append(str(err.value))
+    return messages
+
+
+def test_fsdp1_and_missing_model_are_refused():
+    for messages in run_ranks(_refusals, 2):
+        for text in messages[:4]:
+            assert "FSDP1" in text and "fully_shard" in text, text
+        assert "model=" in messages[4], messages[4]
