@@ -61,15 +61,20 @@ def batch(call: int, rank: int = 0, world: int = 1):
     return x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
 
 
-def sharded(seed: int, wrap: str):
+def sharded(seed: int, wrap: str, hsdp: bool = False):
     """wrap "nested": fully_shard on each block and the root (bias: the root's own FSDP2
-    parameter); "blocks": on the blocks only (bias: a plain tensor outside any fully_shard)."""
+    parameter); "blocks": on the blocks only (bias: a plain tensor outside any fully_shard).
+    hsdp: a 2-D mesh (replicate, shard) of 2 × world/2 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (2, world // 2) if hsdp else (world,),
+                            mesh_dim_names=("replicate", "shard") if hsdp else ("shard",))
     model = Net(seed, in_forward=wrap == "nested")
-    fully_shard(model.hidden)
-    fully_shard(model.out)
+    fully_shard(model.hidden, mesh=mesh)
+    fully_shard(model.out, mesh=mesh)
     if wrap == "nested":
-        fully_shard(model)
+        fully_shard(model, mesh=mesh)
     return model
 
 
@@ -91,11 +96,11 @@ def summary(opt) -> list:
              r["mean_losses"]) for r in opt.measurements()]
 
 
-def _equivalence(rank, world, cases):
+def _equivalence(rank, world, cases, hsdp=False):
     from labpal_fast import LABPAL
     out = []
     for mode, wrap in cases:
-        model = sharded(0, wrap)
+        model = sharded(0, wrap, hsdp)
         opt = LABPAL(model.parameters(), model=model, mode=mode, momentum=0.9,
                      weight_decay=0.01, **HYPER)
         train(model, opt, range(CALLS), rank, world)
@@ -145,12 +150,19 @@ def test_two_ranks_match_one_process(backend):
         assert ranks[0][i][1:] == ranks[1][i][1:], case
 
 
+def _four_ranks(rank, world, case):
+    return _equivalence(rank, world, [case]) + _equivalence(rank, world, [case], hsdp=True)
+
+
 def test_four_ranks_match_one_process():
-    """Correctness on 4 ranks: 2 rows of each batch per rank, out.weight's last shard empty."""
+    """Correctness on 4 ranks, 2 rows of each batch each: FSDP (4 shards; out.weight's last
+    shard is empty) and HSDP (2 replicas of 2 shards: the partial sums are reduced over the
+    shard dimension only)."""
     case = CASES[0]
     want = oracle(*case)
-    for r, got in enumerate(run_ranks(_equivalence, 4, [case])):
-        _assert_matches(got[0], want, (case, r))
+    for r, (fsdp, hsdp) in enumerate(run_ranks(_four_ranks, 4, case)):
+        _assert_matches(fsdp, want, (case, "FSDP", r))
+        _assert_matches(hsdp, want, (case, "HSDP", r))
 
 
 SAVE_AT = 13   # a call in TRAINING with one micro-batch of an update summed (acc = 1)
