@@ -103,7 +103,7 @@ class LABPAL(torch.optim.Optimizer):
         self.ops = shards.sharded_ops(self.ops, model, placed, trained, trained[0].device)
         # the flats point p.data and p.grad into their buffers: put them back if anything fails
         # here, so a failed construction leaves the model as it was
-        saved = [(p, p.data, p.grad) for p in trained]
+        saved = shards.bindings(trained, placed)
         try:
             self.flats: List[Flat] = build_flats(self.param_groups, placed)
             self._device = self.flats[0].device
@@ -113,8 +113,7 @@ class LABPAL(torch.optim.Optimizer):
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
         except BaseException:
-            for p, data, grad in saved:
-                p.data, p.grad = data, grad
+            shards.restore_bindings(saved)
             raise
         for group in self.param_groups:
             group["lr"] = self.line.lr

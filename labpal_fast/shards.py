@@ -204,6 +204,27 @@ def slot_of(p: torch.Tensor, placed: Dict[int, Any]) -> Slot:
     return Slot(p) if fp is None else ShardSlot(p, fp)
 
 
+def bindings(params: Sequence[torch.Tensor], placed: Dict[int, Any]) -> list:
+    """What the flats will re-point, to put back if the optimizer's construction fails."""
+    out = []
+    for p in params:
+        fp = placed.get(id(p))
+        if fp is None:
+            out.append((p, None, p.data, p.grad))
+        else:
+            out.append((p, fp, (p._local_tensor, fp._sharded_param_data), p.grad))
+    return out
+
+
+def restore_bindings(saved: list) -> None:
+    for p, fp, data, grad in saved:
+        if fp is None:
+            p.data = data
+        else:
+            p._local_tensor, fp._sharded_param_data = data
+        p.grad = grad
+
+
 def reduce_group(placed: Dict[int, Any], params: Sequence[torch.Tensor]):
     """The one shard group of the trained FSDP2 parameters (None: nothing is sharded)."""
     groups = {}

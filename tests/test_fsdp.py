@@ -88,6 +88,7 @@ def full(model) -> dict:
 def train(model, opt, calls, rank=0, world=1):
     for call in calls:
         x, y = batch(call, rank, world)
+        model.zero_grad()  # p.grad = None: FSDP2 then makes a new gradient, LABPAL takes it in
         opt.step(lambda x=x, y=y: model.loss(x, y))
 
 
@@ -210,7 +211,7 @@ def test_distributed_checkpoint_resumes_exactly(tmp_path):
 
 def _refusals(rank, world):
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from labpal_fast import LABPAL
+    from labpal_fast import LABPAL, shards
     messages = []
     for orig in (True, False):
         model = FullyShardedDataParallel(Net(0, True), use_orig_params=orig,
@@ -225,6 +226,15 @@ def _refusals(rank, world):
     with pytest.raises(ValueError) as err:  # DTensor parameters without model=
         LABPAL(model.parameters())
     messages.append(str(err.value))
+    # a construction that fails after the flats were built leaves FSDP2's storage as it was
+    fps = shards.fsdp_params(model)
+    before = [(p._local_tensor, fps[id(p)]._sharded_param_data, p.grad)
+              for p in model.parameters()]
+    with pytest.raises(TypeError, match="process_group"):
+        LABPAL(model.parameters(), model=model, process_group="all")
+    after = [(p._local_tensor, fps[id(p)]._sharded_param_data, p.grad)
+             for p in model.parameters()]
+    assert all(a is b for x, y in zip(before, after) for a, b in zip(x, y))
     return messages
 
 
