@@ -256,6 +256,7 @@ class ShardedOps:
         f64 = dict(dtype=torch.float64, device=device)
         self._row = torch.zeros(NPART, **f64)
         self._table = torch.zeros(self.world * NPART, **f64)
+        self._sum = torch.zeros(NPART, **f64)
 
     def __getattr__(self, name: str) -> Any:  # every op not overridden below
         return getattr(self.inner, name)
@@ -289,7 +290,7 @@ class ShardedOps:
             self._row.add_(p.to(self._row.device))
 
     def _total(self, line, local: List[torch.Tensor]) -> None:
-        total = self._table.view(self.world, NPART).sum(0)
+        total = torch.sum(self._table.view(self.world, NPART), dim=0, out=self._sum)
         for p in local:
             total.add_(p.to(total.device))
         line.set_partials(total)
