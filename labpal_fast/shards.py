@@ -20,6 +20,7 @@ re-points on every forward; LABPAL refuses it at construction (`refuse_fsdp1`).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -35,22 +36,22 @@ _FSDP1 = (
     "root, then LABPAL(model.parameters(), model=model)")
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+def _loaded(module: str) -> bool:
+    """Whether a torch.distributed package is imported: none of its types can exist before,
+    so a plain training run imports nothing of it here."""
+    return module in sys.modules
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
+    if not _loaded("torch.distributed.tensor"):
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
 
 
 def refuse_fsdp1(params: Sequence[torch.Tensor], model: Optional[torch.nn.Module]) -> None:
     """Raise TypeError (naming FSDP2 as the fix) for parameters or a model= of FSDP1."""
-    if not torch.distributed.is_available():
+    if not _loaded("torch.distributed.fsdp"):
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp._flat_param import FlatParameter
@@ -64,7 +65,7 @@ def refuse_fsdp1(params: Sequence[torch.Tensor], model: Optional[torch.nn.Module
 
 def fsdp_params(model: Optional[torch.nn.Module]) -> Dict[int, Any]:
     """id(sharded parameter) -> its FSDPParam, over every fully_shard module in `model`."""
-    if model is None or not torch.distributed.is_available():
+    if model is None or not _loaded("torch.distributed.fsdp"):
         return {}
     from torch.distributed.fsdp import FSDPModule
     found: Dict[int, Any] = {}
