@@ -13,8 +13,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_cases import run_ranks
+from labpal_fast.layout import NPART
 
 D_IN, D_HID, D_OUT = 6, 9, 3   # odd sizes: uneven shards, padding, an empty shard on 4 ranks
 BATCH = 8                      # global batch per closure call (each rank: BATCH / world rows)
@@ -246,3 +248,54 @@ def test_fsdp1_and_missing_model_are_refused():
         for text in messages[:4]:
             assert "FSDP1" in text and "fully_shard" in text, text
         assert "model=" in messages[4], messages[4]
+
+
+# ---------------------------------------------------------------- collectives and host reads
+class Watch(TorchDispatchMode):
+    """LABPAL's reduction of the partial sums (an all-gather of one fp64 row of 5 numbers per
+    rank: 40 bytes, a size no FSDP2 all-gather of this model has) and host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.partial_gathers, self.syncs = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and func.__name__.startswith("_allgather_base"):
+            sent = args[1]
+            if sent.numel() * sent.element_size() == NPART * 8:
+                self.partial_gathers += 1
+        elif func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(rank, world):
+    from labpal_fast import LABPAL
+    model = sharded(0, "nested")
+    opt = LABPAL(model.parameters(), model=model, mode="SGD", momentum=0.9,
+                 weight_decay=0.01, **HYPER)
+    per_call = []
+    for call in range(CALLS):
+        x, y = batch(call, rank, world)
+        with Watch() as w:
+            opt.step(lambda x=x, y=y: model.loss(x, y))
+        per_call.append((w.partial_gathers, w.syncs, opt.phase, opt.counters.acc))
+    return per_call, summary(opt), [r["call"] for r in opt.measurements()]
+
+
+def test_one_small_collective_per_update_and_no_host_read_in_training():
+    """The partial sums cost one all-gather of 40 bytes per update (the m-th call, TRAINING or
+    the measurement's direction) and no host read; a measurement reads the host twice."""
+    m, k = 2, HYPER["approximation_batches"]
+    per_call, records, starts = run_ranks(_count, 2)[0]
+    assert len(starts) >= 3 and all(r[0] for r in records)
+    measuring = {c for s in starts for c in range(s, s + k * m)}
+    for s in starts:
+        calls = range(s, s + k * m)
+        assert sum(per_call[c][1] for c in calls) == 2, [per_call[c] for c in calls]
+        assert [per_call[c][0] for c in calls] == [0, 1] + [0] * (k * m - 2)
+    training = [c for c in range(CALLS) if c not in measuring]
+    assert len(training) >= 2 * m
+    for c in training:
+        gathers, syncs, phase, acc = per_call[c]
+        assert syncs == 0 and gathers == (1 if acc == 0 else 0), (c, per_call[c])
