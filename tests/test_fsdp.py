@@ -8,6 +8,7 @@ float additions. The models are float64, without BatchNorm or dropout.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -88,12 +89,36 @@ def full(model) -> dict:
             for name, p in model.named_parameters()}
 
 
-def train(model, opt, calls, rank=0, world=1):
+class Watch(TorchDispatchMode):
+    """LABPAL's reduction of the partial sums (an all-gather of one fp64 row of 5 numbers per
+    rank: 40 bytes, a size no FSDP2 all-gather of this model has) and host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.partial_gathers, self.syncs = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and func.__name__.startswith("_allgather_base"):
+            sent = args[1]
+            if sent.numel() * sent.element_size() == NPART * 8:
+                self.partial_gathers += 1
+        elif func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def train(model, opt, calls, rank=0, world=1, watch=None):
+    """Steps on the batches of `calls`; with `watch`, (partial-sum gathers, host reads,
+    counters.acc) of each step are appended to it."""
     dtype = next(model.parameters()).dtype
     for call in calls:
         x, y = batch(call, rank, world, dtype)
         model.zero_grad()  # p.grad = None: FSDP2 then makes a new gradient, LABPAL takes it in
-        opt.step(lambda x=x, y=y: model.loss(x, y))
+        w = Watch() if watch is not None else contextlib.nullcontext()
+        with w:
+            opt.step(lambda x=x, y=y: model.loss(x, y))
+        if watch is not None:
+            watch.append((w.partial_gathers, w.syncs, opt.counters.acc))
 
 
 def summary(opt) -> list:
@@ -103,14 +128,16 @@ def summary(opt) -> list:
 
 def _equivalence(rank, world, cases, hsdp=False, dtype=torch.float64):
     from labpal_fast import LABPAL
-    out = []
+    out, counts = [], []
     for mode, wrap in cases:
         model = sharded(0, wrap, hsdp, dtype)
         opt = LABPAL(model.parameters(), model=model, mode=mode, momentum=0.9,
                      weight_decay=0.01, **HYPER)
-        train(model, opt, range(CALLS), rank, world)
+        per_call = []
+        train(model, opt, range(CALLS), rank, world, per_call)
         out.append((full(model), summary(opt), float(opt.param_groups[0]["lr"])))
-    return out
+        counts.append((per_call, [r["call"] for r in opt.measurements()]))
+    return out, counts
 
 
 def oracle(mode, wrap, dtype=torch.float64):
@@ -144,9 +171,10 @@ CASES = [("SGD", "nested"), ("NSGD", "blocks")]
 
 def test_two_ranks_match_one_process(backend):
     """Both modes, momentum and weight decay, ≥ 3 measurements: every rank holds the same
-    parameters and measurements as the others, and those of one process on the whole batch."""
+    parameters and measurements as the others, and those of one process on the whole batch;
+    one all-gather of the partial sums per update, no host read in TRAINING (check_counts)."""
     dtype = torch.float32 if backend == "triton" else torch.float64
-    ranks = run_ranks(_equivalence, 2, CASES, False, dtype, backend=backend)
+    ranks, counts = zip(*run_ranks(_equivalence, 2, CASES, False, dtype, backend=backend))
     for i, case in enumerate(CASES):
         want = oracle(*case, dtype)
         for r, got in enumerate(ranks):
@@ -154,10 +182,11 @@ def test_two_ranks_match_one_process(backend):
         for name in ranks[0][i][0]:  # the ranks agree bit for bit
             assert torch.equal(ranks[0][i][0][name], ranks[1][i][0][name]), (case, name)
         assert ranks[0][i][1:] == ranks[1][i][1:], case
+        check_counts(*counts[0][i], ranks[0][i][1])
 
 
 def _four_ranks(rank, world, case):
-    return _equivalence(rank, world, [case]) + _equivalence(rank, world, [case], hsdp=True)
+    return _equivalence(rank, world, [case])[0] + _equivalence(rank, world, [case], hsdp=True)[0]
 
 
 def test_four_ranks_match_one_process():
@@ -250,44 +279,10 @@ def test_fsdp1_and_missing_model_are_refused():
         assert "model=" in messages[4], messages[4]
 
 
-# ---------------------------------------------------------------- collectives and host reads
-class Watch(TorchDispatchMode):
-    """LABPAL's reduction of the partial sums (an all-gather of one fp64 row of 5 numbers per
-    rank: 40 bytes, a size no FSDP2 all-gather of this model has) and host reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.partial_gathers, self.syncs = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "c10d" and func.__name__.startswith("_allgather_base"):
-            sent = args[1]
-            if sent.numel() * sent.element_size() == NPART * 8:
-                self.partial_gathers += 1
-        elif func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _count(rank, world):
-    from labpal_fast import LABPAL
-    model = sharded(0, "nested")
-    opt = LABPAL(model.parameters(), model=model, mode="SGD", momentum=0.9,
-                 weight_decay=0.01, **HYPER)
-    per_call = []
-    for call in range(CALLS):
-        x, y = batch(call, rank, world)
-        with Watch() as w:
-            opt.step(lambda x=x, y=y: model.loss(x, y))
-        per_call.append((w.partial_gathers, w.syncs, opt.phase, opt.counters.acc))
-    return per_call, summary(opt), [r["call"] for r in opt.measurements()]
-
-
-def test_one_small_collective_per_update_and_no_host_read_in_training():
+def check_counts(per_call, starts, records):
     """The partial sums cost one all-gather of 40 bytes per update (the m-th call, TRAINING or
     the measurement's direction) and no host read; a measurement reads the host twice."""
     m, k = 2, HYPER["approximation_batches"]
-    per_call, records, starts = run_ranks(_count, 2)[0]
     assert len(starts) >= 3 and all(r[0] for r in records)
     measuring = {c for s in starts for c in range(s, s + k * m)}
     for s in starts:
@@ -297,5 +292,5 @@ def test_one_small_collective_per_update_and_no_host_read_in_training():
     training = [c for c in range(CALLS) if c not in measuring]
     assert len(training) >= 2 * m
     for c in training:
-        gathers, syncs, phase, acc = per_call[c]
+        gathers, syncs, acc = per_call[c]
         assert syncs == 0 and gathers == (1 if acc == 0 else 0), (c, per_call[c])
