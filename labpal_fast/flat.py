@@ -69,6 +69,9 @@ class Flat:
         for i, (p, s) in enumerate(zip(self.params, self.slots)):
             o = self.offsets[i]
             s.bind(p, self.param[o:o + s.size], self.param_views[i], self.grad_views[i])
+        self._plain = [type(s) is Slot for s in self.slots]
+        self._param_ptrs = [v.data_ptr() if plain else None
+                            for v, plain in zip(self.param_views, self._plain)]
         self.grad_sum: Optional[torch.Tensor] = None
         self.origin: Optional[torch.Tensor] = None
 
@@ -100,9 +103,12 @@ class Flat:
     # -- keeping the views attached -------------------------------------------------
     def attach_params(self) -> None:
         """Re-attach parameters whose storage a caller replaced, keeping their new values."""
-        for i, (p, s) in enumerate(zip(self.params, self.slots)):
-            if s.bound(p):
+        ptrs = self._param_ptrs
+        for i, p in enumerate(self.params):
+            # plain parameters inline (this runs every step), others through their slot
+            if (p.data_ptr() == ptrs[i]) if ptrs[i] is not None else self.slots[i].bound(p):
                 continue
+            s = self.slots[i]
             values = s.values(p)
             if values.device != self.device or values.dtype != self.dtype or \
                     values.shape != self.param_views[i].shape:
@@ -116,8 +122,8 @@ class Flat:
 
     def attach_grads(self) -> None:
         """Re-attach gradients a caller set to None (zero) or replaced (their values are kept)."""
-        for p, s, gv in zip(self.params, self.slots, self.grad_views):
-            if s.grad_bound(p):
+        for p, s, gv, plain in zip(self.params, self.slots, self.grad_views, self._plain):
+            if (p.grad is gv) if plain else s.grad_bound(p):
                 continue
             g = s.grad_values(p)
             with torch.no_grad():
