@@ -269,14 +269,33 @@ def _refusals(rank, world):
     after = [(p._local_tensor, fps[id(p)]._sharded_param_data, p.grad)
              for p in model.parameters()]
     assert all(a is b for x, y in zip(before, after) for a, b in zip(x, y))
+    # DTensor parameters of other layouts: sharded without fully_shard (tensor parallel style),
+    # and offloaded to the CPU by FSDP2
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    model = Net(0, True)
+    model.hidden.weight = torch.nn.Parameter(distribute_tensor(model.hidden.weight.detach(),
+                                                               mesh, [Shard(0)]))
+    with pytest.raises(TypeError) as err:
+        LABPAL(model.parameters(), model=model)
+    messages.append(str(err.value))
+    model = Net(0, True)
+    fully_shard(model, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    with pytest.raises(TypeError) as err:
+        LABPAL(model.parameters(), model=model)
+    messages.append(str(err.value))
     return messages
 
 
-def test_fsdp1_and_missing_model_are_refused():
+def test_fsdp1_and_unsupported_layouts_are_refused():
     for messages in run_ranks(_refusals, 2):
         for text in messages[:4]:
             assert "FSDP1" in text and "fully_shard" in text, text
         assert "model=" in messages[4], messages[4]
+        assert "no fully_shard module" in messages[5], messages[5]
+        assert "CPUOffloadPolicy" in messages[6], messages[6]
 
 
 def check_counts(per_call, starts, records):
