@@ -231,16 +231,36 @@ def _checkpoint(rank, world, path):
     return out
 
 
+def _resume(rank, world, path):
+    """A 2-rank checkpoint resumed on `world` ranks (torch.distributed.checkpoint reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from labpal_fast import LABPAL
+    model = sharded(1, "nested")
+    opt = LABPAL(model.parameters(), model=model, mode="SGD", momentum=0.9, weight_decay=0.01,
+                 **HYPER)
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(state, checkpoint_id=os.path.join(path, "nested"))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    train(model, opt, range(SAVE_AT, CALLS), rank, world)
+    return full(model), summary(opt), float(opt.param_groups[0]["lr"])
+
+
 def test_distributed_checkpoint_resumes_exactly(tmp_path):
     """Saved with torch.distributed.checkpoint mid-update (a gradient sum pending) and loaded
     into a LABPAL over a freshly initialized model, training goes on bit for bit (the root's
-    parameter sharded, or a plain tensor outside fully_shard)."""
-    for rank in run_ranks(_checkpoint, 2, str(tmp_path)):
+    parameter sharded, or a plain tensor outside fully_shard); resumed on 4 ranks, as the
+    2 would have gone on (to the float64 tolerance: other shards, other sums)."""
+    ranks = run_ranks(_checkpoint, 2, str(tmp_path))
+    for rank in ranks:
         for straight, resumed in rank:
             assert len(straight[1]) >= 3
             assert straight[1:] == resumed[1:]
             for name, p in straight[0].items():
                 assert torch.equal(p, resumed[0][name]), name
+    params, records, _ = ranks[0][0][0]
+    for r, got in enumerate(run_ranks(_resume, 4, str(tmp_path))):
+        _assert_matches(got, (params, records, float(records[-1][3])), ("4 ranks", r))
 
 
 def _refusals(rank, world):
