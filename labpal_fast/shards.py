@@ -13,7 +13,8 @@ The partial sums of the direction (‖d‖², ⟨ḡ, d⟩, the weight-decay ter
 are per shard: `ShardedOps.direction` all-gathers them over FSDP2's shard group (HSDP: the
 shard dimension; one collective of a few fp64 numbers, on the device) and sums the rows in
 rank order, so every rank holds the same bits. Parameters that are not sharded (plain tensors
-outside every ``fully_shard``) sit in flats of their own and are added once, locally.
+outside every ``fully_shard``, FSDP2's ``replicate``) sit in flats of their own and are added
+once, locally.
 
 FSDP1 (`FullyShardedDataParallel`) flattens parameters into storage of its own that it
 re-points on every forward; LABPAL refuses it at construction (`refuse_fsdp1`).

@@ -67,14 +67,20 @@ def batch(call: int, rank: int = 0, world: int = 1, dtype=torch.float64):
 
 def sharded(seed: int, wrap: str, hsdp: bool = False, dtype=torch.float64):
     """wrap "nested": fully_shard on each block and the root (bias: the root's own FSDP2
-    parameter); "blocks": on the blocks only (bias: a plain tensor outside any fully_shard).
+    parameter); "blocks": on the blocks only (bias: a plain tensor outside any fully_shard);
+    "replicate": FSDP2's replicate (every parameter whole on every rank, counted once).
     hsdp: a 2-D mesh (replicate, shard) of 2 × world/2 ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (2, world // 2) if hsdp else (world,),
                             mesh_dim_names=("replicate", "shard") if hsdp else ("shard",))
-    model = Net(seed, in_forward=wrap == "nested", dtype=dtype)
+    model = Net(seed, in_forward=wrap != "blocks", dtype=dtype)
+    if wrap == "replicate":  # FSDP2's data parallelism without sharding: Replicate() DTensors
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        for module in (model.hidden, model.out, model):
+            replicate(module, mesh=mesh)
+        return model
     fully_shard(model.hidden, mesh=mesh)
     fully_shard(model.out, mesh=mesh)
     if wrap == "nested":
@@ -142,7 +148,7 @@ def _equivalence(rank, world, cases, hsdp=False, dtype=torch.float64):
 
 def oracle(mode, wrap, dtype=torch.float64):
     from labpal_fast import LABPAL
-    model = Net(0, in_forward=wrap == "nested", dtype=dtype)
+    model = Net(0, in_forward=wrap != "blocks", dtype=dtype)
     opt = LABPAL(model.parameters(), model=model, mode=mode, momentum=0.9, weight_decay=0.01,
                  **HYPER)
     train(model, opt, range(CALLS))
@@ -186,18 +192,20 @@ def test_two_ranks_match_one_process(backend):
 
 
 def _four_ranks(rank, world, case):
-    return _equivalence(rank, world, [case])[0] + _equivalence(rank, world, [case], hsdp=True)[0]
+    return (_equivalence(rank, world, [case])[0] + _equivalence(rank, world, [case], hsdp=True)[0]
+            + _equivalence(rank, world, [(case[0], "replicate")])[0])
 
 
 def test_four_ranks_match_one_process():
     """Correctness on 4 ranks, 2 rows of each batch each: FSDP (4 shards; out.weight's last
-    shard is empty) and HSDP (2 replicas of 2 shards: the partial sums are reduced over the
-    shard dimension only)."""
+    shard is empty), HSDP (2 replicas of 2 shards: the partial sums are reduced over the
+    shard dimension only) and FSDP2's replicate (nothing sharded: nothing reduced)."""
     case = CASES[0]
     want = oracle(*case)
-    for r, (fsdp, hsdp) in enumerate(run_ranks(_four_ranks, 4, case)):
+    for r, (fsdp, hsdp, replicated) in enumerate(run_ranks(_four_ranks, 4, case)):
         _assert_matches(fsdp, want, (case, "FSDP", r))
         _assert_matches(hsdp, want, (case, "HSDP", r))
+        _assert_matches(replicated, want, (case, "replicate", r))
 
 
 SAVE_AT = 13   # a call in TRAINING with one micro-batch of an update summed (acc = 1)
