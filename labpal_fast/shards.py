@@ -50,6 +50,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
 def refuse_fsdp1(params: Sequence[torch.Tensor], model: Optional[torch.nn.Module]) -> None:
     """Raise TypeError (naming FSDP2 as the fix) for parameters or a model= of FSDP1."""
     if not _loaded("torch.distributed.fsdp"):
