@@ -710,9 +710,12 @@ def _check_no_shared_storage(param_groups) -> None:
     for group in param_groups:
         for p in group["params"]:
             position += 1
-            if not p.requires_grad or p.numel() == 0:
+            # FSDP1's parameters are views of its flat storage: refused for what they are
+            shards.refuse_fsdp1([p], None)
+            local = shards.local_tensor(p)  # an FSDP2 parameter: its shard's own storage
+            if not p.requires_grad or local.numel() == 0:
                 continue
-            key = (p.device, p.untyped_storage().data_ptr())
+            key = (p.device, local.untyped_storage().data_ptr())
             if owner.setdefault(key, id(p)) != id(p):
                 raise ValueError(
                     f"params: parameter {position - 1} (in param_groups order) shares storage "
