@@ -22,6 +22,7 @@ import torch
 from .hyper import MAX_MULTIPLIER
 from .layout import NPART, RECORD_SCALARS
 from .line import Line
+from .shards import is_dtensor
 
 VERSION = 2
 # version 1 lacked the line's s_base / eta_base (no lr_multiplier_schedule then: factor 1)
@@ -124,6 +125,7 @@ def _check_groups(opt, groups: Any, path: str = "state_dict['param_groups']"):
 
 
 def _check_shapes(opt, index: Dict[int, int], shapes: Any, path: str) -> None:
+    shapes = _loaded_int_keys(shapes)
     _keys(shapes, path, [index[id(p)] for flat in opt.flats for p in flat.params])
     for flat in opt.flats:
         for p in flat.params:
@@ -164,6 +166,7 @@ def _check_counters(opt, counters: Any, path: str) -> Dict[str, Any]:
 def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
     """Per parameter: the direction, and the running gradient sum while acc > 0."""
     path = "state_dict['state']"
+    state = _loaded_int_keys(state)
     _keys(state, path, [index[id(p)] for flat in opt.flats for p in flat.params])
     directions, grad_sums = [], []
     for flat in opt.flats:
@@ -172,7 +175,8 @@ def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
             i = index[id(p)]
             at = f"{path}[{i}]"
             entry = _keys(state[i], at, ("direction",), optional=("grad_sum",))
-            d = _tensor(entry["direction"], f"{at}['direction']", p.shape, floating=True)
+            d = _local(_tensor(entry["direction"], f"{at}['direction']", p.shape, floating=True),
+                       p, f"{at}['direction']")
             # a kept direction is finite (a non-finite one is cleared when it appears); checked
             # in the dtype it is stored in, so an fp64 value cannot overflow in the copy
             _finite(d.to(flat.acc_dtype), f"{at}['direction']", nonnegative=False)
@@ -180,7 +184,8 @@ def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
             if "grad_sum" in entry:
                 # may hold NaN/inf: a non-finite gradient is summed, then the update is skipped
                 # and counted (docs/algorithm.md), as without the checkpoint
-                ss.append(_tensor(entry["grad_sum"], f"{at}['grad_sum']", p.shape, floating=True))
+                ss.append(_local(_tensor(entry["grad_sum"], f"{at}['grad_sum']", p.shape,
+                                         floating=True), p, f"{at}['grad_sum']"))
             elif acc > 0:
                 raise ValueError(f"{at}['grad_sum'] is missing: counters['acc'] is {acc}, so "
                                  "the gradients summed toward the next update are needed")
@@ -234,6 +239,20 @@ def _check_records(opt, records: Any, path: str) -> List[Dict[str, Any]]:
                 value = _real(value, where)
             rec[key] = value
         out.append(rec)
+    return out
+
+
+def _loaded_int_keys(value: Any) -> Any:
+    """A mapping keyed by parameter index as torch.distributed.checkpoint leaves it: it loads
+    into a template (the resuming optimizer's own state_dict()) and stores each value it
+    cannot load in place (a tuple, a number) under the key's string ('0' beside the template's
+    0). The loaded value is the saved one, so it replaces the template's."""
+    if not isinstance(value, Mapping) or not any(isinstance(k, str) for k in value):
+        return value
+    out = dict(value)
+    for key in value:
+        if isinstance(key, str) and key.isdigit() and int(key) in value:
+            out[int(key)] = out.pop(key)
     return out
 
 
@@ -309,6 +328,25 @@ def _tensor(value: Any, path: str, shape, dtype: Optional[torch.dtype] = None,
     if floating and not value.is_floating_point():
         raise ValueError(f"{path} has dtype {value.dtype}, expected a floating-point dtype")
     return value
+
+
+def _local(value: torch.Tensor, p: torch.Tensor, path: str) -> torch.Tensor:
+    """A state entry of an FSDP2 parameter (a DTensor like it): this rank's shard, to copy
+    into the flat. Plain parameters take plain tensors as they are."""
+    value_sharded, param_sharded = is_dtensor(value), is_dtensor(p)
+    if not (value_sharded or param_sharded):
+        return value
+    if not (value_sharded and param_sharded):
+        raise ValueError(f"{path} is {'a DTensor' if value_sharded else 'a plain tensor'} but "
+                         f"parameter {tuple(p.shape)} is {'a DTensor' if param_sharded else 'not'}"
+                         ": load a state saved with the same FSDP2 wrapping (with "
+                         "torch.distributed.checkpoint, into this optimizer's state_dict())")
+    if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+        raise ValueError(f"{path} is sharded as {tuple(value.placements)} on "
+                         f"{value.device_mesh}, parameter as {tuple(p.placements)} on "
+                         f"{p.device_mesh}: load it through torch.distributed.checkpoint into "
+                         "this optimizer's state_dict(), which reshards it")
+    return value.to_local()
 
 
 def _finite(value: torch.Tensor, path: str, nonnegative: bool = True) -> None:

@@ -7,9 +7,11 @@ re-attached when a caller replaced them (``model.zero_grad()`` setting grads to 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .shards import Slot, slot_of
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -30,48 +32,61 @@ class Flat:
       origin     spare buffer: the line's origin θ₀ during a measurement (made on first need)
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], group_of: Sequence[int]):
+    def __init__(self, params: Sequence[torch.Tensor], group_of: Sequence[int],
+                 slots: Optional[Sequence[Slot]] = None):
         first = params[0]
         self.device, self.dtype = first.device, first.dtype
         self.acc_dtype = accumulation_dtype(self.dtype)
         self.params: List[torch.Tensor] = list(params)
-        self.numel = sum(p.numel() for p in params)
+        # how each parameter sits in the buffers (shards.py: plain, or an FSDP2 local shard
+        # with its padding, which stays zero in every buffer)
+        self.slots: List[Slot] = list(slots) if slots is not None else [Slot(p) for p in params]
+        self.sharded = any(s.sharded for s in self.slots)
+        self.numel = sum(s.size for s in self.slots)
         self.offsets: List[int] = []
         # one contiguous run per parameter group: (group index, start, end)
         self.segments: List[Tuple[int, int, int]] = []
 
         with torch.no_grad():
-            self.param = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            self.param = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
             self.grad = torch.zeros_like(self.param)
             self.direction = torch.zeros(self.numel, dtype=self.acc_dtype, device=self.device)
             offset = 0
-            for p, g in zip(params, group_of):
+            for p, s, g in zip(params, self.slots, group_of):
                 self.offsets.append(offset)
                 if self.segments and self.segments[-1][0] == g:
                     gi, start, _ = self.segments[-1]
-                    self.segments[-1] = (gi, start, offset + p.numel())
+                    self.segments[-1] = (gi, start, offset + s.size)
                 else:
-                    self.segments.append((g, offset, offset + p.numel()))
-                self.param[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
-                if p.grad is not None:
-                    self.grad[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
-                offset += p.numel()
+                    self.segments.append((g, offset, offset + s.size))
+                self.param[offset:offset + s.numel].copy_(s.values(p).reshape(-1))
+                grad = s.grad_values(p)
+                if grad is not None:
+                    self.grad[offset:offset + s.numel].copy_(grad.reshape(-1))
+                offset += s.size
         self.param_views = [self._view(self.param, i) for i in range(len(params))]
         self.grad_views = [self._view(self.grad, i) for i in range(len(params))]
-        self._param_ptrs = [v.data_ptr() for v in self.param_views]
-        for p, pv, gv in zip(self.params, self.param_views, self.grad_views):
-            p.data = pv
-            p.grad = gv
+        for i, (p, s) in enumerate(zip(self.params, self.slots)):
+            o = self.offsets[i]
+            s.bind(p, self.param[o:o + s.size], self.param_views[i], self.grad_views[i])
+        self._plain = [type(s) is Slot for s in self.slots]
+        self._param_ptrs = [v.data_ptr() if plain else None
+                            for v, plain in zip(self.param_views, self._plain)]
         self.grad_sum: Optional[torch.Tensor] = None
         self.origin: Optional[torch.Tensor] = None
 
     def _view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return buf[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
+        s = self.slots[i]
+        return buf[self.offsets[i]:self.offsets[i] + s.numel].view(s.shape)
 
     def slices(self, buf: torch.Tensor) -> List[torch.Tensor]:
-        """Per-parameter views of a flat buffer, shaped like the parameters."""
-        return [buf[o:o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)]
+        """Per-parameter views of a flat buffer, shaped like the parameters (FSDP2: like
+        their local shards)."""
+        return [buf[o:o + s.numel].view(s.shape) for o, s in zip(self.offsets, self.slots)]
+
+    def saved(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """A copy of parameter i's slice `t` as its state entry (FSDP2: a DTensor)."""
+        return self.slots[i].wrap(self.params[i], t.clone())
 
     # -- lazily made buffers: once, then reused --------------------------------------
     def need_grad_sum(self) -> torch.Tensor:
@@ -88,42 +103,54 @@ class Flat:
     # -- keeping the views attached -------------------------------------------------
     def attach_params(self) -> None:
         """Re-attach parameters whose storage a caller replaced, keeping their new values."""
+        ptrs = self._param_ptrs
         for i, p in enumerate(self.params):
-            if p.data_ptr() == self._param_ptrs[i]:
+            # plain parameters inline (this runs every step), others through their slot
+            if (p.data_ptr() == ptrs[i]) if ptrs[i] is not None else self.slots[i].bound(p):
                 continue
-            if p.device != self.device or p.dtype != self.dtype or p.shape != self.param_views[i].shape:
+            s = self.slots[i]
+            values = s.values(p)
+            if values.device != self.device or values.dtype != self.dtype or \
+                    values.shape != self.param_views[i].shape:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(p.shape)} was moved to {p.device}/{p.dtype} after the "
                     f"LABPAL optimizer was created on {self.device}/{self.dtype}; create the optimizer "
                     "after moving the model")
             with torch.no_grad():
-                self.param_views[i].copy_(p.detach())
-            p.data = self.param_views[i]
+                self.param_views[i].copy_(values)
+            s.rebind(p)
 
     def attach_grads(self) -> None:
         """Re-attach gradients a caller set to None (zero) or replaced (their values are kept)."""
-        for p, gv in zip(self.params, self.grad_views):
-            g = p.grad
-            if g is gv:
+        for p, s, gv, plain in zip(self.params, self.slots, self.grad_views, self._plain):
+            if (p.grad is gv) if plain else s.grad_bound(p):
                 continue
+            g = s.grad_values(p)
             with torch.no_grad():
                 if g is None:
                     gv.zero_()
                 else:
                     gv.copy_(g)
-            p.grad = gv
+            s.rebind_grad(p)
 
 
-def build_flats(param_groups: Sequence[dict]) -> List[Flat]:
-    """One Flat per (device, dtype), parameters in group order; frozen parameters are left out."""
-    buckets: Dict[Tuple[torch.device, torch.dtype], Tuple[list, list]] = {}
+def build_flats(param_groups: Sequence[dict], placed: Optional[Dict[int, Any]] = None
+                ) -> List[Flat]:
+    """One Flat per (device, dtype), parameters in group order; frozen parameters are left out.
+    `placed` (shards.fsdp_params) maps FSDP2 parameters to their FSDPParam: sharded and
+    unsharded parameters go to separate flats (their partial sums are reduced differently)."""
+    placed = placed or {}
+    buckets: Dict[tuple, Tuple[list, list, list]] = {}
     seen = set()
     for gi, group in enumerate(param_groups):
         for p in group["params"]:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            params, groups = buckets.setdefault((p.device, p.dtype), ([], []))
+            slot = slot_of(p, placed)
+            params, groups, slots = buckets.setdefault((p.device, p.dtype, slot.sharded),
+                                                       ([], [], []))
             params.append(p)
             groups.append(gi)
-    return [Flat(params, groups) for params, groups in buckets.values()]
+            slots.append(slot)
+    return [Flat(params, groups, slots) for params, groups, slots in buckets.values()]

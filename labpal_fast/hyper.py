@@ -76,20 +76,30 @@ class Hyper:
     @property
     def nu(self) -> float:
         """The noise factor: explicit, or (128/b)·(N/40000)."""
+        return self.noise_for(1)
+
+    def noise_for(self, ranks: int) -> float:
+        """ν when `ranks` data-parallel processes each evaluate a batch of batch_size per closure
+        call: explicit, or (128/(ranks·b))·(N/40000), the global batch being ranks·b."""
         if self.noise_factor is not None:
             return float(self.noise_factor)
-        return (128.0 / self.batch_size) * (self.dataset_size / 40000.0)
+        return (128.0 / (ranks * self.batch_size)) * (self.dataset_size / 40000.0)
 
     @property
     def schedule(self) -> Tuple[Tuple[int, int], ...]:
         """(closure call, m) pairs sorted by call, m = max(floor(multiplier·ν), 1)."""
-        return tuple(sorted((int(c), max(int(math.floor(mult * self.nu)), 1))
+        return self.schedule_for(1)
+
+    def schedule_for(self, ranks: int) -> Tuple[Tuple[int, int], ...]:
+        nu = self.noise_for(ranks)
+        return tuple(sorted((int(c), max(int(math.floor(mult * nu)), 1))
                             for c, mult in self.batch_size_schedule))
 
-    def multiplier_at(self, call: int) -> int:
-        """m in force from closure call `call` on (0-based): the last entry at or before it."""
+    def multiplier_at(self, call: int, ranks: int = 1) -> int:
+        """m in force from closure call `call` on (0-based): the last entry at or before it
+        (`ranks`: data-parallel processes, see `noise_for`)."""
         m = 1
-        for start, mult in self.schedule:
+        for start, mult in self.schedule_for(ranks):
             if start <= call:
                 m = mult
         return m

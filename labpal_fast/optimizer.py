@@ -21,7 +21,9 @@ import torch
 
 from . import checkpoint
 from . import ops as backends
+from . import shards
 from .commit import Commit
+from .distributed import ERRORS, Collectives
 from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper, number
 from .layout import ABANDON_REASONS, Partial
@@ -71,10 +73,14 @@ class LABPAL(torch.optim.Optimizer):
     Hyper-parameters are keyword-only, named as in docs/algorithm.md. Per parameter group only
     ``weight_decay`` (L2, part of the objective the line measures) may be set. ``model=``
     lets repeated evaluations leave the model's buffers (BatchNorm statistics) untouched.
+
+    Under torch.distributed (README, "Distributed training") the line's samples are global:
+    ``process_group=`` (default: the DDP ``model=``'s group, else the default group when one is
+    initialized; a group of one rank opts out) is the set of ranks that measure together.
     """
 
     def __init__(self, params, *, backend: str = "auto", model: Optional[torch.nn.Module] = None,
-                 weight_decay: float = 0.0, **hyper: Any):
+                 process_group: Any = None, weight_decay: float = 0.0, **hyper: Any):
         unknown = sorted(set(hyper) - set(NAMES))
         if unknown:
             raise TypeError(f"LABPAL got unknown hyper-parameter(s) {unknown}; "
@@ -90,20 +96,25 @@ class LABPAL(torch.optim.Optimizer):
         trained = [p for p in self._params if p.requires_grad]
         if not trained:
             raise ValueError("params: LABPAL got no parameter that requires grad")
+        shards.refuse_fsdp1(trained, model)
+        placed = shards.fsdp_params(model)  # FSDP2: the flats become its sharded storage
+        shards.check_placed(trained, placed, model is not None)
         self.ops = backends.resolve(backend, {p.device for p in trained})
         self.backend = self.ops.name
+        self.ops = shards.sharded_ops(self.ops, model, placed, trained, trained[0].device)
         # the flats point p.data and p.grad into their buffers: put them back if anything fails
         # here, so a failed construction leaves the model as it was
-        saved = [(p, p.data, p.grad) for p in trained]
+        saved = shards.bindings(trained, placed)
         try:
-            self.flats: List[Flat] = build_flats(self.param_groups)
+            self.flats: List[Flat] = build_flats(self.param_groups, placed)
             self._device = self.flats[0].device
             self._cuda = cuda_indices(f.device for f in self.flats)
             self.line: Line = self.ops.make_line(self.hyper, self._device)
             self._buffers = BufferSnapshot(model)
+            self._dist = Collectives.of(process_group, model, self._device,
+                                        len(self.hyper.line_positions))
         except BaseException:
-            for p, data, grad in saved:
-                p.data, p.grad = data, grad
+            shards.restore_bindings(saved)
             raise
         for group in self.param_groups:
             group["lr"] = self.line.lr
@@ -125,6 +136,10 @@ class LABPAL(torch.optim.Optimizer):
         self._stepping = False     # step() is running (it is not re-entrant)
         self._repeating = False    # kept closures are being evaluated again
         self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
+        self._ranks = 1 if self._dist is None else self._dist.world
+        self._grads_reduced = False  # this call's gradients were averaged by LABPAL (DDP model=)
+        self._line_reduced = False   # the measurement's collective was entered
+        self._again: Optional[torch.Tensor] = None  # the first closure's repeated loss
 
     # ------------------------------------------------------------------ public
     @property
@@ -227,7 +242,7 @@ class LABPAL(torch.optim.Optimizer):
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
         h, c = self.hyper, self.counters
-        m = h.multiplier_at(c.calls)
+        m = h.multiplier_at(c.calls, self._ranks)
         trigger = (c.pending or c.calls == 0 or m != c.m
                    or (not c.warm_measured and c.updates >= h.warmup_updates)
                    or c.updates - c.last_end >= h.reuse_updates)
@@ -256,9 +271,11 @@ class LABPAL(torch.optim.Optimizer):
         c = self.counters
         stage = _CLOSURE
         try:
-            loss, _ = self._forward_backward(closure)
+            with self._grad_sync(m, last=c.acc + 1 == m):
+                loss, _ = self._forward_backward(closure)
             with self._commit() as run:
                 stage = _COMMIT
+                self._take_reduced_grads(run)
                 c.m = m
                 c.calls += 1
                 c.acc += 1
@@ -286,12 +303,14 @@ class LABPAL(torch.optim.Optimizer):
         stage = _CLOSURE
         try:
             if j <= m:
-                loss, own = self._forward_backward(closure)
+                with self._grad_sync(m, last=j == m):
+                    loss, own = self._forward_backward(closure)
             else:  # the measurement's first closure tells the convention
                 own = self._own_backward[0]
                 loss = self._sample(closure, own)
             with self._commit() as run:
                 stage = _COMMIT
+                self._take_reduced_grads(run)
                 if start:
                     self._start_measurement(m, run)
                 c.calls += 1
@@ -313,6 +332,7 @@ class LABPAL(torch.optim.Optimizer):
                         run(self.ops.save_origin, flat)
                     self._buffers.save()
                     rng_after = capture_rng(self._cuda)
+                    self._line_reduced = False
                     stage = _LINE  # from here (a held Ctrl-C included) a fault ends the measurement
                 else:
                     stage = _DONE
@@ -323,6 +343,7 @@ class LABPAL(torch.optim.Optimizer):
                         again = self._evaluate_line()
                 finally:
                     self._repeating = False
+                again = self._reduce_line(again)
                 with self._commit() as run:
                     stage = _COMMIT
                     self._buffers.restore()
@@ -379,7 +400,12 @@ class LABPAL(torch.optim.Optimizer):
             mismatch = run(self.line.drop_unless_repeated, first, again, h.replay_tolerance)
         run(self.line.set_multiplier, h.lr_multiplier_at(self.counters.updates))
         record = self.ops.finish(self.flats, self.line, averaged, run=run)
-        if again is None:
+        if self._dist is not None:  # the repeat check went into the collective (_reduce_line)
+            code = int(run(self._dist.code, record["valid"]).item())  # host sync 2 of 2
+            if code & ERRORS:
+                return self._fail_across_ranks(code, run)
+            valid, failed = bool(code & 1), None
+        elif again is None:
             valid, failed = bool(record["valid"].item()), None  # host sync 2 of 2
         else:
             flags = torch.stack([record["valid"].double(), mismatch.double(),
@@ -419,6 +445,75 @@ class LABPAL(torch.optim.Optimizer):
                 run(self.ops.clear_direction, flat)
             c.pending = True
 
+    # ------------------------------------------------------------------ distributed
+    @contextmanager
+    def _grad_sync(self, m: int, last: bool) -> Iterator[None]:
+        """A backward of an update's m calls. With a DistributedDataParallel model= and m > 1,
+        every backward runs under no_sync and the last call averages the summed gradient once
+        (one all-reduce per flat, not m); with m = 1 DDP's own reduce (overlapping backward) is
+        the one. Without model=, a DDP model reduces in every backward (m all-reduces)."""
+        ddp = None if self._dist is None else self._dist.ddp
+        if ddp is None or m == 1:
+            yield
+            return
+        with ddp.no_sync():
+            yield
+        if last:
+            self._reduce_grads()
+
+    def _reduce_grads(self) -> None:
+        """The last call's backward is done: average Σ(earlier calls) + this call's gradient
+        across ranks into each flat's spare buffer, leaving grad_sum and grad untouched, so that
+        a failed collective drops the call like a failed backward (`_fault`)."""
+        with torch.no_grad():
+            for flat in self.flats:
+                flat.attach_grads()
+                scratch = flat.need_origin()
+                torch.add(flat.need_grad_sum(), flat.grad, out=scratch)
+                self._dist.sum_(scratch)
+        self._grads_reduced = True
+
+    def _take_reduced_grads(self, run: Commit) -> None:
+        """In the call's commit: the averaged sum becomes grad_sum (grad zero), which the
+        direction divides by m."""
+        if not self._grads_reduced:
+            return
+        self._grads_reduced = False
+        for flat in self.flats:
+            run(torch.div, flat.origin, self._ranks, out=flat.grad_sum)
+            run(self.ops.zero_grad, flat)
+
+    def _reduce_line(self, again: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """After the line evaluations: the measurement's one collective (global samples). The
+        first closure's repeat is checked here, on this rank's samples, and its verdict travels
+        with them (a closure that does not repeat on one rank fails the measurement on all);
+        returns what `_finish_line` still has to check (nothing, under torch.distributed)."""
+        if self._dist is None:
+            return again
+        missed = None
+        if again is not None:
+            missed = self.line.drop_unless_repeated(self._first_loss, again,
+                                                    self.hyper.replay_tolerance)
+            self._again = again
+        self._line_reduced = True
+        self._dist.reduce_line(self.line, self.counters.measure_start_call,
+                               self.counters.measure_start_update, missed=missed)
+        return None
+
+    def _fail_across_ranks(self, code: int, run: Commit) -> str:
+        """Every rank saw the same failed collective: all end the measurement at the line's
+        origin (as a rank whose evaluations raised did). Returns the error to raise."""
+        for flat in self.flats:
+            run(self.ops.restore_origin, flat)
+        run(self._dist.restore_rate, self.line)
+        error = self._dist.explain(code)
+        if self._dist.missed_here():  # this rank's closure did not repeat: say how to fix it
+            first, again = torch.stack([self._first_loss.double().reshape(()),
+                                        self._again.double().reshape(())]).tolist()
+            error += " On this rank: " + _not_repeated(first, again, self.hyper.replay_tolerance)
+        self._end_measurement("interrupted: failed across ranks", run)
+        return error
+
     # ------------------------------------------------------------------ faults
     @contextmanager
     def _commit(self) -> Iterator[Commit]:
@@ -452,6 +547,15 @@ class LABPAL(torch.optim.Optimizer):
                 restore_rng(rng_after)
                 self._end_measurement(
                     f"interrupted: {type(exc).__name__} during the line evaluations", run)
+            if self._dist is not None and not self._line_reduced:
+                # the other ranks are on their way to the measurement's collective: join it with
+                # the error flag up, so they end the measurement too instead of timing out
+                self._line_reduced = True
+                try:
+                    self._dist.join_failed(self.line, self.counters.measure_start_call,
+                                           self.counters.measure_start_update)
+                except Exception:
+                    pass  # the original exception is the one to raise
         # _COMMIT: the writes were finished or the optimizer is broken (_commit); _DONE: nothing
 
     # ------------------------------------------------------------------ closures
@@ -490,7 +594,7 @@ class LABPAL(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups and state
     def _check_groups(self) -> None:
-        hyper_names = set(NAMES) | {"lr", "backend", "model"}
+        hyper_names = set(NAMES) | {"lr", "backend", "model", "process_group"}
         for i, group in enumerate(self.param_groups):
             bad = sorted(set(group) & hyper_names)
             if bad:
@@ -528,21 +632,26 @@ class LABPAL(torch.optim.Optimizer):
             # the learning rate is part of the line state below, not of the groups
             groups.append({"params": ids, "weight_decay": group["weight_decay"]})
         measuring = self._phase == MEASURING
+        # an unfinished update's gradient sum is this rank's own until its last call averages it
+        # (DDP model= with m > 1): not saved; the update starts over at load, on every rank alike
+        local_sum = self._dist is not None and self._dist.ddp is not None and self.counters.m > 1
         state: Dict[int, Dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for flat in self.flats:
                 direction = flat.origin if measuring and self._formed else flat.direction
                 sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and not measuring \
-                    and self.counters.acc > 0 else [None] * len(flat.params)
-                for p, d, s in zip(flat.params, flat.slices(direction), sums):
-                    entry = {"direction": d.clone()}
+                    and self.counters.acc > 0 and not local_sum else [None] * len(flat.params)
+                for i, (p, d, s) in enumerate(zip(flat.params, flat.slices(direction), sums)):
+                    entry = {"direction": flat.saved(i, d)}
                     if s is not None:
-                        entry["grad_sum"] = s.clone()
+                        entry["grad_sum"] = flat.saved(i, s)
                     state[index[id(p)]] = entry
         counters = asdict(self.counters)
         if measuring:  # resume by starting this measurement over, parameters untouched
             counters.update(acc=0, pending=True)
-        return {
+        elif local_sum:
+            counters.update(acc=0)
+        return shards.fixed_layout(self, {
             "state": state,
             "param_groups": groups,
             "labpal": {
@@ -555,7 +664,7 @@ class LABPAL(torch.optim.Optimizer):
                 "records": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in r.items()}
                             for r in self._records],
             },
-        }
+        })
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restores a state saved by `state_dict` from an optimizer over the same parameters.
@@ -649,11 +758,14 @@ def _check_no_shared_storage(param_groups) -> None:
     for group in param_groups:
         for p in group["params"]:
             position += 1
-            if not p.requires_grad or p.numel() == 0:
+            # FSDP1's parameters are views of its flat storage: refused for what they are
+            shards.refuse_fsdp1([p], None)
+            local = shards.local_tensor(p)  # an FSDP2 parameter: its shard's own storage
+            if not p.requires_grad or local.numel() == 0:
                 continue
-            last = sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
-            start = p.storage_offset()
-            key = (p.device, p.untyped_storage().data_ptr())
+            last = sum((n - 1) * st for n, st in zip(local.shape, local.stride()))
+            start = local.storage_offset()
+            key = (p.device, local.untyped_storage().data_ptr())
             for other_start, other_last, other_id in spans.get(key, ()):
                 if other_id != id(p) and start <= other_last and other_start <= start + last:
                     raise ValueError(

@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..hyper import NAMES, Hyper
-from . import registry
+from . import parallel, registry
 from . import report as rep
 from .tasks import TASK_HELP, TASKS, BatchStream, DataError, Task, load_task
 from .training import Run, train_runs
@@ -86,6 +86,10 @@ def _add_common(p: argparse.ArgumentParser, compare: bool) -> None:
     p.add_argument("--backend", default="auto", help="LABPAL backend (auto, eager, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel ranks on this machine (spawned; gloo on the CPU, nccl on "
+                        "CUDA, one GPU each), each training on its share of every batch of "
+                        "--batch-size; under torchrun leave it out (README)")
     p.add_argument("--no-plots", action="store_true", help="write the files but no PNGs")
     g = p.add_argument_group("LABPAL hyper-parameters (public names; unset = LABPAL's default)")
     defaults = Hyper()
@@ -162,7 +166,8 @@ def _device_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-def _make_runs(names: Sequence[str], task: Task, args, device: torch.device) -> List[Run]:
+def _make_runs(names: Sequence[str], task: Task, args, device: torch.device,
+               ranks: parallel.Ranks) -> List[Run]:
     runs = []
     hyper = labpal_hyper(args)
     for name in names:
@@ -170,11 +175,13 @@ def _make_runs(names: Sequence[str], task: Task, args, device: torch.device) -> 
         torch.manual_seed(args.seed)                 # same initial weights for everyone
         model = task.make_model().to(device)
         model.train()
+        forward = ranks.wrap(model)
         build = spec.build
         if name in ("labpal", "labpal-sgd") and getattr(args, "hp_mode", None):
             build = registry._labpal(args.hp_mode)
-        built = build([p for p in model.parameters() if p.requires_grad], model=model,
-                      task_size=task.train_size, batch_size=args.batch_size, steps=args.steps,
+        built = build([p for p in model.parameters() if p.requires_grad], model=forward,
+                      task_size=task.train_size, batch_size=args.batch_size // ranks.world,
+                      steps=args.steps,
                       sgd_lr=args.sgd_lr, weight_decay=args.weight_decay, labpal_hyper=hyper,
                       backend=args.backend)
         if built.schedule_free:
@@ -184,7 +191,8 @@ def _make_runs(names: Sequence[str], task: Task, args, device: torch.device) -> 
             label = f"LABPAL ({args.hp_mode})"
         runs.append(Run(name, label, task, model, built,
                         BatchStream(task.train_size, args.batch_size, args.seed),
-                        torch.Generator().manual_seed(args.seed + 1), device))
+                        torch.Generator().manual_seed(args.seed + 1), device,
+                        forward=forward, ranks=ranks))
     return runs
 
 
@@ -205,20 +213,36 @@ def _resolve_defaults(args, task: Task) -> None:
 
 
 def run_training(args, names: Sequence[str]) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    ranks = parallel.start(device)
+    try:
+        return _train_and_report(args, names, parallel.rank_device(device, ranks), ranks)
+    finally:
+        parallel.stop(ranks)
+
+
+def _train_and_report(args, names: Sequence[str], device: torch.device,
+                      ranks: parallel.Ranks) -> int:
+    threads = args.threads or (parallel.cpu_threads(ranks.world) if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     task = load_task(args.task, args.seed, device, args.data_dir)
     _resolve_defaults(args, task)
+    if args.batch_size % ranks.world:
+        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of the {ranks.world} "
+                         "ranks: each rank trains on an equal share of every batch")
     try:
         Hyper(**dict(labpal_hyper(args), batch_size=args.batch_size))
     except (TypeError, ValueError) as e:
         raise UsageError(f"LABPAL hyper-parameter: {e}") from None
     out = args.out or os.path.join("runs", f"{args.task}-{args.command}")
-    os.makedirs(out, exist_ok=True)
-    runs = _make_runs(names, task, args, device)
+    if ranks.main:
+        os.makedirs(out, exist_ok=True)
+    runs = _make_runs(names, task, args, device, ranks)
     started = time.time()
-    interrupted = train_runs(runs, args.steps, args.eval_every, args.quiet)
+    interrupted = train_runs(runs, args.steps, args.eval_every, args.quiet or not ranks.main)
+    if not ranks.main:  # rank 0 writes the outputs
+        return EXIT_INTERRUPTED if interrupted else 0
     rows = [r for run in runs for r in run.rows]
     rep.write_metrics(os.path.join(out, rep.METRICS), rows)
     rep.write_json(os.path.join(out, rep.LINES),
@@ -226,6 +250,7 @@ def run_training(args, names: Sequence[str]) -> int:
     figs = rep.figures(rows, args.target_loss)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("hp_")}
     settings["labpal_hyper"] = labpal_hyper(args)
+    settings["nproc"] = ranks.world
     summary = {
         "command": args.command,
         "interrupted": interrupted,
@@ -248,7 +273,8 @@ def run_training(args, names: Sequence[str]) -> int:
             f.write(text)
     else:
         text = rep.rebuild(out)["table"]
-    print(f"\n{task.description}; {args.steps} steps of batch {args.batch_size} on {device}"
+    where = f"{ranks.world} ranks ({device.type})" if ranks.world > 1 else str(device)
+    print(f"\n{task.description}; {args.steps} steps of batch {args.batch_size} on {where}"
           + (" — INTERRUPTED, report covers the steps done" if interrupted else ""))
     print(text)
     print(f"files in {out}: " + ", ".join(sorted(os.listdir(out))))
@@ -260,6 +286,17 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "report" and args.nproc < 1:
+            raise UsageError("--nproc must be at least 1")
+        if args.command != "report" and (args.nproc > 1 or parallel.launched()):
+            if parallel.launched():
+                world = int(os.environ["WORLD_SIZE"])
+                if args.nproc not in (1, world):
+                    raise UsageError(f"--nproc {args.nproc} under a launcher that started "
+                                     f"{world} ranks (WORLD_SIZE): leave --nproc out")
+            else:
+                return parallel.launch(parallel.strip_nproc(
+                    sys.argv[1:] if argv is None else list(argv)), args.nproc)
         if args.command == "report":
             result = rep.rebuild(args.dir)
             print(result["table"])

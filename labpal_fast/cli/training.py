@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import registry
+from .parallel import Ranks
 from .tasks import BatchStream, Task
 
 
@@ -35,11 +36,13 @@ class Run:
     last_loss: float = float("nan")
     last_lr: float = float("nan")
     last_acc: Optional[float] = None
+    forward: Optional[torch.nn.Module] = None   # what the closure calls (the DDP wrapper, if any)
+    ranks: Ranks = field(default_factory=Ranks)
 
     def step(self) -> None:
         t0 = time.perf_counter()
-        x, y = self.task.batch(self.stream.next(), self.aug_gen)
-        model, task, opt = self.model, self.task, self.built.optimizer
+        x, y = self.task.batch(self.ranks.share(self.stream.next()), self.aug_gen)
+        model, task, opt = self.forward or self.model, self.task, self.built.optimizer
 
         def closure():
             return task.loss(model(x), y)
@@ -70,7 +73,9 @@ class Run:
             self.train_time += time.perf_counter() - t0
         if not self._pending:
             return
-        losses = torch.stack([p[1].float().reshape(()) for p in self._pending]).tolist()
+        # the global batch's loss: the mean of the ranks' shares (the same on every rank)
+        losses = self.ranks.mean(
+            torch.stack([p[1].float().reshape(()) for p in self._pending])).tolist()
         lrs = [registry.lr_value(p[2]) for p in self._pending]
         for i, (step, _, _, phase, updates, wall) in enumerate(self._pending):
             wall = self.train_time if i == len(self._pending) - 1 else wall
@@ -83,6 +88,8 @@ class Run:
         self._pending = []
 
     def evaluate(self) -> None:
+        if not self.ranks.main:  # rank 0 evaluates and reports
+            return
         t0 = time.perf_counter()
         opt = self.built.optimizer
         if self.built.schedule_free:
