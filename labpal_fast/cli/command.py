@@ -167,7 +167,7 @@ def _device_info(device: torch.device) -> Dict[str, Any]:
 
 
 def _make_runs(names: Sequence[str], task: Task, args, device: torch.device,
-               ranks: parallel.Ranks) -> List[Run]:
+               ranks: parallel.Ranks = parallel.Ranks()) -> List[Run]:
     runs = []
     hyper = labpal_hyper(args)
     for name in names:
