@@ -2,13 +2,11 @@
 directly on the same batches (the oracle): the same parameters, the measured learning rate in
 LearningRateMonitor's CSV log, every batch logged once with its first evaluation's loss."""
 import csv
-import math
-
 import pytest
 import torch
 
 from labpal_fast import LABPAL
-from tests.helpers import batches, closure_for, small_net
+from tests.helpers import closure_for, small_net
 
 L = pytest.importorskip("lightning.pytorch", reason="pip install 'labpal-fast[integrations]'")
 from labpal_fast.integrations.lightning import LABPALCallback  # noqa: E402
@@ -49,13 +47,27 @@ class Outputs(L.Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def oracle(data):
-    """LABPAL run directly (forward-only closures): its losses, the lr before each step, θ."""
+def data():
+    """Random inputs, labels from a fixed random linear map (learnable)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(STEPS * 16, 6, generator=g)
+    return x, (x @ torch.randn(6, 3, generator=g)).argmax(1)
+
+
+def loader():
+    x, y = data()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+def oracle():
+    """LABPAL run directly (forward-only closures): its losses, the lr before each step, θ.
+    The global RNG (dropout) is seeded as before the Lightning run."""
     model = small_net(seed=3, dropout=0.2)
     model.train()
     opt = LABPAL(model.parameters(), model=model, **HYPER)
     losses, lrs = [], []
-    for x, y in data:
+    torch.manual_seed(5)
+    for x, y in loader():
         lrs.append(float(opt.param_groups[0]["lr"]))
         losses.append(opt.step(closure_for(model, x, y)).item())
     return losses, lrs, list(model.parameters()), opt.measurements()
@@ -67,7 +79,8 @@ def fit(tmp_path, module, callbacks=(), **trainer_args):
                         callbacks=[LABPALCallback(), *callbacks], log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, **trainer_args)
-    trainer.fit(module, train_dataloaders=batches(STEPS, 16, 6, seed=11))
+    torch.manual_seed(5)
+    trainer.fit(module, train_dataloaders=loader())
     return trainer, logger
 
 
@@ -83,8 +96,7 @@ def read_columns(path):
 
 
 def test_automatic_optimization_trains_as_labpal_directly(tmp_path):
-    data = batches(STEPS, 16, 6, seed=11)
-    losses, lrs, params, measurements = oracle(data)
+    losses, lrs, params, measurements = oracle()
     assert len(measurements) >= 3 and sum(r["valid"] for r in measurements) >= 2
     assert len(set(lrs)) >= 3  # the rate changes: a stale or constant lr would be told apart
 
@@ -108,17 +120,11 @@ def test_automatic_optimization_trains_as_labpal_directly(tmp_path):
     assert outputs.losses == pytest.approx(losses, rel=1e-6)
     assert "log" not in vars(module) and "optimizer_step" not in vars(module)  # unwrapped
 
-
-def test_loss_goes_down(tmp_path):
-    module = Net()
-    fit(tmp_path, module)
-    x, y = (torch.cat(t) for t in zip(*batches(STEPS, 16, 6, seed=11)))
-    initial = small_net(seed=3, dropout=0.2).eval()
-    module.net.eval()
+    x, y = data()  # and it learned
     with torch.no_grad():
-        before = torch.nn.functional.cross_entropy(initial(x), y).item()
-        after = torch.nn.functional.cross_entropy(module.net(x), y).item()
-    assert math.isfinite(after) and after < 0.9 * before
+        before = torch.nn.functional.cross_entropy(small_net(seed=3).eval()(x), y)
+        after = torch.nn.functional.cross_entropy(module.net.eval()(x), y)
+    assert after < 0.8 * before
 
 
 @pytest.mark.parametrize("trainer_args, match", [
