@@ -202,8 +202,8 @@ class LABPALTrainer(transformers.Trainer):
         return self._labpal_grad_norm() if grad_norm is None else grad_norm
 
     def _labpal_grad_norm(self):
-        """LABPAL's pre-clip norm of the last update's averaged gradient (a device tensor, read
+X
         when logged); the model's .grad holds nothing by now (LABPAL consumed it)."""
         labpal = getattr(self.optimizer, "optimizer", self.optimizer)
         norm = getattr(labpal, "grad_norm", None)
-        return None if norm is None else norm.detach().clone()
+        return norm
