@@ -202,8 +202,7 @@ class LABPALTrainer(transformers.Trainer):
         return self._labpal_grad_norm() if grad_norm is None else grad_norm
 
     def _labpal_grad_norm(self):
-X
-        when logged); the model's .grad holds nothing by now (LABPAL consumed it)."""
+        """LABPAL's pre-clip norm of the last update's averaged gradient (a device tensor, read
+        when logged; NaN before the first update); the model's .grad holds nothing by now."""
         labpal = getattr(self.optimizer, "optimizer", self.optimizer)
-        norm = getattr(labpal, "grad_norm", None)
-        return norm
+        return getattr(labpal, "grad_norm", None)
