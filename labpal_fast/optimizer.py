@@ -192,7 +192,9 @@ class LABPAL(torch.optim.Optimizer):
         raise TypeError(_NOT_COPYABLE)
 
     def __del__(self):
-        for hook in getattr(self, "_hooks", ()):
+        # vars(), not getattr: a wrapper that imitates LABPAL's class (Lightning's
+        # LightningOptimizer) inherits __del__ and forwards getattr to the LABPAL it wraps
+        for hook in vars(self).get("_hooks", ()):
             hook.remove()
 
     # ------------------------------------------------------------------ phases
