@@ -1,13 +1,12 @@
 """LABPAL with the real transformers Trainer (LABPALTrainer) and Accelerate, against LABPAL run
 directly on the same batches (the oracle). Models are built from configs; nothing is downloaded."""
+import accelerate  # the [integrations] extra (make setup installs it)
 import pytest
 import torch
+import transformers
 
 from labpal_fast import LABPAL
-
-transformers = pytest.importorskip("transformers", reason="pip install 'labpal-fast[integrations]'")
-accelerate = pytest.importorskip("accelerate", reason="pip install 'labpal-fast[integrations]'")
-from labpal_fast.integrations.hf import LABPALTrainer, prepare  # noqa: E402
+from labpal_fast.integrations.hf import LABPALTrainer, prepare
 
 STEPS = 16
 # m = 2 closure calls per update, a measurement every 3 updates over k·m = 4 calls

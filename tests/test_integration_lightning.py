@@ -2,14 +2,14 @@
 directly on the same batches (the oracle): the same parameters, the measured learning rate in
 LearningRateMonitor's CSV log, every batch logged once with its first evaluation's loss."""
 import csv
+
+import lightning.pytorch as L  # the [integrations] extra (make setup installs it)
 import pytest
 import torch
 
 from labpal_fast import LABPAL
+from labpal_fast.integrations.lightning import LABPALCallback
 from tests.helpers import closure_for, small_net
-
-L = pytest.importorskip("lightning.pytorch", reason="pip install 'labpal-fast[integrations]'")
-from labpal_fast.integrations.lightning import LABPALCallback  # noqa: E402
 
 STEPS = 24
 # m = 2 closure calls per update, a measurement every 3 updates over k·m = 4 calls: several

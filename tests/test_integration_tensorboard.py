@@ -2,15 +2,12 @@
 file with TensorBoard's EventAccumulator, against opt.measurements()."""
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter  # the [integrations] extra brings tensorboard
 
 from labpal_fast import LABPAL
+from labpal_fast.integrations.tensorboard import FIGURES, hparams, log_measurements
 from tests.helpers import batches, closure_for, small_net
-
-pytest.importorskip("tensorboard", reason="pip install 'labpal-fast[integrations]'")
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
-from labpal_fast.integrations.tensorboard import FIGURES, hparams, log_measurements  # noqa: E402
 
 
 def scalars(log_dir):

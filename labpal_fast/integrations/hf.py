@@ -28,8 +28,8 @@ import torch
 from ..optimizer import LABPAL
 from . import require
 
-transformers = require("transformers", "transformers", "hf")
 require("accelerate", "accelerate", "hf")
+transformers = require("transformers", "transformers", "hf")
 
 __all__ = ["LABPALTrainer", "MeasuredRate", "check_accelerator", "prepare"]
 
