@@ -96,6 +96,24 @@ def test_trainer_trains_as_labpal_directly_with_clipping(tmp_path):
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
 
 
+def test_trainer_checkpoint_resumes_as_uninterrupted(tmp_path):
+    """Saved at step 6 (between two updates: LABPAL's state resumes bit for bit), resumed by a
+    new Trainer from the checkpoint: the same parameters and log as one uninterrupted run."""
+    whole = train(tmp_path / "whole")
+    train(tmp_path / "first", save_strategy="steps", save_steps=6, max_steps=6)
+    resumed = Recording(model=gpt2(), train_dataset=token_data(), labpal=HYPER,
+                        args=transformers.TrainingArguments(
+                            output_dir=str(tmp_path / "first"), max_steps=STEPS,
+                            per_device_train_batch_size=4, logging_steps=1, report_to="none",
+                            save_strategy="no", use_cpu=True, disable_tqdm=True, seed=1))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-6"))
+    assert [b["input_ids"].tolist() for b, _ in resumed.seen] == \
+        [b["input_ids"].tolist() for b, _ in whole.seen[6:]]
+    for mine, ref in zip(resumed.model.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    assert history(resumed, "learning_rate")[-10:] == history(whole, "learning_rate")[-10:]
+
+
 def test_trainer_max_grad_norm_default_becomes_labpals(tmp_path):
     trainer = LABPALTrainer(model=gpt2(), args=transformers.TrainingArguments(
         output_dir=str(tmp_path), report_to="none", use_cpu=True), train_dataset=token_data())
