@@ -127,6 +127,19 @@ def test_automatic_optimization_trains_as_labpal_directly(tmp_path):
     assert after < 0.8 * before
 
 
+def test_bf16_mixed_trains(tmp_path):
+    module = Net()
+    trainer, logger = fit(tmp_path, module, precision="bf16-mixed")
+    records = trainer.optimizers[0].measurements()
+    assert len(records) >= 3 and all(r["valid"] for r in records)
+    assert len(read_columns(f"{logger.log_dir}/metrics.csv")["train_loss_step"]) == STEPS
+    x, y = data()
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(small_net(seed=3).eval()(x), y)
+        after = torch.nn.functional.cross_entropy(module.net.eval()(x), y)
+    assert after < 0.8 * before
+
+
 @pytest.mark.parametrize("trainer_args, match", [
     (dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
     (dict(gradient_clip_val=1.0), "max_grad_norm"),
