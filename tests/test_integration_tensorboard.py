@@ -64,3 +64,9 @@ def test_hparams_go_into_add_hparams(tmp_path):
         writer.add_hparams(values, {"hparam/loss": 0.5}, run_name="run")
     logged = scalars(tmp_path / "run")
     assert logged["hparam/loss"][0][1] == pytest.approx(0.5)
+
+
+def test_not_a_labpal_raises(tmp_path):
+    model = small_net(seed=2)
+    with SummaryWriter(tmp_path) as writer, pytest.raises(TypeError, match="LABPAL"):
+        log_measurements(writer, torch.optim.SGD(model.parameters(), lr=0.1), 0)

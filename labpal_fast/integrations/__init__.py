@@ -23,3 +23,16 @@ def require(module: str, package: str, integration: str) -> ModuleType:
         raise ImportError(
             f"labpal_fast.integrations.{integration} needs the {package!r} package ({exc}); "
             f"install it with `{INSTALL}` (or `pip install {package}`)") from exc
+
+
+def unwrap(opt):
+    """The LABPAL inside a framework's wrapper (Accelerate's AcceleratedOptimizer, Lightning's
+    LightningOptimizer: both keep it as `.optimizer`), or TypeError."""
+    from ..optimizer import LABPAL
+
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, LABPAL):
+        return inner
+    if not isinstance(opt, LABPAL):
+        raise TypeError(f"expected a LABPAL optimizer (or a wrapper of one), got {type(opt).__name__}")
+    return opt

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..optimizer import LABPAL
-from . import require
+from . import require, unwrap
 
 require("accelerate", "accelerate", "hf")
 transformers = require("transformers", "transformers", "hf")
@@ -64,7 +64,8 @@ class MeasuredRate:
         self.optimizer = optimizer
 
     def get_last_lr(self) -> List[float]:
-        return [float(group["lr"]) for group in self.optimizer.param_groups]
+        lr = float(self.optimizer.param_groups[0]["lr"])  # one tensor shared by every group
+        return [lr] * len(self.optimizer.param_groups)
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -182,8 +183,7 @@ class LABPALTrainer(transformers.Trainer):
     # -- one LABPAL step per training step
     def training_step(self, model, inputs, num_items_in_batch=None):
         parent = super().training_step
-        labpal = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") \
-            else self.optimizer
+        labpal = unwrap(self.optimizer)
         if not isinstance(labpal, _TrainerLABPAL):
             raise TypeError(f"LABPALTrainer's optimizer is {type(labpal).__name__}, not the "
                             "LABPAL it builds in create_optimizer")
@@ -204,5 +204,4 @@ class LABPALTrainer(transformers.Trainer):
     def _labpal_grad_norm(self):
         """LABPAL's pre-clip norm of the last update's averaged gradient (a device tensor, read
         when logged; NaN before the first update); the model's .grad holds nothing by now."""
-        labpal = getattr(self.optimizer, "optimizer", self.optimizer)
-        return getattr(labpal, "grad_norm", None)
+        return getattr(unwrap(self.optimizer), "grad_norm", None)

@@ -15,7 +15,7 @@ import math
 import weakref
 from typing import Any, Dict, Union
 
-from . import require
+from . import require, unwrap
 
 require("tensorboard", "tensorboard", "tensorboard")  # SummaryWriter needs it
 
@@ -30,6 +30,7 @@ def log_measurements(writer, opt, global_step: int, prefix: str = "labpal/") -> 
     (FIGURES) at `global_step`; returns how many. `lr` is the rate the measurement set (η in
     SGD mode, s_upd/‖d‖ in NSGD mode); `valid` is 1.0 or 0.0. Cheap to call every step: it
     reads device values only when a measurement has ended since the last call."""
+    opt = unwrap(opt)
     seen = _written.setdefault(opt, weakref.WeakKeyDictionary())
     done = seen.get(writer, 0)
     # opt._records: the count without reading any device value (measurements() reads them all)
@@ -58,6 +59,7 @@ def hparams(opt) -> Dict[str, Union[int, float, str, bool]]:
     every hyper-parameter (tuples as strings), the backend, each group's weight decay, and `lr`,
     the measured rate now (one device read). `param_groups[i]["lr"]` itself is a 0-dim device
     tensor, which add_hparams cannot take."""
+    opt = unwrap(opt)
     out: Dict[str, Union[int, float, str, bool]] = {}
     for name, value in opt.hyper.as_dict().items():
         out[name] = "None" if value is None else (str(value) if isinstance(value, tuple) else value)
