@@ -101,8 +101,8 @@ def test_automatic_optimization_trains_as_labpal_directly(tmp_path):
     assert len(set(lrs)) >= 3  # the rate changes: a stale or constant lr would be told apart
 
     module, outputs = Net(), Outputs()
-    trainer, logger = fit(tmp_path, module, callbacks=[
-        L.callbacks.LearningRateMonitor(logging_interval="step"), outputs])
+    monitor = L.callbacks.LearningRateMonitor(logging_interval="step")
+    trainer, logger = fit(tmp_path, module, callbacks=[monitor, outputs])
     opt = trainer.optimizers[0]
     assert opt.updates > 0 and len(opt.measurements()) == len(measurements)
     # the repeats ran training_step again (that is what the callback guards against)
@@ -113,6 +113,7 @@ def test_automatic_optimization_trains_as_labpal_directly(tmp_path):
     logged = read_columns(f"{logger.log_dir}/metrics.csv")
     # LearningRateMonitor logs param_groups[0]["lr"] before each batch: the measured rate
     assert logged["lr-LABPAL"] == pytest.approx(lrs, rel=1e-12)
+    assert [float(v) for v in monitor.lrs["lr-LABPAL"]] == pytest.approx(lrs, rel=1e-12)
     # once per batch, the first evaluation's loss (a repeat would overwrite it with the loss
     # at another line position, and add to the epoch mean)
     assert logged["train_loss_step"] == pytest.approx(losses, rel=1e-6)

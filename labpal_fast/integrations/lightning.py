@@ -25,7 +25,8 @@ It refuses, at `on_fit_start`, what cannot work with LABPAL: learning-rate sched
 measures the rate; its own schedule is `lr_multiplier_schedule`), `accumulate_grad_batches > 1`
 (LABPAL averages its own micro-batches), `gradient_clip_val` (use LABPAL's `max_grad_norm`)
 and fp16 mixed precision with a GradScaler (it steps without a closure).
-`param_groups[i]["lr"]` is the measured rate, so `LearningRateMonitor` logs it as it is.
+`param_groups[i]["lr"]` is the measured rate, so `LearningRateMonitor` logs it as it is; the
+callback also keeps the monitor's in-memory `lrs` lists from holding the one live lr tensor.
 """
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ class LABPALCallback(pl.Callback):
         pl_module.log = _skip_when_repeating(pl_module.log, self._repeating)
         pl_module.optimizer_step = _first_evaluation_outputs(pl_module.optimizer_step,
                                                              self._repeating)
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                 optimizer: Any) -> None:
+        # LearningRateMonitor appends param_groups' lr to its `lrs` lists as it is: LABPAL's
+        # one lr tensor, which LABPAL updates in place. Still before this step's update, put a
+        # copy (on the device, no read) in its place, so the lists keep the history.
+        rates = [opt.param_groups[0]["lr"] for opt in self._optimizers]
+        for callback in trainer.callbacks:
+            if isinstance(callback, pl.callbacks.LearningRateMonitor):
+                for values in callback.lrs.values():
+                    if values and any(values[-1] is rate for rate in rates):
+                        values[-1] = values[-1].detach().clone()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                  stage: str) -> None:
