@@ -4,15 +4,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TORCH  ?= torch==2.13.0
+# constraints.txt pins torch (the CPU build) for every install, extras included
+CONSTRAINTS ?= constraints.txt
+TORCH  ?= $(shell grep '^torch==' $(CONSTRAINTS))
 
 .PHONY: setup demo test bench gpu-verify clean
 
 # csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) 'setuptools>=70.1'  # the build backend, used without isolation
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,triton,cli]'
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[test,triton,cli,integrations]'
 	touch $@
 
 setup: $(VENV)/.installed

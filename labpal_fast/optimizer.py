@@ -216,7 +216,8 @@ class LABPAL(torch.optim.Optimizer):
         raise TypeError(_NOT_COPYABLE)
 
     def __del__(self):
-        # vars(): a wrapper copying this class (Lightning's) forwards getattr to this optimizer
+        # vars(), not getattr: a wrapper that imitates LABPAL's class (Lightning's
+        # LightningOptimizer) inherits __del__ and forwards getattr to the LABPAL it wraps
         for hook in vars(self).get("_hooks", ()):
             hook.remove()
 

@@ -1,0 +1,168 @@
+"""LABPAL under the real Lightning Trainer (automatic optimization), against LABPAL run
+directly on the same batches (the oracle): the same parameters, the measured learning rate in
+LearningRateMonitor's CSV log, every batch logged once with its first evaluation's loss."""
+import csv
+
+import lightning.pytorch as L  # the [integrations] extra (make setup installs it)
+import pytest
+import torch
+
+from labpal_fast import LABPAL
+from labpal_fast.integrations.lightning import LABPALCallback
+from tests.helpers import closure_for, small_net
+
+STEPS = 24
+# m = 2 closure calls per update, a measurement every 3 updates over k·m = 4 calls: several
+# measurements (with their line repeats) within STEPS
+HYPER = dict(noise_factor=2.0, approximation_batches=2, reuse_updates=3, warmup_updates=4,
+             averaging_window=2, sample_positions=(0.0, 0.05, 0.2))
+
+
+class Net(L.LightningModule):
+    def __init__(self, scheduler=None):
+        super().__init__()
+        self.net = small_net(seed=3, dropout=0.2)
+        self.scheduler = scheduler
+        self.training_steps = 0  # training_step calls, line repeats included
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = LABPAL(self.parameters(), model=self, **HYPER)
+        if self.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
+
+
+class Outputs(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def data():
+    """Random inputs, labels from a fixed random linear map (learnable)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(STEPS * 16, 6, generator=g)
+    return x, (x @ torch.randn(6, 3, generator=g)).argmax(1)
+
+
+def loader():
+    x, y = data()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+def oracle():
+    """LABPAL run directly (forward-only closures): its losses, the lr before each step, θ.
+    The global RNG (dropout) is seeded as before the Lightning run."""
+    model = small_net(seed=3, dropout=0.2)
+    model.train()
+    opt = LABPAL(model.parameters(), model=model, **HYPER)
+    losses, lrs = [], []
+    torch.manual_seed(5)
+    for x, y in loader():
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        losses.append(opt.step(closure_for(model, x, y)).item())
+    return losses, lrs, list(model.parameters()), opt.measurements()
+
+
+def fit(tmp_path, module, callbacks=(), **trainer_args):
+    logger = L.loggers.CSVLogger(tmp_path, name="run")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=logger,
+                        callbacks=[LABPALCallback(), *callbacks], log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, **trainer_args)
+    torch.manual_seed(5)
+    trainer.fit(module, train_dataloaders=loader())
+    return trainer, logger
+
+
+def read_columns(path):
+    """{column: [(step, value), ...]} of a CSVLogger metrics.csv, empty cells left out."""
+    columns = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for name, value in row.items():
+                if name != "step" and value != "":
+                    columns.setdefault(name, []).append((int(row["step"]), float(value)))
+    return {name: [v for _, v in sorted(pairs)] for name, pairs in columns.items()}
+
+
+def test_automatic_optimization_trains_as_labpal_directly(tmp_path):
+    losses, lrs, params, measurements = oracle()
+    assert len(measurements) >= 3 and sum(r["valid"] for r in measurements) >= 2
+    assert len(set(lrs)) >= 3  # the rate changes: a stale or constant lr would be told apart
+
+    module, outputs = Net(), Outputs()
+    monitor = L.callbacks.LearningRateMonitor(logging_interval="step")
+    trainer, logger = fit(tmp_path, module, callbacks=[monitor, outputs])
+    opt = trainer.optimizers[0]
+    assert opt.updates > 0 and len(opt.measurements()) == len(measurements)
+    # the repeats ran training_step again (that is what the callback guards against)
+    assert module.training_steps > STEPS
+    for mine, ref in zip(module.net.parameters(), params):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+
+    logged = read_columns(f"{logger.log_dir}/metrics.csv")
+    # LearningRateMonitor logs param_groups[0]["lr"] before each batch: the measured rate
+    assert logged["lr-LABPAL"] == pytest.approx(lrs, rel=1e-12)
+    assert [float(v) for v in monitor.lrs["lr-LABPAL"]] == pytest.approx(lrs, rel=1e-12)
+    # once per batch, the first evaluation's loss (a repeat would overwrite it with the loss
+    # at another line position, and add to the epoch mean)
+    assert logged["train_loss_step"] == pytest.approx(losses, rel=1e-6)
+    assert logged["train_loss_epoch"] == pytest.approx([sum(losses) / STEPS], rel=1e-5)
+    assert outputs.losses == pytest.approx(losses, rel=1e-6)
+    assert "log" not in vars(module) and "optimizer_step" not in vars(module)  # unwrapped
+
+    x, y = data()  # and it learned
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(small_net(seed=3).eval()(x), y)
+        after = torch.nn.functional.cross_entropy(module.net.eval()(x), y)
+    assert after < 0.8 * before
+
+
+def test_bf16_mixed_trains(tmp_path):
+    module = Net()
+    trainer, logger = fit(tmp_path, module, precision="bf16-mixed")
+    records = trainer.optimizers[0].measurements()
+    assert len(records) >= 3 and all(r["valid"] for r in records)
+    assert len(read_columns(f"{logger.log_dir}/metrics.csv")["train_loss_step"]) == STEPS
+    x, y = data()
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(small_net(seed=3).eval()(x), y)
+        after = torch.nn.functional.cross_entropy(module.net.eval()(x), y)
+    assert after < 0.8 * before
+
+
+@pytest.mark.parametrize("trainer_args, match", [
+    (dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
+    (dict(gradient_clip_val=1.0), "max_grad_norm"),
+])
+def test_unsupported_trainer_settings_raise(tmp_path, trainer_args, match):
+    module = Net()
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path, module, **trainer_args)
+    assert module.training_steps == 0
+
+
+def test_fp16_grad_scaler_raises(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = Net()
+    with pytest.raises(ValueError, match="GradScaler"):
+        fit(tmp_path, module, plugins=[MixedPrecision("16-mixed", "cpu")])
+    assert module.training_steps == 0
+
+
+def test_lr_scheduler_raises(tmp_path):
+    module = Net(scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5))
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="(?i)schedul"):
+        fit(tmp_path, module)
+    assert module.training_steps == 0
