@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 
 from labpal_fast import cli  # noqa: E402
 from labpal_fast.cli import command, registry, report, tasks, training  # noqa: E402
+from labpal_fast.hyper import NAMES, Hyper  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--quiet", "--device", "cpu", "--threads", "1"]
@@ -105,6 +106,38 @@ def test_labpal_flags_reach_the_optimizer(tmp_path, capsys):
     assert run("train", "--task", "spirals", "--steps", 2, "--out", tmp_path / "bad",
                "--max-step-size", -1) == 2
     assert "max_step_size" in capsys.readouterr().err
+
+
+def _flag_text(value):
+    """A hyper-parameter value as a user types it after its flag."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return ",".join(f"{p}:{f}" for p, f in value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+# a valid value other than the default for hyper-parameters whose default is None (off)
+_INSTEAD_OF_NONE = {"noise_factor": 2.0, "max_grad_norm": 1.5}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in command._HYPER_SKIP])
+def test_every_hyper_parameter_flag_parses_to_the_value_typed(name):
+    value = getattr(Hyper(), name)
+    if value is None:
+        value = _INSTEAD_OF_NONE[name]
+    elif isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        value = value + ((value[-1][0] + 1000, 0.5),)  # one more point than the default
+    flag = "--" + name.replace("_", "-")
+    args = command.build_parser().parse_args(["train", flag, _flag_text(value)])
+    given = command.labpal_hyper(args)
+    assert list(given) == [name]
+    assert getattr(Hyper(**given), name) == value
+    if command._HYPER_TYPES.get(name, (None, ""))[1] == "X|none":  # "none" turns it off
+        off = command.build_parser().parse_args(["train", flag, "none"])
+        assert getattr(Hyper(**command.labpal_hyper(off)), name) is None
 
 
 def test_every_builtin_optimizer_trains(tmp_path):

@@ -41,13 +41,15 @@ def _floats(text: str):
 
 
 def _schedule(text: str):
+    """'POINT:VALUE,...' → ((POINT, VALUE), ...): calls (batch_size_schedule) or updates
+    (lr_multiplier_schedule) with their factor."""
     pairs = []
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
         call, _, mult = part.partition(":")
         if not mult:
-            raise argparse.ArgumentTypeError(f"expected CALL:MULTIPLIER pairs, got {part!r}")
+            raise argparse.ArgumentTypeError(f"expected POINT:FACTOR pairs, got {part!r}")
         pairs.append((int(call), float(mult)))
     return tuple(pairs)
 
@@ -56,10 +58,17 @@ def _optional_float(text: str):
     return None if text.lower() in ("none", "auto", "") else float(text)
 
 
+# every hyper-parameter whose default's type cannot parse its own text (tests/test_cli.py
+# checks that each one round-trips)
 _HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
+                "max_grad_norm": (_optional_float, "X|none"),
+                "replay_tolerance": (_optional_float, "X|none"),
                 "batch_size_schedule": (_schedule, "CALL:MULT,..."),
+                "lr_multiplier_schedule": (_schedule, "UPDATE:FACTOR,..."),
                 "sample_positions": (_floats, "S0,S1,..."),
                 "direction_norm_range": (_floats, "LOW,HIGH")}
+# a flag not given (None is a value: "--max-grad-norm none" turns clipping off)
+_UNSET = object()
 # set elsewhere: mode comes from the optimizer's name, batch_size is --batch-size
 _HYPER_SKIP = ("mode", "batch_size")
 
@@ -99,7 +108,7 @@ def _add_common(p: argparse.ArgumentParser, compare: bool) -> None:
         default = getattr(defaults, name)
         conv, metavar = _HYPER_TYPES.get(name, (type(default), None))
         flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
-        g.add_argument(*flags, dest="hp_" + name, type=conv, default=None, metavar=metavar,
+        g.add_argument(*flags, dest="hp_" + name, type=conv, default=_UNSET, metavar=metavar,
                        help=f"default {default!r}")
     if not compare:
         g.add_argument("--mode", dest="hp_mode", choices=("NSGD", "SGD"), default=None,
@@ -131,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def labpal_hyper(args) -> Dict[str, Any]:
     return {name[3:]: v for name, v in vars(args).items()
-            if name.startswith("hp_") and name != "hp_mode" and v is not None}
+            if name.startswith("hp_") and name != "hp_mode" and v is not _UNSET}
 
 
 # ---------------------------------------------------------------------------- the command
