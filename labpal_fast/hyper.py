@@ -163,6 +163,17 @@ def _items(name: str, value: Any, what: str) -> tuple:
         raise ValueError(f"{name} must be a sequence of {what}, got {value!r}") from None
 
 
+def _pairs(name: str, value: Any, point: str) -> list:
+    """A schedule's (point, multiplier) pairs as tuples, 1 to MAX_SCHEDULE_ENTRIES of them (the
+    numbers are checked by the caller)."""
+    entries = _items(name, value, f"({point}, multiplier) pairs")
+    pairs = [_items(f"{name} entry", e, "2 numbers") for e in entries]
+    if not 1 <= len(pairs) <= MAX_SCHEDULE_ENTRIES or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{name} must be 1 to {MAX_SCHEDULE_ENTRIES} ({point}, multiplier) "
+                         f"pairs, got {value!r}")
+    return pairs
+
+
 def _validate(h: Hyper) -> None:
     def set_(name, value):  # normalised values on the frozen instance
         object.__setattr__(h, name, value)
@@ -194,11 +205,7 @@ def _validate(h: Hyper) -> None:
         set_("max_grad_norm", number("max_grad_norm", h.max_grad_norm, 0.0, MAX_GRAD_NORM,
                                       low_open=True))
 
-    entries = _items("batch_size_schedule", h.batch_size_schedule, "(call, multiplier) pairs")
-    pairs = [_items("batch_size_schedule entry", e, "2 numbers") for e in entries]
-    if not 1 <= len(pairs) <= MAX_SCHEDULE_ENTRIES or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"batch_size_schedule must be 1 to {MAX_SCHEDULE_ENTRIES} (call, "
-                         f"multiplier) pairs, got {h.batch_size_schedule!r}")
+    pairs = _pairs("batch_size_schedule", h.batch_size_schedule, "call")
     schedule = tuple(
         (number("batch_size_schedule call", c, 0, MAX_COUNT, integer=True),
          number("batch_size_schedule multiplier", mult, 0.0, MAX_COUNT, low_open=True))
@@ -214,12 +221,7 @@ def _validate(h: Hyper) -> None:
                 f"(128/batch_size)·(dataset_size/40000)); m must be at most {MAX_MULTIPLIER} "
                 "closure calls per update")
 
-    entries = _items("lr_multiplier_schedule", h.lr_multiplier_schedule,
-                     "(update, multiplier) pairs")
-    pairs = [_items("lr_multiplier_schedule entry", e, "2 numbers") for e in entries]
-    if not 1 <= len(pairs) <= MAX_SCHEDULE_ENTRIES or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"lr_multiplier_schedule must be 1 to {MAX_SCHEDULE_ENTRIES} (update, "
-                         f"multiplier) pairs, got {h.lr_multiplier_schedule!r}")
+    pairs = _pairs("lr_multiplier_schedule", h.lr_multiplier_schedule, "update")
     points = tuple(
         (number("lr_multiplier_schedule update", u, 0, MAX_COUNT, integer=True),
          number("lr_multiplier_schedule multiplier", f, 0.0, MAX_LR_MULTIPLIER))
