@@ -17,6 +17,14 @@ from .layout import NPART, Abandon, Partial
 
 # added to ‖ḡ‖ in the clipping factor, as torch.nn.utils.clip_grad_norm_ does
 CLIP_EPS = 1e-6
+# resolve_positions: the smallest nonzero position moves θ by at least this many ulps, as a
+# root-mean-square over coordinates (ulps of each parameter's dtype at its own value):
+# s_first·f >= RESOLVE_ULPS·‖ε_dtype·θ‖ (README "What differs from the paper": measured with
+# tools/line_accuracy.py)
+RESOLVE_ULPS = 64.0
+# and the slope's change over it is this many times the loss's own rounding (eps of the loss's
+# dtype × |loss|), which makes the curvature visible above that rounding too
+RESOLVE_LOSS = 1e4
 
 
 class Line:
@@ -28,6 +36,11 @@ class Line:
         positions = hyper.line_positions
         self.scale = max(positions)  # positions are fitted in t = s/scale, all O(1)
         self.positions = torch.tensor(positions, **f64)
+        self._index = {p: j for j, p in enumerate(positions)}
+        self.first = min(p for p in positions if p > 0)  # the smallest nonzero position
+        # resolve_positions' factor f and the positions moved to, positions·f (f = 1: off)
+        self.resolve = torch.ones((), **f64)
+        self.at = self.positions.clone()
         self.sums = torch.zeros(len(positions), **f64)
         self.counts = torch.zeros(len(positions), **f64)
         self.partials = torch.zeros(NPART, **f64)
@@ -82,6 +95,28 @@ class Line:
     def set_partials(self, partials: torch.Tensor) -> None:
         self.partials.copy_(partials)
 
+    def set_resolution(self, ulp_sqnorm: torch.Tensor, loss_eps: float = 0.0) -> None:
+        """resolve_positions: the factor f ≥ 1 of every position, on the device, from two floors
+        on the smallest nonzero position s₁ (docs/algorithm.md "Positions the dtype resolves"):
+        - parameters: s₁·f ≥ RESOLVE_ULPS·‖ε·θ‖ (`ulp_sqnorm` = ‖ε·θ‖² over every parameter, ε
+          its dtype's epsilon): a typical coordinate moves by that many ulps of its value;
+        - the loss: the slope's change over s₁ is RESOLVE_LOSS times the loss's rounding,
+          s₁·f·|b| ≥ RESOLVE_LOSS·loss_eps·|L₀| (b: −⟨ḡ,d⟩/‖d‖, L₀: the mean loss at s = 0 so
+          far), but never beyond where the largest position reaches |L₀|/|b| (half the farthest
+          minimum of a parabola that stays ≥ 0).
+        The positions moved to become positions·f."""
+        f64 = self.resolve.dtype
+        ulps = RESOLVE_ULPS * ulp_sqnorm.to(f64).sqrt() / self.first
+        slope = (self.partials[Partial.GD] / self._norm()).abs()
+        level = (self.sums[0] / self.counts[0]).abs()
+        rounding = RESOLVE_LOSS * loss_eps * level / slope / self.first
+        reach = level / slope / max(self.hyper.line_positions)
+        loss_floor = torch.minimum(rounding, reach)
+        loss_floor = torch.where(torch.isfinite(loss_floor), loss_floor, 0.0)
+        factor = torch.maximum(ulps, loss_floor).clamp(min=1.0)
+        self.resolve.copy_(torch.where(torch.isfinite(factor), factor, 1.0))
+        torch.mul(self.positions, self.resolve, out=self.at)
+
     # -- the direction ----------------------------------------------------------------
     def clip_scale(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """The factor of ḡ for clipping to max_grad_norm, from ‖ḡ‖² over every flat:
@@ -109,8 +144,11 @@ class Line:
         return int(Abandon.SLOPE) * bad_slope.long() + int(Abandon.NORM) * bad_norm.long()
 
     def position_coef(self, s: float) -> torch.Tensor:
-        """The factor of d that moves θ₀ to position s: −s/‖d‖."""
-        return -s / self._norm()
+        """The factor of d that moves θ₀ to position s (× resolve_positions' factor): −s/‖d‖."""
+        j = self._index.get(float(s))
+        if j is None or not self.hyper.resolving:
+            return -s / self._norm()
+        return -self.at[j] / self._norm()
 
     def target_coef(self) -> torch.Tensor:
         """The factor of d for the measurement's own move, to s_upd (0 while no rate exists)."""
@@ -161,23 +199,12 @@ class Line:
     def _fit_rate(self, averaged: bool) -> Dict[str, torch.Tensor]:
         """The fit and the step rule: s_upd / η / lr as measured (where valid)."""
         h = self.hyper
-        t = self.positions / self.scale
-        n, y = self.counts, self.sums
-        m0, m1, m2, m3, m4 = ((n * t ** p).sum() for p in range(5))
-        r0, r1, r2 = ((y * t ** p).sum() for p in range(3))
-        # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ
-        det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
-        A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
-        B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
-        C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
         norm = self._norm()
-        wd_dd, wd_td, wd_tt = (self.partials[i] for i in (Partial.WD_DD, Partial.WD_TD,
-                                                          Partial.WD_TT))
-        a = A / self.scale ** 2 + 0.5 * wd_dd / norm ** 2
-        b = B / self.scale - wd_td / norm
-        c = C + 0.5 * wd_tt
-        valid = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b < 0)
-        s_min = torch.where(valid, -b / (2 * a), 0.0)
+        if h.line_fit == "paper":
+            a, b, c, valid = self._fit_paper(norm)
+            s_min = torch.where(valid, -b / (2 * a), 0.0)
+        else:
+            a, b, c, valid, s_min = self._fit_robust(norm)
         s_new = (h.update_step_adaptation * s_min.clamp(max=h.max_step_size)).clamp(min=h.epsilon)
         eta_new = (s_new / norm).clamp(min=h.epsilon)
         if averaged:
@@ -197,7 +224,71 @@ class Line:
         return {"sums": self.sums.clone(), "counts": self.counts.clone(),
                 "partials": self.partials.clone(), "a": a, "b": b, "c": c, "s_min": s_min,
                 "s_new": s_new, "eta_new": eta_new, "s_upd": self.s_upd.clone(),
-                "eta": self.eta.clone(), "valid": valid}
+                "eta": self.eta.clone(), "valid": valid, "positions": self.at.clone()}
+
+    def _fit_paper(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The paper's fit: a·s² + b·s + c by least squares over every sample (3×3 normal
+        equations), valid when a > 0 and b < 0. (a, b, c, valid)."""
+        if self.hyper.resolving:  # positions·f, fitted in t = s/(scale·f)
+            scale = self.scale * self.resolve
+            t = self.at / scale
+        else:
+            scale = self.scale
+            t = self.positions / scale
+        n, y = self.counts, self.sums
+        m0, m1, m2, m3, m4 = ((n * t ** p).sum() for p in range(5))
+        r0, r1, r2 = ((y * t ** p).sum() for p in range(3))
+        # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ
+        det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
+        A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
+        B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
+        C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+        wd_dd, wd_td, wd_tt = (self.partials[i] for i in (Partial.WD_DD, Partial.WD_TD,
+                                                          Partial.WD_TT))
+        a = A / scale ** 2 + 0.5 * wd_dd / norm ** 2
+        b = B / scale - wd_td / norm
+        c = C + 0.5 * wd_tt
+        valid = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b < 0)
+        return a, b, c, valid
+
+    def _fit_robust(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The robust fit (docs/algorithm.md): a·s² + b·s + c by least squares over every
+        sample at the positions moved to; with line_fit="gradient" the slope b at s = 0 is the
+        directional derivative −⟨ḡ,d⟩/‖d‖ instead (ḡ: the measurement's first m batches, weight
+        decay included) and only a and c are fitted (2×2 normal equations of y − b·s).
+        Refused only when the line is not a descending parabola: b ≥ 0, a value not finite, or
+        a position without a finite sample; a descending line without positive curvature
+        (a ≤ 0) takes s_min = max_step_size. (a, b, c, valid, s_min)."""
+        p = self.partials
+        scale = self.at.max()  # fitted in t = s/scale, all O(1)
+        t = self.at / scale
+        n, y = self.counts, self.sums
+        if self.hyper.line_fit == "gradient":
+            b = -p[Partial.GD] / norm
+            b_loss = b + p[Partial.WD_TD] / norm  # the closures' own slope (decay's removed)
+            y = y - n * (b_loss * scale) * t
+            u = t * t
+            m0, m2, m4 = n.sum(), (n * u).sum(), (n * u * u).sum()
+            r0, r2 = y.sum(), (y * u).sum()
+            # normal equations [[m4 m2] [m2 m0]] (A C)ᵀ = (r2 r0)ᵀ
+            det = m4 * m0 - m2 * m2
+            A = (r2 * m0 - m2 * r0) / det
+            C = (m4 * r0 - m2 * r2) / det
+        else:
+            m0, m1, m2, m3, m4 = ((n * t ** k).sum() for k in range(5))
+            r0, r1, r2 = ((y * t ** k).sum() for k in range(3))
+            det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
+            A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
+            B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
+            C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+            b = B / scale - p[Partial.WD_TD] / norm
+        a = A / scale ** 2 + 0.5 * p[Partial.WD_DD] / norm ** 2
+        c = C + 0.5 * p[Partial.WD_TT]
+        finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
+        valid = (self.counts > 0).all() & finite & (b < 0)
+        curved = torch.where(valid & (a > 0), -b / (2 * a), self.hyper.max_step_size)
+        s_min = torch.where(valid, curved, 0.0)
+        return a, b, c, valid, s_min
 
 
 def _det3(a, b, c, d, e, f, g, h, i):

@@ -12,6 +12,7 @@ stretch of user code after them, the line evaluations, ends the measurement on a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper, number
 from .layout import ABANDON_REASONS, Partial
 from .line import Line
+from .resolution import AutocastProbe
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
 TRAINING, MEASURING = "training", "measuring"
@@ -111,6 +113,7 @@ class LABPAL(torch.optim.Optimizer):
             self._cuda = cuda_indices(f.device for f in self.flats)
             self.line: Line = self.ops.make_line(self.hyper, self._device)
             self._buffers = BufferSnapshot(model)
+            self._compute_eps = 0.0  # autocast's epsilon seen in a measurement's first call
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
         except BaseException:
@@ -304,8 +307,12 @@ class LABPAL(torch.optim.Optimizer):
         stage = _CLOSURE
         try:
             if j <= m:
-                with self._grad_sync(m, last=j == m):
+                # the first call tells the dtype the closure computes in (resolve_positions)
+                probe = AutocastProbe() if j == 1 and self.hyper.resolving else None
+                with self._grad_sync(m, last=j == m), probe or contextlib.nullcontext():
                     loss, own = self._forward_backward(closure)
+                if probe is not None:
+                    self._compute_eps = probe.eps
             else:  # the measurement's first closure tells the convention
                 own = self._own_backward[0]
                 loss = self._sample(closure, own)
@@ -365,6 +372,12 @@ class LABPAL(torch.optim.Optimizer):
         self.ops.direction(self.flats, self._decays(), self.line, m=m,
                            momentum=self.hyper.momentum, line_terms=True, run=run)
         self._formed = True
+        if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
+            # the loss floor reads this rank's own samples: off across ranks (one factor for all)
+            dtype = self._first_loss.dtype
+            loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point and \
+                self._dist is None else 0.0
+            self.ops.resolution(self.flats, self.line, self._compute_eps, loss_eps, run=run)
         code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
         if code:
             for flat in self.flats:
@@ -820,7 +833,9 @@ def _record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
             reason = "fit invalid: slope b >= 0"
     return {
         "call": r["call"], "update": r["update"], "m": r["m"], "averaged": r["averaged"],
-        "positions": list(hyper.line_positions),
+        # as moved to (resolve_positions), else as given
+        "positions": (r["positions"].tolist() if "positions" in r
+                      else list(hyper.line_positions)),
         "mean_losses": [s / c if c else float("nan") for s, c in zip(sums, counts)],
         "counts": [int(c) for c in counts],
         "a": num("a"), "b": num("b"), "c": num("c"), "s_min": num("s_min"),

@@ -749,8 +749,8 @@ class TritonLine(Line):
         if j is None:
             return super().position_coef(s)
         out = self._coefs[j]
-        _launch(_coef_kernel, (1,), out, self.positions[j:], self.partials, self.consts,
-                num_warps=1)
+        # at = positions (× resolve_positions' factor, when on)
+        _launch(_coef_kernel, (1,), out, self.at[j:], self.partials, self.consts, num_warps=1)
         return out
 
     def target_coef(self) -> torch.Tensor:
@@ -771,6 +771,10 @@ class TritonLine(Line):
 
     def _fit_rate(self, averaged: bool) -> Dict[str, torch.Tensor]:
         h = self.hyper
+        if h.line_fit != "paper" or h.resolving:
+            # the robust fit (or scaled positions): Line's device math, a few small launches
+            # once per measurement; the kernel below is the paper's fit on literal positions
+            return super()._fit_rate(averaged)
         npos = self._npos
         out = torch.empty(record_size(npos), dtype=torch.float64, device=self.sums.device)
         valid = torch.empty((), dtype=torch.bool, device=self.sums.device)
@@ -780,5 +784,5 @@ class TritonLine(Line):
                 int(h.mode == "SGD"), P_BLOCK=self._p_block, A_BLOCK=self._a_block, num_warps=1)
         record = {name: out[i] for i, name in enumerate(RECORD_SCALARS)}
         record.update(partials=out[REC_PARTIALS:REC_SUMS], sums=out[REC_SUMS:REC_SUMS + npos],
-                      counts=out[REC_SUMS + npos:], valid=valid)
+                      counts=out[REC_SUMS + npos:], valid=valid, positions=self.at.clone())
         return record
