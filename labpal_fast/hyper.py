@@ -199,9 +199,12 @@ def _validate(h: Hyper) -> None:
     if not isinstance(h.line_fit, str) or h.line_fit not in LINE_FITS:
         raise ValueError(f"line_fit must be one of {LINE_FITS}, got {h.line_fit!r}")
     set_("line_fit", str(h.line_fit))
+    kind = type(h.resolve_positions)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy's bool
+        set_("resolve_positions", bool(h.resolve_positions))
     if h.resolve_positions is not None and not isinstance(h.resolve_positions, bool):
-        raise ValueError("resolve_positions must be True, False or None (None: on with "
-                         f"line_fit='robust', off with 'paper'), got {h.resolve_positions!r}")
+        raise ValueError("resolve_positions must be True, False or None (None: on unless "
+                         f"line_fit='paper'), got {h.resolve_positions!r}")
     # β < 1: d = β·d + ḡ stays bounded
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):

@@ -111,8 +111,9 @@ class Backend:
         are plenty) so that no copy of θ is made."""
         eps = max(torch.finfo(flat.param.dtype).eps, compute_eps)
         total = torch.zeros((), dtype=torch.float64, device=flat.param.device)
+        wide = torch.promote_types(flat.param.dtype, torch.float32)  # fp32, or fp64 as it is
         for chunk in flat.param.detach().split(_ULP_CHUNK):
-            total += torch.linalg.vector_norm(chunk, dtype=torch.float32).double().square()
+            total += torch.linalg.vector_norm(chunk, dtype=wide).double().square()
         return total * eps ** 2
 
     # ------------------------------------------------------------------ composite steps
