@@ -181,6 +181,21 @@ class Line:
         sets it again for its own direction)."""
         self.lr.copy_(self.eta if self.hyper.mode == "SGD" else self.s_upd / self._norm())
 
+    def fall_back(self) -> None:
+        """The safe step, taken when measurements keep giving no rate (optimizer `_fall_back`):
+        s_upd = min(largest position measured (× resolve_positions' factor), max_step_size),
+        η = s_upd/‖d‖ of the last direction (ε when that is not finite), both at least ε.
+        The measured rates (s_base, η_base) become these, so lr_multiplier_schedule scales them."""
+        h = self.hyper
+        s = self.at.max().clamp(max=h.max_step_size, min=h.epsilon)
+        eta = (s / self._norm()).clamp(min=h.epsilon)
+        self.s_base.copy_(s)
+        self.eta_base.copy_(torch.where(torch.isfinite(eta), eta, h.epsilon))
+        factor = 1.0 if self.multiplier is None else self.multiplier
+        torch.mul(self.s_base, factor, out=self.s_upd)
+        torch.mul(self.eta_base, factor, out=self.eta)
+        self._show_rate()
+
     # -- the fit and the step rule ----------------------------------------------------
     def fit(self, averaged: bool) -> Dict[str, torch.Tensor]:
         """Fit the parabola, apply the step rule, update s_upd / η / lr (× the multiplier).
