@@ -215,3 +215,29 @@ def test_the_paper_fit_measures_again_without_falling_back():
         for x, y in batches:
             opt.step(lambda x=x, y=y: 1e6 * model(x, y))
     assert opt.updates == 0 and len(opt.measurements()) == 8
+
+
+def test_the_resolution_factor_is_the_larger_floor():
+    """f = max(1, 64·‖ε·θ‖/s₁, min(10⁴·ε_loss·|L₀|/(|b|·s₁), |L₀|/(|b|·s_max))), by hand."""
+    from labpal_fast.hyper import Hyper
+    from labpal_fast.line import Line
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    h = Hyper()  # positions 0, 1.77e-4, 0.01
+    for _ in range(20):
+        line = Line(h, torch.device("cpu"))
+        level = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-3, 3, (), generator=g))
+        slope = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-4, 2, (), generator=g))
+        ulp = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-9, -2, (), generator=g))
+        loss_eps = [0.0, 2.0 ** -23, 2.0 ** -7][int(torch.randint(0, 3, (), generator=g))]
+        line.record(0, torch.tensor(level))
+        line.record(0, torch.tensor(level))
+        norm = 2.0
+        line.set_partials(torch.tensor([norm ** 2, slope * norm, 0, 0, 0], dtype=torch.float64))
+        line.set_resolution(torch.tensor(ulp ** 2, dtype=torch.float64), loss_eps)
+        level32 = float(torch.tensor(level).float())
+        loss_floor = min(1e4 * loss_eps * level32 / slope / 1.77e-4, level32 / slope / 0.01)
+        f = max(1.0, 64 * ulp / 1.77e-4, loss_floor)
+        assert float(line.resolve) == pytest.approx(f, rel=1e-9)
+        torch.testing.assert_close(line.at, torch.tensor([0.0, 1.77e-4, 0.01],
+                                                         dtype=torch.float64) * f)
