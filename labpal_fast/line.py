@@ -8,6 +8,7 @@ Nothing here walks parameter memory: moving parameters is the backends' business
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,7 +22,11 @@ CLIP_EPS = 1e-6
 # root-mean-square over coordinates (ulps of each parameter's dtype at its own value):
 # s_first·f >= RESOLVE_ULPS·‖ε_dtype·θ‖ (README "What differs from the paper": measured with
 # tools/line_accuracy.py)
-RESOLVE_ULPS = 64.0
+RESOLVE_ULPS = 4.0
+# and the rounding error of the move, ~‖ε·θ‖/√12 in a direction of its own, changes the loss by
+# at most 1/RESOLVE_AGGREGATE of the slope's change over s₁ (‖g‖‖e‖/√n of n coordinates): on
+# small models this, not RESOLVE_ULPS, sets the floor
+RESOLVE_AGGREGATE = 1e3
 # and the slope's change over it is this many times the loss's own rounding (eps of the loss's
 # dtype × |loss|), which makes the curvature visible above that rounding too
 RESOLVE_LOSS = 1e4
@@ -95,27 +100,39 @@ class Line:
     def set_partials(self, partials: torch.Tensor) -> None:
         self.partials.copy_(partials)
 
-    def set_resolution(self, ulp_sqnorm: torch.Tensor, loss_eps: float = 0.0) -> None:
-        """resolve_positions: the factor f ≥ 1 of every position, on the device, from two floors
-        on the smallest nonzero position s₁ (docs/algorithm.md "Positions the dtype resolves"):
-        - parameters: s₁·f ≥ RESOLVE_ULPS·‖ε·θ‖ (`ulp_sqnorm` = ‖ε·θ‖² over every parameter, ε
-          its dtype's epsilon): a typical coordinate moves by that many ulps of its value;
-        - the loss: the slope's change over s₁ is RESOLVE_LOSS times the loss's rounding,
-          s₁·f·|b| ≥ RESOLVE_LOSS·loss_eps·|L₀| (b: −⟨ḡ,d⟩/‖d‖, L₀: the mean loss at s = 0 so
-          far), but never beyond where the largest position reaches |L₀|/|b| (half the farthest
-          minimum of a parabola that stays ≥ 0).
-        The positions moved to become positions·f."""
+    def set_resolution(self, ulp_sqnorm: torch.Tensor, loss_eps: float = 0.0,
+                       count: int = 1) -> None:
+        """resolve_positions: the positions moved to (`at`), on the device (docs/algorithm.md,
+        "Positions the dtype resolves"). The smallest nonzero position s₁ becomes
+            lo = max(s₁, K·‖ε·θ‖, min(RESOLVE_LOSS·loss_eps·|L₀|/|b|, cap·s₁/s_max))
+        (‖ε·θ‖² = `ulp_sqnorm` over every parameter, ε its dtype's epsilon, `count` parameters,
+        K = max(RESOLVE_ULPS, RESOLVE_AGGREGATE/√(12·count)): a typical coordinate moves by K
+        ulps, and the move's rounding changes the loss by 1/RESOLVE_AGGREGATE of the slope's
+        change at most; the loss changes by RESOLVE_LOSS times its own rounding;
+        b = −⟨ḡ,d⟩/‖d‖, L₀ the mean loss at s = 0 so far), the largest s_max becomes
+            hi = min(s_max·lo/s₁, max(cap, 2·lo)),  cap = max(s_max, min(|L₀|/|b|, max_step_size))
+        (no farther than the step rule's own range, nor where the tangent reaches L = 0, unless
+        the dtype needs it), and the others follow on a log scale, s·(lo/s₁)·(s/s₁)^(γ−1) with
+        γ = log(hi/lo)/log(s_max/s₁): a plain factor lo/s₁ when nothing caps it.
+        `resolve` keeps lo/s₁."""
+        s1, top = self.first, max(self.hyper.line_positions)
         f64 = self.resolve.dtype
-        ulps = RESOLVE_ULPS * ulp_sqnorm.to(f64).sqrt() / self.first
         slope = (self.partials[Partial.GD] / self._norm()).abs()
         level = (self.sums[0] / self.counts[0]).abs()
-        rounding = RESOLVE_LOSS * loss_eps * level / slope / self.first
-        reach = level / slope / max(self.hyper.line_positions)
-        loss_floor = torch.minimum(rounding, reach)
-        loss_floor = torch.where(torch.isfinite(loss_floor), loss_floor, 0.0)
-        factor = torch.maximum(ulps, loss_floor).clamp(min=1.0)
-        self.resolve.copy_(torch.where(torch.isfinite(factor), factor, 1.0))
-        torch.mul(self.positions, self.resolve, out=self.at)
+        reach = torch.where(torch.isfinite(level / slope), level / slope, 0.0)
+        cap = reach.clamp(max=self.hyper.max_step_size, min=top)
+        rounding = RESOLVE_LOSS * loss_eps * level / slope
+        rounding = torch.where(torch.isfinite(rounding), rounding, 0.0)
+        many = max(RESOLVE_ULPS, RESOLVE_AGGREGATE / math.sqrt(12.0 * max(count, 1)))
+        ulps = many * ulp_sqnorm.to(f64).sqrt()
+        ulps = torch.where(torch.isfinite(ulps), ulps, 0.0)
+        lo = torch.maximum(ulps, torch.minimum(rounding, cap * (s1 / top))).clamp(min=s1)
+        hi = torch.minimum(lo * (top / s1), torch.maximum(cap, 2 * lo))
+        gamma = torch.log(hi / lo) / math.log(top / s1)
+        self.resolve.copy_(lo / s1)
+        ratio = (self.positions / s1).clamp(min=1e-300)  # 0 stays 0 below
+        moved = lo * ratio ** gamma
+        self.at.copy_(torch.where(self.positions > 0, moved, 0.0))
 
     # -- the direction ----------------------------------------------------------------
     def clip_scale(self, sqnorm: torch.Tensor) -> torch.Tensor:
@@ -244,8 +261,8 @@ class Line:
     def _fit_paper(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The paper's fit: a·s² + b·s + c by least squares over every sample (3×3 normal
         equations), valid when a > 0 and b < 0. (a, b, c, valid)."""
-        if self.hyper.resolving:  # positions·f, fitted in t = s/(scale·f)
-            scale = self.scale * self.resolve
+        if self.hyper.resolving:  # the positions moved to, fitted in t = s/max(s)
+            scale = self.at.max()
             t = self.at / scale
         else:
             scale = self.scale

@@ -311,7 +311,8 @@ class ShardedOps:
         for sharded, p in parts:
             if not sharded:
                 total = total + p.to(total.device)
-        run(line.set_resolution, total, loss_eps)
+        count = sum(flat.param.numel() * (self.world if flat.sharded else 1) for flat in flats)
+        run(line.set_resolution, total, loss_eps, count)
 
     def _own_row(self, parts: List[torch.Tensor]) -> None:
         self._row.zero_()

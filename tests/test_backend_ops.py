@@ -411,9 +411,10 @@ def test_finish_matches_eager(name, case, line_fit):
     # "gradient" takes the slope from ⟨ḡ,d⟩: the case's own (−slope·‖d‖)
     _set_partials(lines, dd, -slope * dd ** 0.5 if line_fit == "gradient" else -1.0, wd)
     _samples(lines, g, curv, slope, noise=1e-6, empty=empty)  # the fit's verdict is the case's
-    if line_fit != "paper":  # positions × f = 3 (resolve_positions): the kernel reads Line.at
+    if line_fit != "paper":  # positions × 3 (resolve_positions): the kernel reads Line.at
         for line in lines:
-            line.set_resolution(torch.tensor((3 * 1.77e-4 / 64) ** 2, dtype=torch.float64))
+            line.set_resolution(torch.tensor((3 * 1.77e-4 / 4) ** 2, dtype=torch.float64),
+                                0.0, 10**6)
             assert float(line.resolve) == pytest.approx(3.0)
     hist_s, hist_eta = torch.rand(3, generator=g).double() * 0.1, torch.rand(3, generator=g).double()
     for line in lines:

@@ -217,27 +217,33 @@ def test_the_paper_fit_measures_again_without_falling_back():
     assert opt.updates == 0 and len(opt.measurements()) == 8
 
 
-def test_the_resolution_factor_is_the_larger_floor():
-    """f = max(1, 64·‖ε·θ‖/s₁, min(10⁴·ε_loss·|L₀|/(|b|·s₁), |L₀|/(|b|·s_max))), by hand."""
+def test_the_resolved_positions_by_hand():
+    """lo = max(s₁, K·‖ε·θ‖, min(10⁴·ε_loss·|L₀|/|b|, cap·s₁/s_max)), K = max(4, 10³/√(12n)),
+    hi = min(s_max·lo/s₁, max(cap, 2·lo)), cap = max(s_max, min(|L₀|/|b|, max_step_size)), the
+    positions between on a log scale (docs/algorithm.md)."""
     from labpal_fast.hyper import Hyper
     from labpal_fast.line import Line
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    h = Hyper()  # positions 0, 1.77e-4, 0.01
-    for _ in range(20):
+    h = Hyper(sample_positions=(0.0, 1e-4, 1e-3, 0.01))
+    for _ in range(40):
         line = Line(h, torch.device("cpu"))
         level = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-3, 3, (), generator=g))
         slope = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-4, 2, (), generator=g))
-        ulp = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-9, -2, (), generator=g))
+        ulp = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-9, 0, (), generator=g))
         loss_eps = [0.0, 2.0 ** -23, 2.0 ** -7][int(torch.randint(0, 3, (), generator=g))]
         line.record(0, torch.tensor(level))
         line.record(0, torch.tensor(level))
         norm = 2.0
         line.set_partials(torch.tensor([norm ** 2, slope * norm, 0, 0, 0], dtype=torch.float64))
-        line.set_resolution(torch.tensor(ulp ** 2, dtype=torch.float64), loss_eps)
+        count = int(10 ** float(torch.randint(0, 8, (), generator=g)))
+        line.set_resolution(torch.tensor(ulp ** 2, dtype=torch.float64), loss_eps, count)
         level32 = float(torch.tensor(level).float())
-        loss_floor = min(1e4 * loss_eps * level32 / slope / 1.77e-4, level32 / slope / 0.01)
-        f = max(1.0, 64 * ulp / 1.77e-4, loss_floor)
-        assert float(line.resolve) == pytest.approx(f, rel=1e-9)
-        torch.testing.assert_close(line.at, torch.tensor([0.0, 1.77e-4, 0.01],
-                                                         dtype=torch.float64) * f)
+        cap = max(0.01, min(level32 / slope, h.max_step_size))
+        lo = max(1e-4, max(4, 1e3 / math.sqrt(12 * count)) * ulp, min(1e4 * loss_eps * level32 / slope, cap * 1e-4 / 0.01))
+        hi = min(0.01 * lo / 1e-4, max(cap, 2 * lo))
+        gamma = math.log(hi / lo) / math.log(100)
+        expected = [0.0] + [lo * (s / 1e-4) ** gamma for s in (1e-4, 1e-3, 0.01)]
+        torch.testing.assert_close(line.at, torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-9, atol=0)
+        assert float(line.resolve) == pytest.approx(lo / 1e-4, rel=1e-12)

@@ -124,7 +124,7 @@ class Backend:
         squares = [run(self.ulp_sqnorm, flat, compute_eps) for flat in flats]
         total = squares[0] if len(squares) == 1 else \
             torch.stack([s.to(line.partials.device) for s in squares]).sum()
-        run(line.set_resolution, total, loss_eps)
+        run(line.set_resolution, total, loss_eps, sum(flat.param.numel() for flat in flats))
 
     def _clip_scale(self, flats: Sequence[Flat], line: Line, *, m: int,
                     run: Callable = call) -> Optional[torch.Tensor]:
