@@ -2,8 +2,10 @@
 
 Along ℓ(s) = L(θ₀ − s·d/‖d‖) the loss samples of each position are summed (NaN / inf
 skipped and counted), a quadratic a·s² + b·s + c is fitted by least squares over all
-samples (its 3×3 normal equations, solved by Cramer's rule), weight decay's exact parabola
-is added, and the step rule (docs/algorithm.md) turns the fit into `s_upd` and `η`.
+samples (its 3×3 normal equations, solved by Cramer's rule; or 2×2 with b from ⟨ḡ,d⟩ under
+line_fit="gradient"), weight decay's exact parabola is added, and the step rule
+(docs/algorithm.md) turns the fit into `s_upd` and `η`. With resolve_positions the positions
+are first moved to where the parameters' dtype and the loss resolve them (`set_resolution`).
 Nothing here walks parameter memory: moving parameters is the backends' business.
 """
 from __future__ import annotations
@@ -18,10 +20,9 @@ from .layout import NPART, Abandon, Partial
 
 # added to ‖ḡ‖ in the clipping factor, as torch.nn.utils.clip_grad_norm_ does
 CLIP_EPS = 1e-6
-# resolve_positions: the smallest nonzero position moves θ by at least this many ulps, as a
-# root-mean-square over coordinates (ulps of each parameter's dtype at its own value):
-# s_first·f >= RESOLVE_ULPS·‖ε_dtype·θ‖ (README "What differs from the paper": measured with
-# tools/line_accuracy.py)
+# resolve_positions (`Line.set_resolution`): the smallest nonzero position moves θ by at least
+# this many ulps, as a root-mean-square over coordinates (ulps of each parameter's dtype at its
+# own value) (README "What differs from the paper": measured with tools/line_accuracy.py)
 RESOLVE_ULPS = 4.0
 # and the rounding error of the move, ~‖ε·θ‖/√12 in a direction of its own, changes the loss by
 # at most 1/RESOLVE_AGGREGATE of the slope's change over s₁ (‖g‖‖e‖/√n of n coordinates): on
@@ -43,7 +44,7 @@ class Line:
         self.positions = torch.tensor(positions, **f64)
         self._index = {p: j for j, p in enumerate(positions)}
         self.first = min(p for p in positions if p > 0)  # the smallest nonzero position
-        # resolve_positions' factor f and the positions moved to, positions·f (f = 1: off)
+        # resolve_positions: lo/s₁ and the positions moved to (`set_resolution`; off: as given)
         self.resolve = torch.ones((), **f64)
         self.at = self.positions.clone()
         self.sums = torch.zeros(len(positions), **f64)
@@ -120,7 +121,7 @@ class Line:
         slope = (self.partials[Partial.GD] / self._norm()).abs()
         level = (self.sums[0] / self.counts[0]).abs()
         reach = torch.where(torch.isfinite(level / slope), level / slope, 0.0)
-        cap = reach.clamp(max=self.hyper.max_step_size, min=top)
+        cap = reach.clamp(max=self.hyper.max_step_size).clamp(min=top)
         rounding = RESOLVE_LOSS * loss_eps * level / slope
         rounding = torch.where(torch.isfinite(rounding), rounding, 0.0)
         many = max(RESOLVE_ULPS, RESOLVE_AGGREGATE / math.sqrt(12.0 * max(count, 1)))

@@ -225,8 +225,9 @@ def test_the_resolved_positions_by_hand():
     from labpal_fast.line import Line
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    h = Hyper(sample_positions=(0.0, 1e-4, 1e-3, 0.01))
-    for _ in range(40):
+    for trial in range(60):  # the largest position below max_step_size, or above it
+        top = 0.01 if trial % 2 else 1.0
+        h = Hyper(sample_positions=(0.0, 1e-4, top / 10, top))
         line = Line(h, torch.device("cpu"))
         level = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-3, 3, (), generator=g))
         slope = float(torch.rand((), generator=g)) * 10 ** float(torch.randint(-4, 2, (), generator=g))
@@ -239,11 +240,12 @@ def test_the_resolved_positions_by_hand():
         count = int(10 ** float(torch.randint(0, 8, (), generator=g)))
         line.set_resolution(torch.tensor(ulp ** 2, dtype=torch.float64), loss_eps, count)
         level32 = float(torch.tensor(level).float())
-        cap = max(0.01, min(level32 / slope, h.max_step_size))
-        lo = max(1e-4, max(4, 1e3 / math.sqrt(12 * count)) * ulp, min(1e4 * loss_eps * level32 / slope, cap * 1e-4 / 0.01))
-        hi = min(0.01 * lo / 1e-4, max(cap, 2 * lo))
-        gamma = math.log(hi / lo) / math.log(100)
-        expected = [0.0] + [lo * (s / 1e-4) ** gamma for s in (1e-4, 1e-3, 0.01)]
+        cap = max(top, min(level32 / slope, h.max_step_size))
+        lo = max(1e-4, max(4, 1e3 / math.sqrt(12 * count)) * ulp,
+                 min(1e4 * loss_eps * level32 / slope, cap * 1e-4 / top))
+        hi = min(top * lo / 1e-4, max(cap, 2 * lo))
+        gamma = math.log(hi / lo) / math.log(top / 1e-4)
+        expected = [0.0] + [lo * (s / 1e-4) ** gamma for s in (1e-4, top / 10, top)]
         torch.testing.assert_close(line.at, torch.tensor(expected, dtype=torch.float64),
                                    rtol=1e-9, atol=0)
         assert float(line.resolve) == pytest.approx(lo / 1e-4, rel=1e-12)
