@@ -215,11 +215,11 @@ def _check_records(opt, records: Any, path: str) -> List[Dict[str, Any]]:
     """Measurement records (what `measurements()` reads), copied to the optimizer's device."""
     records = _sequence(records, path, "a list of measurement records (dicts)")
     npos = len(opt.hyper.line_positions)
-    shapes = {"partials": (NPART,), "sums": (npos,), "counts": (npos,)}
+    shapes = {"partials": (NPART,), "sums": (npos,), "counts": (npos,), "positions": (npos,)}
     out = []
     for j, r in enumerate(records):
         at = f"{path}[{j}]"
-        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + ("valid",))
+        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + ("valid", "positions"))
         rec = {}
         for key, value in r.items():  # values of fits may be NaN: invalid fits are kept as such
             where = f"{at}[{key!r}]"

@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Tuple
 
 MODES = ("SGD", "NSGD")
+# line_fit (docs/algorithm.md "The robust fit"): "robust" (least squares over every sample,
+# refused only when the line is not a descending parabola), "gradient" (the same, with the slope
+# at 0 taken from the averaged gradient) or "paper" (the paper's fit and refusals)
+LINE_FITS = ("robust", "gradient", "paper")
 
 # Bounds (README "Hyper-parameters" lists them). They refuse typos and values that overflow or
 # allocate without limit, not unusual settings; each says why it is where it is.
@@ -69,6 +73,10 @@ class Hyper:
     replay_tolerance: Optional[float] = 1e-3
     lr_multiplier_schedule: Tuple[Tuple[int, float], ...] = ((0, 1.0),)
     max_grad_norm: Optional[float] = None  # None: no clipping
+    line_fit: str = "robust"
+    # positions × a device factor so the smallest moves coordinates by many ulps of their dtype;
+    # None: on unless line_fit="paper" (sample_positions taken literally)
+    resolve_positions: Optional[bool] = None
 
     def __post_init__(self):
         _validate(self)
@@ -114,6 +122,13 @@ class Hyper:
             if update < u1:
                 return f0 + (f1 - f0) * (update - u0) / (u1 - u0)
         return points[-1][1]
+
+    @property
+    def resolving(self) -> bool:
+        """Whether positions are scaled to what the parameters' dtype resolves."""
+        if self.resolve_positions is None:
+            return self.line_fit != "paper"
+        return self.resolve_positions
 
     @property
     def line_positions(self) -> Tuple[float, ...]:
@@ -181,6 +196,15 @@ def _validate(h: Hyper) -> None:
     if not isinstance(h.mode, str) or h.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {h.mode!r}")
     set_("mode", str(h.mode))
+    if not isinstance(h.line_fit, str) or h.line_fit not in LINE_FITS:
+        raise ValueError(f"line_fit must be one of {LINE_FITS}, got {h.line_fit!r}")
+    set_("line_fit", str(h.line_fit))
+    kind = type(h.resolve_positions)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy's bool
+        set_("resolve_positions", bool(h.resolve_positions))
+    if h.resolve_positions is not None and not isinstance(h.resolve_positions, bool):
+        raise ValueError("resolve_positions must be True, False or None (None: on unless "
+                         f"line_fit='paper'), got {h.resolve_positions!r}")
     # β < 1: d = β·d + ḡ stays bounded
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):

@@ -2,12 +2,15 @@
 
 Along ℓ(s) = L(θ₀ − s·d/‖d‖) the loss samples of each position are summed (NaN / inf
 skipped and counted), a quadratic a·s² + b·s + c is fitted by least squares over all
-samples (its 3×3 normal equations, solved by Cramer's rule), weight decay's exact parabola
-is added, and the step rule (docs/algorithm.md) turns the fit into `s_upd` and `η`.
+samples (its 3×3 normal equations, solved by Cramer's rule; or 2×2 with b from ⟨ḡ,d⟩ under
+line_fit="gradient"), weight decay's exact parabola is added, and the step rule
+(docs/algorithm.md) turns the fit into `s_upd` and `η`. With resolve_positions the positions
+are first moved to where the parameters' dtype and the loss resolve them (`set_resolution`).
 Nothing here walks parameter memory: moving parameters is the backends' business.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -17,6 +20,17 @@ from .layout import NPART, Abandon, Partial
 
 # added to ‖ḡ‖ in the clipping factor, as torch.nn.utils.clip_grad_norm_ does
 CLIP_EPS = 1e-6
+# resolve_positions (`Line.set_resolution`): the smallest nonzero position moves θ by at least
+# this many ulps, as a root-mean-square over coordinates (ulps of each parameter's dtype at its
+# own value) (README "What differs from the paper": measured with tools/line_accuracy.py)
+RESOLVE_ULPS = 4.0
+# and the rounding error of the move, ~‖ε·θ‖/√12 in a direction of its own, changes the loss by
+# at most 1/RESOLVE_AGGREGATE of the slope's change over s₁ (‖g‖‖e‖/√n of n coordinates): on
+# small models this, not RESOLVE_ULPS, sets the floor
+RESOLVE_AGGREGATE = 1e3
+# and the slope's change over it is this many times the loss's own rounding (eps of the loss's
+# dtype × |loss|), which makes the curvature visible above that rounding too
+RESOLVE_LOSS = 1e4
 
 
 class Line:
@@ -28,6 +42,11 @@ class Line:
         positions = hyper.line_positions
         self.scale = max(positions)  # positions are fitted in t = s/scale, all O(1)
         self.positions = torch.tensor(positions, **f64)
+        self._index = {p: j for j, p in enumerate(positions)}
+        self.first = min(p for p in positions if p > 0)  # the smallest nonzero position
+        # resolve_positions: lo/s₁ and the positions moved to (`set_resolution`; off: as given)
+        self.resolve = torch.ones((), **f64)
+        self.at = self.positions.clone()
         self.sums = torch.zeros(len(positions), **f64)
         self.counts = torch.zeros(len(positions), **f64)
         self.partials = torch.zeros(NPART, **f64)
@@ -82,6 +101,40 @@ class Line:
     def set_partials(self, partials: torch.Tensor) -> None:
         self.partials.copy_(partials)
 
+    def set_resolution(self, ulp_sqnorm: torch.Tensor, loss_eps: float = 0.0,
+                       count: int = 1) -> None:
+        """resolve_positions: the positions moved to (`at`), on the device (docs/algorithm.md,
+        "Positions the dtype resolves"). The smallest nonzero position s₁ becomes
+            lo = max(s₁, K·‖ε·θ‖, min(RESOLVE_LOSS·loss_eps·|L₀|/|b|, cap·s₁/s_max))
+        (‖ε·θ‖² = `ulp_sqnorm` over every parameter, ε its dtype's epsilon, `count` parameters,
+        K = max(RESOLVE_ULPS, RESOLVE_AGGREGATE/√(12·count)): a typical coordinate moves by K
+        ulps, and the move's rounding changes the loss by 1/RESOLVE_AGGREGATE of the slope's
+        change at most; the loss changes by RESOLVE_LOSS times its own rounding;
+        b = −⟨ḡ,d⟩/‖d‖, L₀ the mean loss at s = 0 so far), the largest s_max becomes
+            hi = min(s_max·lo/s₁, max(cap, 2·lo)),  cap = max(s_max, min(|L₀|/|b|, max_step_size))
+        (no farther than the step rule's own range, nor where the tangent reaches L = 0, unless
+        the dtype needs it), and the others follow on a log scale, s·(lo/s₁)·(s/s₁)^(γ−1) with
+        γ = log(hi/lo)/log(s_max/s₁): a plain factor lo/s₁ when nothing caps it.
+        `resolve` keeps lo/s₁."""
+        s1, top = self.first, max(self.hyper.line_positions)
+        f64 = self.resolve.dtype
+        slope = (self.partials[Partial.GD] / self._norm()).abs()
+        level = (self.sums[0] / self.counts[0]).abs()
+        reach = torch.where(torch.isfinite(level / slope), level / slope, 0.0)
+        cap = reach.clamp(max=self.hyper.max_step_size).clamp(min=top)
+        rounding = RESOLVE_LOSS * loss_eps * level / slope
+        rounding = torch.where(torch.isfinite(rounding), rounding, 0.0)
+        many = max(RESOLVE_ULPS, RESOLVE_AGGREGATE / math.sqrt(12.0 * max(count, 1)))
+        ulps = many * ulp_sqnorm.to(f64).sqrt()
+        ulps = torch.where(torch.isfinite(ulps), ulps, 0.0)
+        lo = torch.maximum(ulps, torch.minimum(rounding, cap * (s1 / top))).clamp(min=s1)
+        hi = torch.minimum(lo * (top / s1), torch.maximum(cap, 2 * lo))
+        gamma = torch.log(hi / lo) / math.log(top / s1)
+        self.resolve.copy_(lo / s1)
+        ratio = (self.positions / s1).clamp(min=1e-300)  # 0 stays 0 below
+        moved = lo * ratio ** gamma
+        self.at.copy_(torch.where(self.positions > 0, moved, 0.0))
+
     # -- the direction ----------------------------------------------------------------
     def clip_scale(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """The factor of ḡ for clipping to max_grad_norm, from ‖ḡ‖² over every flat:
@@ -109,8 +162,11 @@ class Line:
         return int(Abandon.SLOPE) * bad_slope.long() + int(Abandon.NORM) * bad_norm.long()
 
     def position_coef(self, s: float) -> torch.Tensor:
-        """The factor of d that moves θ₀ to position s: −s/‖d‖."""
-        return -s / self._norm()
+        """The factor of d that moves θ₀ to position s (× resolve_positions' factor): −s/‖d‖."""
+        j = self._index.get(float(s))
+        if j is None or not self.hyper.resolving:
+            return -s / self._norm()
+        return -self.at[j] / self._norm()
 
     def target_coef(self) -> torch.Tensor:
         """The factor of d for the measurement's own move, to s_upd (0 while no rate exists)."""
@@ -143,6 +199,21 @@ class Line:
         sets it again for its own direction)."""
         self.lr.copy_(self.eta if self.hyper.mode == "SGD" else self.s_upd / self._norm())
 
+    def fall_back(self) -> None:
+        """The safe step, taken when measurements keep giving no rate (optimizer `_fall_back`):
+        s_upd = min(largest position measured (× resolve_positions' factor), max_step_size),
+        η = s_upd/‖d‖ of the last direction (ε when that is not finite), both at least ε.
+        The measured rates (s_base, η_base) become these, so lr_multiplier_schedule scales them."""
+        h = self.hyper
+        s = self.at.max().clamp(max=h.max_step_size, min=h.epsilon)
+        eta = (s / self._norm()).clamp(min=h.epsilon)
+        self.s_base.copy_(s)
+        self.eta_base.copy_(torch.where(torch.isfinite(eta), eta, h.epsilon))
+        factor = 1.0 if self.multiplier is None else self.multiplier
+        torch.mul(self.s_base, factor, out=self.s_upd)
+        torch.mul(self.eta_base, factor, out=self.eta)
+        self._show_rate()
+
     # -- the fit and the step rule ----------------------------------------------------
     def fit(self, averaged: bool) -> Dict[str, torch.Tensor]:
         """Fit the parabola, apply the step rule, update s_upd / η / lr (× the multiplier).
@@ -161,23 +232,12 @@ class Line:
     def _fit_rate(self, averaged: bool) -> Dict[str, torch.Tensor]:
         """The fit and the step rule: s_upd / η / lr as measured (where valid)."""
         h = self.hyper
-        t = self.positions / self.scale
-        n, y = self.counts, self.sums
-        m0, m1, m2, m3, m4 = ((n * t ** p).sum() for p in range(5))
-        r0, r1, r2 = ((y * t ** p).sum() for p in range(3))
-        # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ
-        det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
-        A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
-        B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
-        C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
         norm = self._norm()
-        wd_dd, wd_td, wd_tt = (self.partials[i] for i in (Partial.WD_DD, Partial.WD_TD,
-                                                          Partial.WD_TT))
-        a = A / self.scale ** 2 + 0.5 * wd_dd / norm ** 2
-        b = B / self.scale - wd_td / norm
-        c = C + 0.5 * wd_tt
-        valid = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b < 0)
-        s_min = torch.where(valid, -b / (2 * a), 0.0)
+        if h.line_fit == "paper":
+            a, b, c, valid = self._fit_paper(norm)
+            s_min = torch.where(valid, -b / (2 * a), 0.0)
+        else:
+            a, b, c, valid, s_min = self._fit_robust(norm)
         s_new = (h.update_step_adaptation * s_min.clamp(max=h.max_step_size)).clamp(min=h.epsilon)
         eta_new = (s_new / norm).clamp(min=h.epsilon)
         if averaged:
@@ -197,7 +257,71 @@ class Line:
         return {"sums": self.sums.clone(), "counts": self.counts.clone(),
                 "partials": self.partials.clone(), "a": a, "b": b, "c": c, "s_min": s_min,
                 "s_new": s_new, "eta_new": eta_new, "s_upd": self.s_upd.clone(),
-                "eta": self.eta.clone(), "valid": valid}
+                "eta": self.eta.clone(), "valid": valid, "positions": self.at.clone()}
+
+    def _fit_paper(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The paper's fit: a·s² + b·s + c by least squares over every sample (3×3 normal
+        equations), valid when a > 0 and b < 0. (a, b, c, valid)."""
+        if self.hyper.resolving:  # the positions moved to, fitted in t = s/max(s)
+            scale = self.at.max()
+            t = self.at / scale
+        else:
+            scale = self.scale
+            t = self.positions / scale
+        n, y = self.counts, self.sums
+        m0, m1, m2, m3, m4 = ((n * t ** p).sum() for p in range(5))
+        r0, r1, r2 = ((y * t ** p).sum() for p in range(3))
+        # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ
+        det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
+        A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
+        B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
+        C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+        wd_dd, wd_td, wd_tt = (self.partials[i] for i in (Partial.WD_DD, Partial.WD_TD,
+                                                          Partial.WD_TT))
+        a = A / scale ** 2 + 0.5 * wd_dd / norm ** 2
+        b = B / scale - wd_td / norm
+        c = C + 0.5 * wd_tt
+        valid = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b < 0)
+        return a, b, c, valid
+
+    def _fit_robust(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The robust fit (docs/algorithm.md): a·s² + b·s + c by least squares over every
+        sample at the positions moved to; with line_fit="gradient" the slope b at s = 0 is the
+        directional derivative −⟨ḡ,d⟩/‖d‖ instead (ḡ: the measurement's first m batches, weight
+        decay included) and only a and c are fitted (2×2 normal equations of y − b·s).
+        Refused only when the line is not a descending parabola: b ≥ 0, a value not finite, or
+        a position without a finite sample; a descending line without positive curvature
+        (a ≤ 0) takes s_min = max_step_size. (a, b, c, valid, s_min)."""
+        p = self.partials
+        scale = self.at.max()  # fitted in t = s/scale, all O(1)
+        t = self.at / scale
+        n, y = self.counts, self.sums
+        if self.hyper.line_fit == "gradient":
+            b = -p[Partial.GD] / norm
+            b_loss = b + p[Partial.WD_TD] / norm  # the closures' own slope (decay's removed)
+            y = y - n * (b_loss * scale) * t
+            u = t * t
+            m0, m2, m4 = n.sum(), (n * u).sum(), (n * u * u).sum()
+            r0, r2 = y.sum(), (y * u).sum()
+            # normal equations [[m4 m2] [m2 m0]] (A C)ᵀ = (r2 r0)ᵀ
+            det = m4 * m0 - m2 * m2
+            A = (r2 * m0 - m2 * r0) / det
+            C = (m4 * r0 - m2 * r2) / det
+        else:
+            m0, m1, m2, m3, m4 = ((n * t ** k).sum() for k in range(5))
+            r0, r1, r2 = ((y * t ** k).sum() for k in range(3))
+            det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
+            A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
+            B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
+            C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+            b = B / scale - p[Partial.WD_TD] / norm
+        a = A / scale ** 2 + 0.5 * p[Partial.WD_DD] / norm ** 2
+        c = C + 0.5 * p[Partial.WD_TT]
+        finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
+        valid = (self.counts > 0).all() & finite & (b < 0)
+        curved = torch.where(valid & (a > 0), -b / (2 * a), self.hyper.max_step_size)
+        s_min = torch.where(valid, curved, 0.0)
+        return a, b, c, valid, s_min
 
 
 def _det3(a, b, c, d, e, f, g, h, i):

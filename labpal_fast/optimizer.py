@@ -12,7 +12,9 @@ stretch of user code after them, the line evaluations, ends the measurement on a
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -28,9 +30,24 @@ from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper, number
 from .layout import ABANDON_REASONS, Partial
 from .line import Line
+from .resolution import AutocastProbe
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
 TRAINING, MEASURING = "training", "measuring"
+
+# robust fits: after this many measurements in a row without a rate (none existing yet), train
+# on with a safe step instead of measuring again forever (`LABPAL._fall_back`)
+FAIL_LIMIT = 3
+# what to do about the reason of the last failed measurement (a substring of it -> the fix)
+_FALLBACK_FIXES = (
+    ("direction norm", "‖d‖ is outside direction_norm_range: widen it (e.g. "
+     "direction_norm_range=(0, float('inf'))), or return the unscaled loss from the closure (a "
+     "loss multiplied by a scale, as fp16 loss scaling does, multiplies ‖d‖ too)"),
+    ("directional derivative", "the loss does not decrease along its own gradient: the closure "
+     "must return the loss of the parameters being trained (not detached, nor a constant)"),
+    ("fit invalid", "the loss is not finite at the measured positions, or the fit has no finite "
+     "solution: check the loss for NaN/inf, or use smaller sample_positions"),
+)
 
 # where a step is when an exception leaves it (what `_fault` makes of it)
 _CLOSURE = "closure"    # the closure or backward: nothing written but this call's gradient
@@ -111,6 +128,9 @@ class LABPAL(torch.optim.Optimizer):
             self._cuda = cuda_indices(f.device for f in self.flats)
             self.line: Line = self.ops.make_line(self.hyper, self._device)
             self._buffers = BufferSnapshot(model)
+            self._compute_eps = 0.0  # autocast's epsilon seen in a measurement's first call
+            self._failures = 0  # measurements in a row that gave no rate while none exists
+            self._warned_fallback = False
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
         except BaseException:
@@ -304,8 +324,12 @@ class LABPAL(torch.optim.Optimizer):
         stage = _CLOSURE
         try:
             if j <= m:
-                with self._grad_sync(m, last=j == m):
+                # the first call tells the dtype the closure computes in (resolve_positions)
+                probe = AutocastProbe() if j == 1 and self.hyper.resolving else None
+                with self._grad_sync(m, last=j == m), probe or contextlib.nullcontext():
                     loss, own = self._forward_backward(closure)
+                if probe is not None:
+                    self._compute_eps = probe.eps
             else:  # the measurement's first closure tells the convention
                 own = self._own_backward[0]
                 loss = self._sample(closure, own)
@@ -365,6 +389,12 @@ class LABPAL(torch.optim.Optimizer):
         self.ops.direction(self.flats, self._decays(), self.line, m=m,
                            momentum=self.hyper.momentum, line_terms=True, run=run)
         self._formed = True
+        if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
+            # the loss floor reads this rank's own samples: off across ranks (one factor for all)
+            dtype = self._first_loss.dtype
+            loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point and \
+                self._dist is None else 0.0
+            self.ops.resolution(self.flats, self.line, self._compute_eps, loss_eps, run=run)
         code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
         if code:
             for flat in self.flats:
@@ -441,10 +471,33 @@ class LABPAL(torch.optim.Optimizer):
         self._formed = False
         c.last_end = c.updates
         if not c.has_rate:
+            # an interruption (an exception, raised to the caller) is not the line's failure
+            self._failures += not (reason or "").startswith("interrupted")
+            if self._failures >= FAIL_LIMIT and self.hyper.line_fit != "paper":
+                self._fall_back(reason, run)
+                return
             # no update has been made yet: measure again, from a direction of zero
             for flat in self.flats:
                 run(self.ops.clear_direction, flat)
             c.pending = True
+
+    def _fall_back(self, reason: Optional[str], run: Commit) -> None:
+        """FAIL_LIMIT measurements in a row gave no rate and none exists (robust fits only; the
+        paper's measures again forever): train on with the safe step (`Line.fall_back`), say
+        why once. Later measurements replace it as usual."""
+        run(self.line.fall_back)
+        self.counters.has_rate = True
+        self._failures = 0
+        if self._warned_fallback:
+            return
+        self._warned_fallback = True
+        fix = next((text for key, text in _FALLBACK_FIXES if key in (reason or "")),
+                   "see opt.measurements() for each measurement's reason")
+        warnings.warn(
+            f"LABPAL: {FAIL_LIMIT} measurements in a row gave no learning rate (last: {reason}); "
+            "training goes on with the safe step s_upd = min(largest measured position, "
+            f"max_step_size) (docs/algorithm.md, 'Refusal rules'). To fix: {fix}.",
+            RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ distributed
     @contextmanager
@@ -814,13 +867,15 @@ def _record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
             reason = "fit invalid: a position has no finite loss sample"
         elif not (math.isfinite(num("a")) and math.isfinite(num("b"))):
             reason = "fit invalid: the normal equations have no finite solution"
-        elif num("a") <= 0:
+        elif num("a") <= 0 and hyper.line_fit == "paper":  # robust fits take max_step_size
             reason = "fit invalid: curvature a <= 0"
         else:
             reason = "fit invalid: slope b >= 0"
     return {
         "call": r["call"], "update": r["update"], "m": r["m"], "averaged": r["averaged"],
-        "positions": list(hyper.line_positions),
+        # as moved to (resolve_positions), else as given
+        "positions": (r["positions"].tolist() if "positions" in r
+                      else list(hyper.line_positions)),
         "mean_losses": [s / c if c else float("nan") for s, c in zip(sums, counts)],
         "counts": [int(c) for c in counts],
         "a": num("a"), "b": num("b"), "c": num("c"), "s_min": num("s_min"),

@@ -291,6 +291,29 @@ class ShardedOps:
             _all_gather(self._table, self._row, self.group)
         run(self._total, line, [p for sharded, p in parts if not sharded])
 
+    def resolution(self, flats, line, compute_eps: float = 0.0, loss_eps: float = 0.0,
+                   run=None) -> None:
+        """resolve_positions' factor from ‖ε·θ‖² over the whole model: the sharded flats'
+        sums all-gathered and added in rank order (every rank gets the same factor)."""
+        run = run or _plain
+        ops = self.inner
+        parts = [(flat.sharded, run(ops.ulp_sqnorm, flat, compute_eps)) for flat in flats]
+        row = torch.zeros(1, dtype=torch.float64, device=self._row.device)
+        for sharded, p in parts:
+            if sharded:
+                row += p.to(row.device)
+        table = torch.zeros(self.world, dtype=torch.float64, device=row.device)
+        if self.group is None:
+            table.copy_(row)
+        else:
+            _all_gather(table, row, self.group)
+        total = table.sum()
+        for sharded, p in parts:
+            if not sharded:
+                total = total + p.to(total.device)
+        count = sum(flat.param.numel() * (self.world if flat.sharded else 1) for flat in flats)
+        run(line.set_resolution, total, loss_eps, count)
+
     def _own_row(self, parts: List[torch.Tensor]) -> None:
         self._row.zero_()
         for p in parts:

@@ -24,15 +24,16 @@ from helpers import batches, closure_for, small_net
 
 OPS = ("accumulate", "form_direction", "train_update", "line_move", "save_origin",
        "restore_origin", "save_direction", "restore_direction", "clear_direction", "zero_grad",
-       "grad_sqnorm")
+       "grad_sqnorm", "ulp_sqnorm")
 LINE_METHODS = ("reset_samples", "record", "set_partials", "abandon_code", "position_coef",
                 "target_coef", "train_coef", "fit", "drop_unless_repeated", "clip_scale",
-                "set_multiplier")
+                "set_multiplier", "set_resolution", "fall_back")
 # what launches no kernel on Triton
 COPIES = ("save_origin", "restore_origin", "save_direction", "restore_direction",
           "clear_direction", "zero_grad")
+# (and the robust fit: Line's torch math on Triton as well, docs/algorithm.md)
 LINE_COPIES = ("reset_samples", "set_partials", "drop_unless_repeated", "clip_scale",
-               "set_multiplier")
+               "set_multiplier", "set_resolution", "fit", "fall_back")
 K, M = 2, 2          # approximation_batches, micro-batches per update
 WINDOW = K * M + M  # the calls faults are injected into: a measurement and an update
 MORE = 20            # steps after the fault
@@ -235,7 +236,7 @@ def test_the_fault_points_are_every_op_and_line_method():
     def public(cls):
         return {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
 
-    composites = {"direction", "update", "move", "finish"}  # made of the ops
+    composites = {"direction", "update", "move", "finish", "resolution"}  # made of the ops
     assert public(Backend) - composites - {"unavailable_reason", "make_line"} == set(OPS)
     assert public(Line) == set(LINE_METHODS)
 
@@ -247,11 +248,12 @@ def test_every_fault_point_leaves_a_state_before_or_after_the_call(backend, monk
     assert outcomes["before"] == {"closure", "backward"}, outcomes
     if backend == "triton":  # the fused update's launches
         assert {"_accumulate_kernel", "_direction_kernel", "_reduce_kernel",
-                "_train_update_kernel", "_abandon_kernel", "_fit_kernel"} <= outcomes["after"]
+                "_train_update_kernel", "_abandon_kernel", "fit", "set_resolution"} \
+            <= outcomes["after"]
         assert {"_move_kernel", "_record_kernel", "closure"} <= outcomes["interrupted"]
     else:
         assert {"accumulate", "form_direction", "train_update", "train_coef", "abandon_code",
-                "fit"} <= outcomes["after"]
+                "fit", "ulp_sqnorm", "set_resolution"} <= outcomes["after"]
         assert {"line_move", "record", "closure"} <= outcomes["interrupted"]
 
 

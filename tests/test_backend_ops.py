@@ -394,20 +394,28 @@ FINISH_CASES = {
 }
 
 
+@pytest.mark.parametrize("line_fit", ["paper", "robust", "gradient"])
 @pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("case", list(FINISH_CASES))
-def test_finish_matches_eager(name, case):
+def test_finish_matches_eager(name, case, line_fit):
     """The end of a measurement (fit, step rule, move to s_upd) over an fp32, an fp16 and an
     fp64 flat: parameters, line state and record follow eager; with no rate the parameters
     land on θ₀ itself."""
     backend = need(name, "cpu")
     curv, slope, empty, wd, s_prev, averaged, hist_n = FINISH_CASES[case]
     h = Hyper(mode="SGD" if len(case) % 2 else "NSGD", averaging_window=3,
-              sample_positions=(0.0, 1.77e-4, 0.01, 0.02))
+              sample_positions=(0.0, 1.77e-4, 0.01, 0.02), line_fit=line_fit)
     lines = (Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu")))
     g = torch.Generator().manual_seed(len(case))
-    _set_partials(lines, 2.0 + float(torch.rand((), generator=g)), -1.0, wd)
+    dd = 2.0 + float(torch.rand((), generator=g))
+    # "gradient" takes the slope from ⟨ḡ,d⟩: the case's own (−slope·‖d‖)
+    _set_partials(lines, dd, -slope * dd ** 0.5 if line_fit == "gradient" else -1.0, wd)
     _samples(lines, g, curv, slope, noise=1e-6, empty=empty)  # the fit's verdict is the case's
+    if line_fit != "paper":  # positions × 3 (resolve_positions): the kernel reads Line.at
+        for line in lines:
+            line.set_resolution(torch.tensor((3 * 1.77e-4 / 4) ** 2, dtype=torch.float64),
+                                0.0, 10**6)
+            assert float(line.resolve) == pytest.approx(3.0)
     hist_s, hist_eta = torch.rand(3, generator=g).double() * 0.1, torch.rand(3, generator=g).double()
     for line in lines:
         line.s_upd.fill_(s_prev)
@@ -424,7 +432,10 @@ def test_finish_matches_eager(name, case):
     r_ref = EAGER.finish(refs, lines[0], averaged)
     r_out = backend.finish(outs, lines[1], averaged)
     valid = bool(r_ref["valid"])
-    assert valid == (case in ("valid", "averaged_wrap_wd"))
+    # the robust fits refuse only lines that do not descend: no curvature takes max_step_size
+    valid_cases = ("valid", "averaged_wrap_wd") + (() if line_fit == "paper"
+                                                    else ("invalid_keeps_rate",))
+    assert valid == (case in valid_cases)
     assert set(r_out) == set(r_ref)
     for key in r_ref:
         a, b = r_ref[key], r_out[key]

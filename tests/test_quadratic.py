@@ -27,11 +27,14 @@ CASES = [(0, 1.0, 0.05, "NSGD"), (1, 3.0, 0.1, "SGD"), (2, 2.0, 0.02, "NSGD"),
          (3, 0.5, 1.0, "NSGD"), (4, 0.5, 1.0, "SGD")]
 
 
+@pytest.mark.parametrize("line_fit", ["paper", "robust"])
 @pytest.mark.parametrize("seed,curvature,offset,mode", CASES)
-def test_first_update_is_3_6_times_the_clamped_line_minimum(seed, curvature, offset, mode):
+def test_first_update_is_3_6_times_the_clamped_line_minimum(seed, curvature, offset, mode,
+                                                              line_fit):
+    # the reference's calibration; the robust fit (scaled positions) finds the same exact line
     quad = Quadratic([7, 13], seed=seed, curvature=curvature, offset=offset)
     expected, s_star = _exact_first_update(quad, [0.0, 0.0])
-    opt = LABPAL(quad.parameters(), mode=mode, approximation_batches=3)
+    opt = LABPAL(quad.parameters(), mode=mode, approximation_batches=3, line_fit=line_fit)
     for _ in range(3):
         opt.step(quad)
     assert opt.updates == 1
@@ -84,11 +87,12 @@ def test_weight_decay_parabola_matches_the_numerically_measured_line():
     assert rec["c"] == pytest.approx(c, rel=1e-9)
 
 
-def test_fit_matches_numpy_polyfit_on_random_samples():
+@pytest.mark.parametrize("line_fit", ["paper", "robust"])
+def test_fit_matches_numpy_polyfit_on_random_samples(line_fit):
     rng = np.random.default_rng(1234)
     for trial in range(20):
         positions = tuple(sorted({0.0, *rng.uniform(1e-4, 0.05, size=rng.integers(2, 6)).round(6)}))
-        hyper = Hyper(sample_positions=positions)
+        hyper = Hyper(sample_positions=positions, line_fit=line_fit)
         line = Line(hyper, torch.device("cpu"))
         xs, ys = [], []
         for j, s in enumerate(hyper.line_positions):
@@ -104,4 +108,10 @@ def test_fit_matches_numpy_polyfit_on_random_samples():
         a, b, c = np.polyfit(xs, ys, 2)
         np.testing.assert_allclose([float(rec["a"]), float(rec["b"]), float(rec["c"])], [a, b, c],
                                    rtol=1e-6, atol=1e-8, err_msg=f"trial {trial}")
-        assert bool(rec["valid"]) == (a > 0 and b < 0)
+        if line_fit == "paper":
+            assert bool(rec["valid"]) == (a > 0 and b < 0)
+        else:  # refused only when not descending; no curvature seen: max_step_size
+            assert bool(rec["valid"]) == (b < 0)
+            if b < 0:
+                s_min = -b / (2 * a) if a > 0 else hyper.max_step_size
+                assert float(rec["s_min"]) == pytest.approx(s_min, rel=1e-6)

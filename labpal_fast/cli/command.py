@@ -58,11 +58,20 @@ def _optional_float(text: str):
     return None if text.lower() in ("none", "auto", "") else float(text)
 
 
+def _optional_bool(text: str):
+    value = {"none": None, "auto": None, "": None, "true": True, "on": True, "1": True,
+             "false": False, "off": False, "0": False}.get(text.lower(), "?")
+    if value == "?":
+        raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")
+    return value
+
+
 # every hyper-parameter whose default's type cannot parse its own text (tests/test_cli.py
 # checks that each one round-trips)
 _HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
                 "max_grad_norm": (_optional_float, "X|none"),
                 "replay_tolerance": (_optional_float, "X|none"),
+                "resolve_positions": (_optional_bool, "X|none"),
                 "batch_size_schedule": (_schedule, "CALL:MULT,..."),
                 "lr_multiplier_schedule": (_schedule, "UPDATE:FACTOR,..."),
                 "sample_positions": (_floats, "S0,S1,..."),

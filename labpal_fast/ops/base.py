@@ -27,6 +27,9 @@ from ..flat import Flat
 from ..hyper import Hyper
 from ..line import Line
 
+# elements per fp32 partial norm in `Backend.ulp_sqnorm` (a bounded temporary for half types)
+_ULP_CHUNK = 1 << 22
+
 # per-segment weight decays of one flat, aligned with flat.segments (Python floats)
 Decays = Sequence[float]
 
@@ -101,7 +104,28 @@ class Backend:
     def zero_grad(self, flat: Flat) -> None:
         flat.grad.zero_()
 
+    def ulp_sqnorm(self, flat: Flat, compute_eps: float = 0.0) -> torch.Tensor:
+        """‖ε·θ‖² over the flat (ε: machine epsilon of its dtype, or `compute_eps` when larger:
+        autocast's dtype), fp64 0-dim device tensor: the scale of the rounding a move of θ
+        suffers (`Line.set_resolution`). Reads only, in chunks accumulated in fp32 (a few digits
+        are plenty) so that no copy of θ is made."""
+        eps = max(torch.finfo(flat.param.dtype).eps, compute_eps)
+        total = torch.zeros((), dtype=torch.float64, device=flat.param.device)
+        wide = torch.promote_types(flat.param.dtype, torch.float32)  # fp32, or fp64 as it is
+        for chunk in flat.param.detach().split(_ULP_CHUNK):
+            total += torch.linalg.vector_norm(chunk, dtype=wide).double().square()
+        return total * eps ** 2
+
     # ------------------------------------------------------------------ composite steps
+    def resolution(self, flats: Sequence[Flat], line: Line, compute_eps: float = 0.0,
+                   loss_eps: float = 0.0, run: Callable = call) -> None:
+        """resolve_positions: the factor of the measurement's positions, from ‖ε·θ‖² over every
+        flat (`Line.set_resolution`); a device scalar, nothing read by the host."""
+        squares = [run(self.ulp_sqnorm, flat, compute_eps) for flat in flats]
+        total = squares[0] if len(squares) == 1 else \
+            torch.stack([s.to(line.partials.device) for s in squares]).sum()
+        run(line.set_resolution, total, loss_eps, sum(flat.param.numel() for flat in flats))
+
     def _clip_scale(self, flats: Sequence[Flat], line: Line, *, m: int,
                     run: Callable = call) -> Optional[torch.Tensor]:
         """The clipping factor of ḡ from its norm over every flat (`Line.clip_scale`), a

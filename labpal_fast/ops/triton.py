@@ -334,40 +334,61 @@ def _abandon_kernel(code_ptr, partials_ptr, consts_ptr):
 def _fit_kernel(out_ptr, valid_ptr, positions_ptr, sums_ptr, counts_ptr, partials_ptr, consts_ptr,
                 s_upd_ptr, eta_ptr, lr_ptr, hist_s_ptr, hist_eta_ptr, hist_n_ptr,
                 npos, window, averaged, sgd,
-                P_BLOCK: tl.constexpr, A_BLOCK: tl.constexpr):
+                P_BLOCK: tl.constexpr, A_BLOCK: tl.constexpr, FIT: tl.constexpr):
     """Least-squares parabola through the samples, the step rule and the averaging window
     (as `Line.fit`), in one program: stores the new s_upd / η / lr / histories in place and the
-    record out = [RECORD_SCALARS, partials, sums, counts] (layout.py), valid in valid_ptr."""
+    record out = [RECORD_SCALARS, partials, sums, counts] (layout.py), valid in valid_ptr.
+    `positions_ptr`: the positions moved to (`Line.at`); FIT: 0 the paper's fit and refusals,
+    1 the robust fit, 2 the robust fit with the slope from ⟨ḡ,d⟩ (`Line._fit_robust`)."""
     eps = tl.load(consts_ptr + _EPS)
     alpha = tl.load(consts_ptr + _ALPHA)
     max_step = tl.load(consts_ptr + _MAX_STEP)
-    scale = tl.load(consts_ptr + _SCALE)
     p = tl.arange(0, P_BLOCK)
     pm = p < npos
-    t = tl.load(positions_ptr + p, mask=pm, other=0.0) / scale
+    at = tl.load(positions_ptr + p, mask=pm, other=0.0)
+    scale = tl.max(at, axis=0)  # = max(sample_positions)·f: t = s/scale, all O(1)
+    t = at / scale
     n = tl.load(counts_ptr + p, mask=pm, other=0.0)
     y = tl.load(sums_ptr + p, mask=pm, other=0.0)
+    norm = _safe_norm(partials_ptr, consts_ptr)
+    yf = y  # what is fitted (y itself goes to the record)
+    if FIT == 2:  # y − b·s with the closures' own slope b = (−⟨ḡ,d⟩ + Σwd⟨θ,d⟩)/‖d‖
+        b_loss = -tl.load(partials_ptr + _GD) / norm + tl.load(partials_ptr + _WD_TD) / norm
+        yf = y - n * (b_loss * scale) * t
     t2 = t * t
     m0 = tl.sum(n, axis=0)
     m1 = tl.sum(n * t, axis=0)
     m2 = tl.sum(n * t2, axis=0)
     m3 = tl.sum(n * (t2 * t), axis=0)
     m4 = tl.sum(n * (t2 * t2), axis=0)
-    r0 = tl.sum(y, axis=0)
-    r1 = tl.sum(y * t, axis=0)
-    r2 = tl.sum(y * t2, axis=0)
-    # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ, Cramer's rule
-    det = m4 * (m2 * m0 - m1 * m1) - m3 * (m3 * m0 - m1 * m2) + m2 * (m3 * m1 - m2 * m2)
-    dA = r2 * (m2 * m0 - m1 * m1) - m3 * (r1 * m0 - m1 * r0) + m2 * (r1 * m1 - m2 * r0)
-    dB = m4 * (r1 * m0 - m1 * r0) - r2 * (m3 * m0 - m1 * m2) + m2 * (m3 * r0 - r1 * m2)
-    dC = m4 * (m2 * r0 - r1 * m1) - m3 * (m3 * r0 - r1 * m2) + r2 * (m3 * m1 - m2 * m2)
-    norm = _safe_norm(partials_ptr, consts_ptr)
-    a = dA / det / (scale * scale) + 0.5 * tl.load(partials_ptr + _WD_DD) / (norm * norm)
-    b = dB / det / scale - tl.load(partials_ptr + _WD_TD) / norm
-    c = dC / det + 0.5 * tl.load(partials_ptr + _WD_TT)
+    r0 = tl.sum(yf, axis=0)
+    r1 = tl.sum(yf * t, axis=0)
+    r2 = tl.sum(yf * t2, axis=0)
+    if FIT == 2:
+        # normal equations [[m4 m2] [m2 m0]] (A C)ᵀ = (r2 r0)ᵀ
+        det2 = m4 * m0 - m2 * m2
+        A = (r2 * m0 - m2 * r0) / det2
+        C = (m4 * r0 - m2 * r2) / det2
+        b = -tl.load(partials_ptr + _GD) / norm
+    else:
+        # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ, Cramer's
+        det = m4 * (m2 * m0 - m1 * m1) - m3 * (m3 * m0 - m1 * m2) + m2 * (m3 * m1 - m2 * m2)
+        dA = r2 * (m2 * m0 - m1 * m1) - m3 * (r1 * m0 - m1 * r0) + m2 * (r1 * m1 - m2 * r0)
+        dB = m4 * (r1 * m0 - m1 * r0) - r2 * (m3 * m0 - m1 * m2) + m2 * (m3 * r0 - r1 * m2)
+        dC = m4 * (m2 * r0 - r1 * m1) - m3 * (m3 * r0 - r1 * m2) + r2 * (m3 * m1 - m2 * m2)
+        A = dA / det
+        C = dC / det
+        b = dB / det / scale - tl.load(partials_ptr + _WD_TD) / norm
+    a = A / (scale * scale) + 0.5 * tl.load(partials_ptr + _WD_DD) / (norm * norm)
+    c = C + 0.5 * tl.load(partials_ptr + _WD_TT)
     all_counted = tl.sum(tl.where(pm & (n <= 0.0), 1, 0), axis=0) == 0
-    valid = all_counted & ((a * 0.0) == 0.0) & ((b * 0.0) == 0.0) & (a > 0.0) & (b < 0.0)
-    s_min = tl.where(valid, -b / (2.0 * a), 0.0)
+    if FIT == 0:  # the paper's: no curvature, no rate
+        valid = all_counted & ((a * 0.0) == 0.0) & ((b * 0.0) == 0.0) & (a > 0.0) & (b < 0.0)
+        s_min = tl.where(valid, -b / (2.0 * a), 0.0)
+    else:  # refused only when not descending or not finite; no curvature: max_step_size
+        valid = all_counted & ((a * 0.0) == 0.0) & ((b * 0.0) == 0.0) & ((c * 0.0) == 0.0) \
+            & (b < 0.0)
+        s_min = tl.where(valid, tl.where(valid & (a > 0.0), -b / (2.0 * a), max_step), 0.0)
     s_new = alpha * tl.where(s_min > max_step, max_step, s_min)
     s_new = tl.where(s_new < eps, eps, s_new)
     eta_new = s_new / norm
@@ -707,6 +728,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+_FITS = {"paper": 0, "robust": 1, "gradient": 2}  # _fit_kernel's FIT
+
+
 class TritonLine(Line):
     """`labpal_fast.line.Line` with each method one single-program kernel (fp64, on device).
 
@@ -749,8 +773,8 @@ class TritonLine(Line):
         if j is None:
             return super().position_coef(s)
         out = self._coefs[j]
-        _launch(_coef_kernel, (1,), out, self.positions[j:], self.partials, self.consts,
-                num_warps=1)
+        # at = positions (× resolve_positions' factor, when on)
+        _launch(_coef_kernel, (1,), out, self.at[j:], self.partials, self.consts, num_warps=1)
         return out
 
     def target_coef(self) -> torch.Tensor:
@@ -774,11 +798,12 @@ class TritonLine(Line):
         npos = self._npos
         out = torch.empty(record_size(npos), dtype=torch.float64, device=self.sums.device)
         valid = torch.empty((), dtype=torch.bool, device=self.sums.device)
-        _launch(_fit_kernel, (1,), out, valid, self.positions, self.sums, self.counts,
+        _launch(_fit_kernel, (1,), out, valid, self.at, self.sums, self.counts,
                 self.partials, self.consts, self.s_upd, self.eta, self.lr, self.hist_s,
                 self.hist_eta, self.hist_n, npos, h.averaging_window, int(bool(averaged)),
-                int(h.mode == "SGD"), P_BLOCK=self._p_block, A_BLOCK=self._a_block, num_warps=1)
+                int(h.mode == "SGD"), P_BLOCK=self._p_block, A_BLOCK=self._a_block,
+                FIT=_FITS[h.line_fit], num_warps=1)
         record = {name: out[i] for i, name in enumerate(RECORD_SCALARS)}
         record.update(partials=out[REC_PARTIALS:REC_SUMS], sums=out[REC_SUMS:REC_SUMS + npos],
-                      counts=out[REC_SUMS + npos:], valid=valid)
+                      counts=out[REC_SUMS + npos:], valid=valid, positions=self.at.clone())
         return record
