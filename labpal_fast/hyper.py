@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Tuple
 
 MODES = ("SGD", "NSGD")
+# SGD mode's η: "robust" = s_upd / (running mean of ‖d‖ over training updates); "paper" =
+# s_upd / ‖d‖ of the measurement's direction (docs/algorithm.md, "SGD mode")
+SGD_RATES = ("robust", "paper")
 
 # Bounds (README "Hyper-parameters" lists them). They refuse typos and values that overflow or
 # allocate without limit, not unusual settings; each says why it is where it is.
@@ -69,6 +72,7 @@ class Hyper:
     replay_tolerance: Optional[float] = 1e-3
     lr_multiplier_schedule: Tuple[Tuple[int, float], ...] = ((0, 1.0),)
     max_grad_norm: Optional[float] = None  # None: no clipping
+    sgd_rate: str = "robust"
 
     def __post_init__(self):
         _validate(self)
@@ -181,6 +185,9 @@ def _validate(h: Hyper) -> None:
     if not isinstance(h.mode, str) or h.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {h.mode!r}")
     set_("mode", str(h.mode))
+    if not isinstance(h.sgd_rate, str) or h.sgd_rate not in SGD_RATES:
+        raise ValueError(f"sgd_rate must be one of {SGD_RATES}, got {h.sgd_rate!r}")
+    set_("sgd_rate", str(h.sgd_rate))
     # β < 1: d = β·d + ḡ stays bounded
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):
