@@ -17,9 +17,13 @@ from .layout import NPART, Abandon, Partial
 
 # added to ‖ḡ‖ in the clipping factor, as torch.nn.utils.clip_grad_norm_ does
 CLIP_EPS = 1e-6
-# sgd_rate="robust": n̄, the running mean of ‖d‖ over TRAINING updates, is an exponential mean
-# with weight 1/NORM_MEAN_UPDATES on each new ‖d‖ (docs/algorithm.md "SGD mode" measured it)
-NORM_MEAN_UPDATES = 100
+# sgd_rate="robust" (docs/algorithm.md "SGD mode" has the measurements behind both numbers):
+# n̄, the running mean of ‖d‖ over TRAINING updates, is an exponential mean with weight
+# 1/NORM_MEAN_UPDATES on each new ‖d‖ (about the updates a measured rate is reused for);
+NORM_MEAN_UPDATES = 1000
+# and no update moves further than STEP_CAP·s_upd (η·‖d‖ <= STEP_CAP·s_upd). Exact in fp32:
+# the Triton kernel receives it as a runtime float.
+STEP_CAP = 2.0
 
 
 class Line:
@@ -143,8 +147,9 @@ class Line:
         return coef, ok
 
     def _robust_rate(self, ok: torch.Tensor) -> torch.Tensor:
-        """η = max(s_upd / max(n̄, ε), ε) after ‖d‖ of this update joined n̄ (when finite):
-        n̄ ← n̄ + (‖d‖ − n̄)/NORM_MEAN_UPDATES, or n̄ ← ‖d‖ while n̄ is unknown (0)."""
+        """η of sgd_rate="robust", after ‖d‖ of this update joined n̄ (when finite):
+        n̄ ← n̄ + (‖d‖ − n̄)/NORM_MEAN_UPDATES (n̄ ← ‖d‖ while n̄ is unknown: 0), then
+        η = max(min(s_upd/max(n̄, ε), STEP_CAP·s_upd/max(‖d‖, ε)), ε)."""
         norm = self.partials[Partial.DD].sqrt()
         mean = torch.where(self.norm_mean > 0,
                            self.norm_mean + (norm - self.norm_mean) / NORM_MEAN_UPDATES, norm)
@@ -152,8 +157,10 @@ class Line:
         return self._robust_eta(self.norm_mean)
 
     def _robust_eta(self, mean: torch.Tensor) -> torch.Tensor:
+        """max(min(s_upd/max(n̄, ε), STEP_CAP·s_upd/max(‖d‖, ε)), ε), n̄ = `mean`."""
         eps = self.hyper.epsilon
-        return (self.s_upd / mean.clamp(min=eps)).clamp(min=eps)
+        rate = torch.minimum(self.s_upd / mean.clamp(min=eps), STEP_CAP * self.s_upd / self._norm())
+        return rate.clamp(min=eps)
 
     # -- the rate in use: the measured one times lr_multiplier_schedule's factor -----------
     def set_multiplier(self, multiplier: float) -> None:
