@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 # (name in the table, task, batch size or None for the task's own)
 VARIANTS = {"digits-b32": ("digits", 32), "spirals": ("spirals", None),
-            "charlm": ("charlm", None)}
+            "charlm": ("charlm", None), "digits": ("digits", None)}
 RATES = ("paper", "robust")
 
 
