@@ -48,10 +48,13 @@ def run_train(variant: str, seed: int, rate: str, out: str, threads: int,
     return path
 
 
-def result(path: str, task: str) -> Tuple[float, bool, int]:
-    """(final validation figure, diverged, non-finite training losses) of one run."""
+def result(path: str, task: str) -> Tuple[float, bool, int, float]:
+    """(final validation figure, diverged, non-finite training losses, final training loss)
+    of one run."""
     with open(os.path.join(path, "summary.json")) as f:
         run = json.load(f)["runs"][0]
+    train = run.get("final_train_loss")
+    train = math.nan if train is None else float(train)
     if task == "charlm":
         loss = run.get("final_val_loss")
         value = math.nan if loss is None else loss / math.log(2)
@@ -62,7 +65,7 @@ def result(path: str, task: str) -> Tuple[float, bool, int]:
         bad = sum(1 for r in csv.DictReader(f)
                   if r["kind"] == "train" and not math.isfinite(float(r["loss"])))
     diverged = bool(run.get("diverged")) or not math.isfinite(value)
-    return value, diverged, bad
+    return value, diverged, bad, train
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -75,19 +78,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     lines = ["| task (figure) | sgd_rate | per seed " + ", ".join(map(str, seeds)) +
-             " | mean | diverged runs | NaN/inf train losses |", "|---|---|---|---:|---:|---:|"]
+             " | mean | final train loss per seed | diverged runs | NaN/inf train losses |",
+             "|---|---|---|---:|---|---:|---:|"]
     for variant in a.tasks.split(","):
         task = VARIANTS[variant][0]
         unit = "val bits/char, lower is better" if task == "charlm" else "val accuracy %"
         for rate in RATES:
             got = [result(run_train(variant, seed, rate, a.out, a.threads, a.steps), task)
                    for seed in seeds]
-            values = [v for v, _, _ in got]
+            values = [g[0] for g in got]
             finite = [v for v in values if math.isfinite(v)]
             mean = f"{statistics.mean(finite):.2f}" if finite else "—"
             lines.append(f"| {variant} ({unit}) | {rate} | "
-                         + ", ".join(f"{v:.2f}" for v in values)
-                         + f" | {mean} | {sum(d for _, d, _ in got)} | {sum(b for _, _, b in got)} |")
+                         + ", ".join(f"{v:.2f}" for v in values) + f" | {mean} | "
+                         + ", ".join(f"{g[3]:.3g}" for g in got)
+                         + f" | {sum(g[1] for g in got)} | {sum(g[2] for g in got)} |")
     text = "\n".join(lines)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "sgd_rate.md"), "w") as f:
