@@ -5,8 +5,8 @@ writes only after that, so a damaged or foreign state changes nothing. Every err
 ValueError that names the entry by its path (``state_dict['labpal']['line']['s_upd'] is nan``)
 and says what was expected.
 
-The format (version 3; versions 1 and 2 load too) is what `LABPAL.state_dict` writes. Containers are
-read as mappings and sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
+The format (version 3; versions 1 and 2 load too) is what `LABPAL.state_dict` writes.
+Containers are read as mappings and sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
 tensors load too; what could corrupt training (a wrong shape that would broadcast, a non-finite
 rate, a counter that breaks the state machine) is refused.
 """

@@ -75,7 +75,8 @@ def run_against_oracle(mode, momentum, m, max_norm, other):
     order = list(net.parameters())
     k = 2
     opt = LABPAL(groups(net), mode=mode, sgd_rate="paper", momentum=momentum,
-                 max_grad_norm=max_norm, approximation_batches=k, batch_size_schedule=((0, m),), noise_factor=1.0,
+                 max_grad_norm=max_norm, approximation_batches=k, batch_size_schedule=((0, m),),
+                 noise_factor=1.0,
                  reuse_updates=10**6, warmup_updates=10**6,
                  sample_positions=(0.0, 0.05, 0.2), direction_norm_range=(0.0, float("inf")))
     data = batches(k * m + 4 * m, 16, 6, seed=2)
