@@ -5,8 +5,8 @@ writes only after that, so a damaged or foreign state changes nothing. Every err
 ValueError that names the entry by its path (``state_dict['labpal']['line']['s_upd'] is nan``)
 and says what was expected.
 
-The format (version 2; version 1 loads too) is what `LABPAL.state_dict` writes. Containers are
-read as mappings and sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
+The format (version 3; versions 1 and 2 load too) is what `LABPAL.state_dict` writes.
+Containers are read as mappings and sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
 tensors load too; what could corrupt training (a wrong shape that would broadcast, a non-finite
 rate, a counter that breaks the state machine) is refused.
 """
@@ -24,15 +24,18 @@ from .layout import NPART, RECORD_SCALARS
 from .line import Line
 from .shards import is_dtensor
 
-VERSION = 2
+VERSION = 3
 # version 1 lacked the line's s_base / eta_base (no lr_multiplier_schedule then: factor 1)
-READS = (1, 2)
+READS = (1, 2, 3)
 LINE_SINCE_2 = {"s_base": "s_upd", "eta_base": "eta"}
+# versions 1-2 lacked n̄ of sgd_rate="robust" (the paper's rule needed none): it loads as 0,
+# unknown, and the next TRAINING update's ‖d‖ starts it again (docs/algorithm.md "SGD mode")
+LINE_SINCE_3 = ("norm_mean",)
 TOP = ("state", "param_groups", "labpal")
 LABPAL_KEYS = ("version", "hyper", "shapes", "counters", "line", "records")
 # the line's rates and counts: applied or compared on the next update, so finite and >= 0
 LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_updates",
-                "skipped_samples", "s_base", "eta_base")
+                "skipped_samples", "s_base", "eta_base", "norm_mean")
 # sums, counts and partials are scratch: reset (samples) or recomputed (partials, when the next
 # direction is formed) before they are read again, so only their shape and dtype matter
 RECORD_KEYS = ("call", "update", "m", "reason", "averaged", "partials", "sums", "counts")
@@ -197,7 +200,9 @@ def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
 
 def _check_line(opt, line: Any, path: str, version: int) -> Dict[str, torch.Tensor]:
     """The line tensors, each of this optimizer's shape and dtype; rates and counts >= 0."""
-    names = Line.STATE if version >= 2 else tuple(n for n in Line.STATE if n not in LINE_SINCE_2)
+    missing = (LINE_SINCE_3 if version == 2 else
+               tuple(LINE_SINCE_2) + LINE_SINCE_3 if version == 1 else ())
+    names = tuple(n for n in Line.STATE if n not in missing)
     _keys(line, path, names)
     out = {}
     for name in names:
@@ -208,6 +213,8 @@ def _check_line(opt, line: Any, path: str, version: int) -> Dict[str, torch.Tens
         out[name] = value
     for name, source in LINE_SINCE_2.items():
         out.setdefault(name, out[source])
+    for name in LINE_SINCE_3:
+        out.setdefault(name, torch.zeros_like(getattr(opt.line, name)))
     return out
 
 

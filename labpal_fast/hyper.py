@@ -16,6 +16,9 @@ MODES = ("SGD", "NSGD")
 # refused only when the line is not a descending parabola), "gradient" (the same, with the slope
 # at 0 taken from the averaged gradient) or "paper" (the paper's fit and refusals)
 LINE_FITS = ("robust", "gradient", "paper")
+# SGD mode's η: "robust" = s_upd / (running mean of ‖d‖ over training updates); "paper" =
+# s_upd / ‖d‖ of the measurement's direction (docs/algorithm.md, "SGD mode")
+SGD_RATES = ("robust", "paper")
 
 # Bounds (README "Hyper-parameters" lists them). They refuse typos and values that overflow or
 # allocate without limit, not unusual settings; each says why it is where it is.
@@ -77,6 +80,7 @@ class Hyper:
     # positions × a device factor so the smallest moves coordinates by many ulps of their dtype;
     # None: on unless line_fit="paper" (sample_positions taken literally)
     resolve_positions: Optional[bool] = None
+    sgd_rate: str = "robust"
 
     def __post_init__(self):
         _validate(self)
@@ -205,6 +209,9 @@ def _validate(h: Hyper) -> None:
     if h.resolve_positions is not None and not isinstance(h.resolve_positions, bool):
         raise ValueError("resolve_positions must be True, False or None (None: on unless "
                          f"line_fit='paper'), got {h.resolve_positions!r}")
+    if not isinstance(h.sgd_rate, str) or h.sgd_rate not in SGD_RATES:
+        raise ValueError(f"sgd_rate must be one of {SGD_RATES}, got {h.sgd_rate!r}")
+    set_("sgd_rate", str(h.sgd_rate))
     # β < 1: d = β·d + ḡ stays bounded
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):

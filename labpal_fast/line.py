@@ -31,6 +31,13 @@ RESOLVE_AGGREGATE = 1e3
 # and the slope's change over it is this many times the loss's own rounding (eps of the loss's
 # dtype × |loss|), which makes the curvature visible above that rounding too
 RESOLVE_LOSS = 1e4
+# sgd_rate="robust" (docs/algorithm.md "SGD mode" has the measurements behind both numbers):
+# n̄, the running mean of ‖d‖ over TRAINING updates, is an exponential mean with weight
+# 1/NORM_MEAN_UPDATES on each new ‖d‖ (about the updates a measured rate is reused for);
+NORM_MEAN_UPDATES = 1000
+# and no update moves further than STEP_CAP·s_upd (η·‖d‖ <= STEP_CAP·s_upd). Exact in fp32:
+# the Triton kernel receives it as a runtime float.
+STEP_CAP = 2.0
 
 
 class Line:
@@ -56,6 +63,8 @@ class Line:
         # the measured s_upd and η before lr_multiplier_schedule: s_upd = s_base·multiplier
         self.s_base = torch.zeros((), **f64)
         self.eta_base = torch.zeros((), **f64)
+        # n̄ of sgd_rate="robust" (0: unknown; the next TRAINING update's ‖d‖ sets it)
+        self.norm_mean = torch.zeros((), **f64)
         self.multiplier: Optional[float] = 1.0  # None: unknown (after a load), set it again
         self.hist_s = torch.zeros(hyper.averaging_window, **f64)
         self.hist_eta = torch.zeros(hyper.averaging_window, **f64)
@@ -70,7 +79,7 @@ class Line:
 
     # tensors that make up the state (for state_dict), in a fixed order
     STATE = ("sums", "counts", "partials", "s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n",
-             "skipped_updates", "skipped_samples", "s_base", "eta_base")
+             "skipped_updates", "skipped_samples", "s_base", "eta_base", "norm_mean")
 
     # -- samples --------------------------------------------------------------------
     def reset_samples(self) -> None:
@@ -172,10 +181,19 @@ class Line:
         """The factor of d for the measurement's own move, to s_upd (0 while no rate exists)."""
         return -self.s_upd / self._norm()
 
+    @property
+    def robust_sgd(self) -> bool:
+        """SGD mode with sgd_rate="robust": η = s_upd / n̄, n̄ updated by every TRAINING update."""
+        return self.hyper.mode == "SGD" and self.hyper.sgd_rate == "robust"
+
     def train_coef(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(factor of d, direction finite) for a TRAINING update; counts a skipped update."""
         ok = torch.isfinite(self.partials[Partial.DD])
-        if self.hyper.mode == "SGD":
+        if self.robust_sgd:
+            rate = self._robust_rate(ok)
+            coef = torch.where(ok, -rate, 0.0)
+            self.lr.copy_(torch.where(ok, rate, self.lr))
+        elif self.hyper.mode == "SGD":
             coef = torch.where(ok, -self.eta, 0.0)
         else:
             step = self.s_upd / self._norm()
@@ -183,6 +201,22 @@ class Line:
             self.lr.copy_(torch.where(ok, step, self.lr))
         self.skipped_updates.add_(~ok)
         return coef, ok
+
+    def _robust_rate(self, ok: torch.Tensor) -> torch.Tensor:
+        """η of sgd_rate="robust", after ‖d‖ of this update joined n̄ (when finite):
+        n̄ ← n̄ + (‖d‖ − n̄)/NORM_MEAN_UPDATES (n̄ ← ‖d‖ while n̄ is unknown: 0), then
+        η = max(min(s_upd/max(n̄, ε), STEP_CAP·s_upd/max(‖d‖, ε)), ε)."""
+        norm = self.partials[Partial.DD].sqrt()
+        mean = torch.where(self.norm_mean > 0,
+                           self.norm_mean + (norm - self.norm_mean) / NORM_MEAN_UPDATES, norm)
+        self.norm_mean.copy_(torch.where(ok, mean, self.norm_mean))
+        return self._robust_eta(self.norm_mean)
+
+    def _robust_eta(self, mean: torch.Tensor) -> torch.Tensor:
+        """max(min(s_upd/max(n̄, ε), STEP_CAP·s_upd/max(‖d‖, ε)), ε), n̄ = `mean`."""
+        eps = self.hyper.epsilon
+        rate = torch.minimum(self.s_upd / mean.clamp(min=eps), STEP_CAP * self.s_upd / self._norm())
+        return rate.clamp(min=eps)
 
     # -- the rate in use: the measured one times lr_multiplier_schedule's factor -----------
     def set_multiplier(self, multiplier: float) -> None:
@@ -196,8 +230,15 @@ class Line:
 
     def _show_rate(self) -> None:
         """lr as used: η (SGD), or s_upd/‖d‖ for the last direction (NSGD; the next update
-        sets it again for its own direction)."""
-        self.lr.copy_(self.eta if self.hyper.mode == "SGD" else self.s_upd / self._norm())
+        sets it again for its own direction); robust SGD: s_upd/n̄ (s_upd/‖d‖ of the last
+        direction while n̄ is unknown), the next update's rate up to its own ‖d‖ joining n̄."""
+        if self.robust_sgd:
+            known = self.norm_mean > 0
+            rate = torch.where(known, self._robust_eta(self.norm_mean),
+                               self._robust_eta(self._norm()))
+            self.lr.copy_(torch.where(self.s_upd > 0, rate, 0.0))  # 0 until a rate exists
+        else:
+            self.lr.copy_(self.eta if self.hyper.mode == "SGD" else self.s_upd / self._norm())
 
     def fall_back(self) -> None:
         """The safe step, taken when measurements keep giving no rate (optimizer `_fall_back`):
@@ -220,6 +261,8 @@ class Line:
         Returns the record."""
         record = self._fit_rate(averaged)
         valid = record["valid"]
+        if self.robust_sgd:  # _fit_rate shows the paper's η; the next updates use s_upd / n̄
+            self._show_rate()
         self.s_base.copy_(torch.where(valid, self.s_upd, self.s_base))
         self.eta_base.copy_(torch.where(valid, self.eta, self.eta_base))
         if self.multiplier != 1.0:  # a fresh rate is scaled like the one it replaces

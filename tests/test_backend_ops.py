@@ -274,23 +274,30 @@ def test_update_skips_the_whole_line_bit_for_bit(name, mode, other, where, clip)
 
 
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
-def test_update_matches_eager(name, mode):
-    """The TRAINING update across an fp32 and an fp16 flat (m = 2, momentum, weight decay)."""
+@pytest.mark.parametrize("mode,rate,norm_mean", [("SGD", "paper", 0.0), ("SGD", "robust", 0.0),
+                                                 ("SGD", "robust", 7.0), ("SGD", "robust", 1e-3),
+                                                 ("NSGD", "robust", 0.0)])
+def test_update_matches_eager(name, mode, rate, norm_mean):
+    """The TRAINING update across an fp32 and an fp16 flat (m = 2, momentum, weight decay);
+    robust SGD with n̄ unknown (0), above ‖d‖ and far below it (the step cap decides)."""
     backend = need(name, "cpu")
     flats = [make_flat(4097, torch.float32, seed=3), make_flat(1023, torch.float16, seed=4)]
     refs, outs = [twin(f) for f in flats], [twin(f) for f in flats]
     decays = [[0.01, 0.0, 1e-3], [0.0, 0.02, 0.0]]
     lines = []
     for b, fl in ((EAGER, refs), (backend, outs)):
-        line = b.make_line(Hyper(mode=mode), torch.device("cpu"))
+        line = b.make_line(Hyper(mode=mode, sgd_rate=rate), torch.device("cpu"))
         line.eta.fill_(0.05)
         line.s_upd.fill_(0.1)
+        line.norm_mean.fill_(norm_mean)
         b.update(fl, decays, line, m=2, momentum=0.9)
         lines.append(line)
     for r, o in zip(refs, outs):
-        compare(f"update[{mode}]", r, o, name, skip=("grad_sum",))
+        compare(f"update[{mode}, {rate}]", r, o, name, skip=("grad_sum",))
     torch.testing.assert_close(lines[1].lr, lines[0].lr, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lines[1].norm_mean, lines[0].norm_mean, rtol=1e-6, atol=0)
+    if rate == "robust" and mode == "SGD":  # n̄ took this update's ‖d‖
+        assert float(lines[0].norm_mean) != norm_mean
 
 
 def _clip_flats(other):
@@ -451,12 +458,15 @@ def test_finish_matches_eager(name, case, line_fit):
 
 
 # -- each backend's line model against line.Line -----------------------------------------
+RATES = [("SGD", "paper"), ("SGD", "robust"), ("NSGD", "robust")]
+
+
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
+@pytest.mark.parametrize("mode,rate", RATES)
 @pytest.mark.parametrize("dd", [4.0, float("nan"), float("inf"), 1e-20])
-def test_line_train_coef(name, mode, dd):
+def test_line_train_coef(name, mode, rate, dd):
     backend = need(name, "cpu")
-    h = Hyper(mode=mode)
+    h = Hyper(mode=mode, sgd_rate=rate)
     ref, out = Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu"))
     for line in (ref, out):
         line.s_upd.fill_(0.3)
@@ -469,6 +479,31 @@ def test_line_train_coef(name, mode, dd):
         assert bool(ok_ref) == bool(ok_out)
         torch.testing.assert_close(c_out, c_ref, rtol=1e-15, atol=0)
     _same_state(ref, out)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("mode,rate", RATES)
+def test_line_train_coef_sequence(name, mode, rate):
+    """Many updates in a row, ‖d‖ random over 8 orders of magnitude with non-finite and zero
+    ones among them (n̄ unknown, set, kept, capped steps): coefficient, lr and n̄ agree with
+    line.Line to fp64 rounding."""
+    backend = need(name, "cpu")
+    h = Hyper(mode=mode, sgd_rate=rate)
+    ref, out = Line(h, torch.device("cpu")), backend.make_line(h, torch.device("cpu"))
+    for line in (ref, out):
+        line.s_upd.fill_(0.3)
+        line.eta.fill_(0.07)
+    g = torch.Generator().manual_seed(5)
+    norms = (10 ** (8 * torch.rand(40, generator=g, dtype=torch.float64) - 4)).tolist()
+    norms[:3] = [0.0, float("nan"), 0.5]
+    norms[20:22] = [float("inf"), 1e-9]
+    for norm in norms:
+        _set_partials((ref, out), norm * norm, 1.0)
+        c_ref, ok_ref = ref.train_coef()
+        c_out, ok_out = out.train_coef()
+        assert bool(ok_ref) == bool(ok_out)
+        torch.testing.assert_close(c_out, c_ref, rtol=1e-14, atol=0)
+        _same_state(ref, out, rtol=1e-14)
 
 
 @pytest.mark.parametrize("name", FAST)

@@ -134,14 +134,15 @@ NUMPY = dict(mode=np.str_("SGD"), momentum=np.float32(0.5), dataset_size=np.int6
              direction_norm_range=(np.float64(0.0), np.float32(np.inf)),
              epsilon=np.float64(2.0 ** -20), replay_tolerance=np.float32(0.25),
              lr_multiplier_schedule=np.array([[0, 1.0], [5, 0.5]]), max_grad_norm=np.float32(0.75),
-             line_fit=np.str_("paper"), resolve_positions=np.bool_(True))
+             line_fit=np.str_("paper"), resolve_positions=np.bool_(True),
+             sgd_rate=np.str_("paper"))
 PYTHON = dict(mode="SGD", momentum=0.5, dataset_size=1000, batch_size=64,
               batch_size_schedule=((0, 1.0), (6, 2.0)), approximation_batches=2, reuse_updates=4,
               warmup_updates=3, averaging_window=2, sample_positions=(0.0, 0.25, 0.5),
               update_step_adaptation=2.0, max_step_size=0.25, direction_norm_range=(0.0, math.inf),
               epsilon=2.0 ** -20, replay_tolerance=0.25,
               lr_multiplier_schedule=((0, 1.0), (5, 0.5)), max_grad_norm=0.75,
-              line_fit="paper", resolve_positions=True)
+              line_fit="paper", resolve_positions=True, sgd_rate="paper")
 
 
 def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():

@@ -22,6 +22,7 @@ BAD = [
     ("update_step_adaptation", 0.0), ("max_step_size", -1.0), ("max_step_size", math.inf),
     ("direction_norm_range", (1.0, 0.5)), ("direction_norm_range", (1.0,)),
     ("direction_norm_range", (-1.0, 2.0)), ("epsilon", 0.0), ("epsilon", True),
+    ("sgd_rate", "Robust"), ("sgd_rate", None), ("sgd_rate", 1),
 ]
 
 

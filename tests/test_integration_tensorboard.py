@@ -20,7 +20,8 @@ def scalars(log_dir):
 @pytest.mark.parametrize("mode", ["NSGD", "SGD"])
 def test_measurements_written_once_each_at_their_step(tmp_path, mode):
     model = small_net(seed=2)
-    opt = LABPAL(model.parameters(), model=model, mode=mode, noise_factor=1.0,
+    # the paper's SGD rate: η of the measurement is the rate in use (robust: s_upd/n̄ per update)
+    opt = LABPAL(model.parameters(), model=model, mode=mode, sgd_rate="paper", noise_factor=1.0,
                  approximation_batches=2, reuse_updates=3, warmup_updates=2, averaging_window=2,
                  sample_positions=(0.0, 0.05, 0.2), weight_decay=1e-3)
     writer = SummaryWriter(tmp_path)

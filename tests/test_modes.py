@@ -9,8 +9,11 @@ from helpers import batches, small_net, closure_for
 pytestmark = pytest.mark.usefixtures("backend")
 
 
-def hand_loop(model, data, *, mode, momentum, m, k, decays, s_upd, eta, n_updates):
-    """Plain PyTorch: the first measurement's move to s_upd, then n_updates training updates."""
+def hand_loop(model, data, *, mode, momentum, m, k, decays, s_upd, eta, n_updates,
+              rate="paper"):
+    """Plain PyTorch: the first measurement's move to s_upd, then n_updates training updates.
+    SGD with rate="robust": η = min(s_upd/n̄, 2·s_upd/‖d‖), n̄ ← n̄ + (‖d‖ − n̄)/1000 from
+    n̄ = the first update's ‖d‖ (docs/algorithm.md, "SGD mode")."""
     params = [p for p in model.parameters()]
     wd = [decays[0]] * 2 + [decays[1]] * 2  # group 0: first Linear, group 1: last Linear
     d = [torch.zeros_like(p) for p in params]
@@ -35,9 +38,13 @@ def hand_loop(model, data, *, mode, momentum, m, k, decays, s_upd, eta, n_update
             p -= s_upd * di / norm
     call = k * m
     lrs = []
+    mean = None
     for _ in range(n_updates):
         norm = direction(data[call:call + m])
         call += m
+        if mode == "SGD" and rate == "robust":
+            mean = float(norm) if mean is None else mean + (float(norm) - mean) / 1000
+            eta = min(s_upd / mean, 2 * s_upd / float(norm))
         with torch.no_grad():
             for p, di in zip(params, d):
                 p -= (eta * di) if mode == "SGD" else (s_upd * di / norm)
@@ -45,17 +52,18 @@ def hand_loop(model, data, *, mode, momentum, m, k, decays, s_upd, eta, n_update
     return lrs
 
 
-@pytest.mark.parametrize("mode,momentum,mult,decays", [
-    ("SGD", 0.0, 1, (0.0, 0.0)), ("NSGD", 0.0, 1, (0.0, 0.0)), ("SGD", 0.9, 2, (0.01, 0.0)),
-    ("NSGD", 0.5, 3, (0.0, 0.05))])
-def test_training_updates_match_a_hand_written_loop(mode, momentum, mult, decays):
+@pytest.mark.parametrize("mode,rate,momentum,mult,decays", [
+    ("SGD", "paper", 0.0, 1, (0.0, 0.0)), ("SGD", "robust", 0.0, 1, (0.0, 0.0)),
+    ("NSGD", "robust", 0.0, 1, (0.0, 0.0)), ("SGD", "paper", 0.9, 2, (0.01, 0.0)),
+    ("SGD", "robust", 0.9, 2, (0.01, 0.0)), ("NSGD", "robust", 0.5, 3, (0.0, 0.05))])
+def test_training_updates_match_a_hand_written_loop(mode, rate, momentum, mult, decays):
     k, n_updates = 2, 7
     data = batches(k * mult + n_updates * mult, 16, 6, seed=3, dtype=torch.float64)
     net = small_net(0, dtype=torch.float64)
     ref = small_net(0, dtype=torch.float64)
     groups = [{"params": list(net[0].parameters()), "weight_decay": decays[0]},
               {"params": list(net[2].parameters()), "weight_decay": decays[1]}]
-    opt = LABPAL(groups, mode=mode, momentum=momentum, approximation_batches=k,
+    opt = LABPAL(groups, mode=mode, sgd_rate=rate, momentum=momentum, approximation_batches=k,
                  batch_size_schedule=((0, mult),), noise_factor=1.0, reuse_updates=1000,
                  direction_norm_range=(0.0, float("inf")))
     lrs = []
@@ -66,7 +74,7 @@ def test_training_updates_match_a_hand_written_loop(mode, momentum, mult, decays
     rec = opt.measurements()[0]
     assert rec["valid"] and opt.updates == 1 + n_updates
     ref_lrs = hand_loop(ref, data, mode=mode, momentum=momentum, m=mult, k=k, decays=decays,
-                        s_upd=rec["s_upd"], eta=rec["eta"], n_updates=n_updates)
+                        s_upd=rec["s_upd"], eta=rec["eta"], n_updates=n_updates, rate=rate)
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     assert lrs == pytest.approx(ref_lrs, rel=1e-10)

@@ -57,13 +57,16 @@ def test_assigning_lr_is_refused():
     opt.param_groups[0]["weight_decay"] = 1e-4  # other keys as before
 
 
-@pytest.mark.parametrize("mode", ["SGD", "NSGD"])
-def test_every_update_uses_the_measured_rate_times_the_factor(mode):
+@pytest.mark.parametrize("mode,rate", [("SGD", "paper"), ("SGD", "robust"), ("NSGD", "robust")])
+def test_every_update_uses_the_measured_rate_times_the_factor(mode, rate):
     """Plain (S)GD on a quadratic, m = 1, no momentum: each update is checked against the
-    gradient computed by autograd, the measured rate (`s_base` / `eta_base`) and the factor."""
+    gradient computed by autograd, the measured rate (`s_base` / `eta_base`) and the factor
+    (robust SGD: s_upd = s_base·factor over n̄, the running mean of ‖d‖ kept by hand)."""
     q = Quadratic([5, 4], seed=1, offset=3.0)
-    opt = LABPAL(q.parameters(), mode=mode, lr_multiplier_schedule=SCHEDULE, **SETTINGS)
+    opt = LABPAL(q.parameters(), mode=mode, sgd_rate=rate, lr_multiplier_schedule=SCHEDULE,
+                 **SETTINGS)
     checked = set()
+    mean = None
     while opt.updates < 22:
         before = q.flat().detach().clone()
         grad = torch.autograd.grad(q.loss_at(before.requires_grad_()), before)[0]
@@ -74,7 +77,13 @@ def test_every_update_uses_the_measured_rate_times_the_factor(mode):
         f = factor(updates)
         step = q.flat().detach() - before
         lr = opt.param_groups[0]["lr"].item()
-        if mode == "SGD":
+        if mode == "SGD" and rate == "robust":
+            norm = grad.norm().item()
+            mean = norm if mean is None else mean + (norm - mean) / 1000
+            s_upd = opt.line.s_base.item() * f
+            assert lr == pytest.approx(min(s_upd / mean, 2 * s_upd / norm), rel=1e-12)
+            torch.testing.assert_close(step, -lr * grad, rtol=1e-9, atol=1e-12)
+        elif mode == "SGD":
             assert lr == pytest.approx(opt.line.eta_base.item() * f, rel=1e-12, abs=1e-300)
             torch.testing.assert_close(step, -lr * grad, rtol=1e-9, atol=1e-12)
         else:

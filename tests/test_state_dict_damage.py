@@ -170,6 +170,12 @@ DAMAGE = [
     ("eta-minus-inf", put("labpal", "line", "eta", torch.tensor(-INF, **f64)),
      path("labpal", "line", "eta")),
     ("lr-inf", put("labpal", "line", "lr", torch.tensor(INF, **f64)), path("labpal", "line", "lr")),
+    ("norm_mean-nan", put("labpal", "line", "norm_mean", torch.tensor(NAN, **f64)),
+     path("labpal", "line", "norm_mean") + " is nan"),
+    ("norm_mean-negative", put("labpal", "line", "norm_mean", torch.tensor(-2.0, **f64)),
+     path("labpal", "line", "norm_mean") + " is -2.0"),
+    ("norm_mean-vector", put("labpal", "line", "norm_mean", torch.zeros(1, **f64)),
+     path("labpal", "line", "norm_mean") + " has shape (1,)"),
     ("hist_s-nan", put("labpal", "line", "hist_s", torch.tensor([0.5, NAN], **f64)),
      path("labpal", "line", "hist_s") + "[1] is nan"),
     ("hist_eta-negative", put("labpal", "line", "hist_eta", torch.tensor([-1.0, 0.5], **f64)),
@@ -266,11 +272,11 @@ def test_state_dict_that_is_not_a_dict_is_refused():
 
 def test_an_unknown_version_names_both(backend):
     sd = saved_state(backend)
-    sd["labpal"]["version"] = 3
+    sd["labpal"]["version"] = 4
     sd["labpal"]["format_of_the_future"] = {}  # other keys are not what the error is about
     net, opt = fresh(seed=0)
     with pytest.raises(ValueError, match=re.escape(
-            "state_dict['labpal']['version'] is 3: this LABPAL reads state versions 1, 2")):
+            "state_dict['labpal']['version'] is 4: this LABPAL reads state versions 1, 2, 3")):
         opt.load_state_dict(sd)
 
 
@@ -289,7 +295,7 @@ def test_numbers_may_come_as_tensors_or_numpy_and_sequences_as_lists(backend):
     expected = resumed_from(saved_state(backend), backend)
     sd = saved_state(backend)
     lab = sd["labpal"]
-    lab["version"] = torch.tensor(2)
+    lab["version"] = torch.tensor(3)
     lab["counters"] = {k: torch.tensor(v) if i % 2 else v if isinstance(v, bool) else np.int64(v)
                        for i, (k, v) in enumerate(lab["counters"].items())}
     lab["hyper"] = {k: list(v) if isinstance(v, tuple) else v for k, v in lab["hyper"].items()}
@@ -312,6 +318,7 @@ def test_a_version_1_state_resumes_exactly(backend):
     sd = saved_state(backend)
     sd["labpal"]["version"] = 1
     del sd["labpal"]["line"]["s_base"], sd["labpal"]["line"]["eta_base"]
+    del sd["labpal"]["line"]["norm_mean"]  # 0 in NSGD mode: what a missing one loads as
     got = resumed_from(sd, backend)
     assert got[1] == expected[1]
     for p, q in zip(got[0], expected[0]):
@@ -320,6 +327,46 @@ def test_a_version_1_state_resumes_exactly(backend):
     sd["labpal"]["version"] = 2
     with pytest.raises(ValueError, match=re.escape("['line']['s_base'] is missing")):
         fresh(seed=0)[1].load_state_dict(sd)
+
+
+def test_a_version_2_state_resumes_with_the_running_mean_of_the_norm_unknown(backend):
+    """Robust SGD keeps n̄ (`norm_mean`) since version 3. A version-2 state has none: it loads
+    as 0 (unknown), so the next TRAINING update's ‖d‖ starts it again, exactly as a version-3
+    state whose n̄ is 0; the version-3 state itself resumes exactly (n̄ and all)."""
+    def sgd(seed):
+        net = small_net(seed)
+        return net, LABPAL(net.parameters(), mode="SGD", sgd_rate="robust", **HYPER)
+
+    net, opt = sgd(seed=1)
+    run(net, opt, 0, 5)
+    saved, params = opt.state_dict(), copy.deepcopy(net.state_dict())
+    assert saved["labpal"]["version"] == 3 and float(saved["labpal"]["line"]["norm_mean"]) > 0
+    run(net, opt, 5, AFTER)
+    straight = [p.detach().clone() for p in net.parameters()], opt.line.norm_mean.clone()
+
+    def resumed(sd):
+        net2, opt2 = sgd(seed=2)
+        net2.load_state_dict(params)
+        opt2.load_state_dict(sd)
+        run(net2, opt2, 5, AFTER)
+        return [p.detach().clone() for p in net2.parameters()], opt2.line.norm_mean.clone()
+
+    got = resumed(copy.deepcopy(saved))
+    assert all(torch.equal(p, q) for p, q in zip(got[0], straight[0]))
+    assert torch.equal(got[1], straight[1])
+    unknown = copy.deepcopy(saved)
+    unknown["labpal"]["line"]["norm_mean"].zero_()
+    v2 = copy.deepcopy(saved)
+    v2["labpal"]["version"] = 2
+    del v2["labpal"]["line"]["norm_mean"]
+    expected, got = resumed(unknown), resumed(v2)
+    assert all(torch.equal(p, q) for p, q in zip(got[0], expected[0]))
+    assert torch.equal(got[1], expected[1]) and float(got[1]) > 0
+    assert not torch.equal(got[1], straight[1])  # n̄ was started again
+    # a version-3 state without it is damaged
+    v2["labpal"]["version"] = 3
+    with pytest.raises(ValueError, match=re.escape("['line']['norm_mean'] is missing")):
+        sgd(seed=0)[1].load_state_dict(v2)
 
 
 def test_a_grad_sum_is_needed_only_while_gradients_are_being_summed(backend):

@@ -28,8 +28,9 @@ FIGURES = ("s_min", "s_upd", "lr", "eta", "a", "b", "direction_norm", "valid")
 def log_measurements(writer, opt, global_step: int, prefix: str = "labpal/") -> int:
     """Writes each measurement that `writer` has not received yet as scalars `prefix + name`
     (FIGURES) at `global_step`; returns how many. `lr` is the rate the measurement set (η in
-    SGD mode, s_upd/‖d‖ in NSGD mode); `valid` is 1.0 or 0.0. Cheap to call every step: it
-    reads device values only when a measurement has ended since the last call."""
+    SGD mode, s_upd/‖d‖ in NSGD mode; with sgd_rate="robust" each SGD update then takes
+    s_upd/n̄ instead, as param_groups' lr shows); `valid` is 1.0 or 0.0. Cheap to call every
+    step: it reads device values only when a measurement has ended since the last call."""
     opt = unwrap(opt)
     seen = _written.setdefault(opt, weakref.WeakKeyDictionary())
     done = seen.get(writer, 0)

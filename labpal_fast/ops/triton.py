@@ -58,7 +58,7 @@ from ..flat import Flat
 from ..hyper import Hyper
 from ..layout import NCONST, NPART, RECORD_SCALARS, REC_PARTIALS, REC_SUMS, Const, Partial, \
     record_size
-from ..line import CLIP_EPS, Line
+from ..line import CLIP_EPS, NORM_MEAN_UPDATES, STEP_CAP, Line
 from .base import call
 from .eager import EagerBackend
 
@@ -305,9 +305,25 @@ def _coef_kernel(out_ptr, s_ptr, partials_ptr, consts_ptr):
 
 @triton.jit
 def _train_coef_kernel(coef_ptr, ok_ptr, partials_ptr, consts_ptr, s_upd_ptr, eta_ptr, lr_ptr,
-                       skipped_ptr, sgd):
-    ok = (tl.load(partials_ptr + _DD) * 0.0) == 0.0
-    if sgd != 0:
+                       skipped_ptr, norm_mean_ptr, sgd, robust, mean_updates, step_cap):
+    """As `Line.train_coef`; with `robust` (SGD mode, sgd_rate="robust") it updates n̄ in
+    norm_mean_ptr and takes η = max(min(s_upd/max(n̄, ε), step_cap·s_upd/max(‖d‖, ε)), ε)."""
+    dd = tl.load(partials_ptr + _DD)
+    ok = (dd * 0.0) == 0.0
+    if robust != 0:
+        old = tl.load(norm_mean_ptr)
+        norm = tl.sqrt(dd)
+        mean = tl.where(old > 0.0, old + (norm - old) / mean_updates, norm)
+        mean = tl.where(ok, mean, old)
+        tl.store(norm_mean_ptr, mean)
+        eps = tl.load(consts_ptr + _EPS)
+        s = tl.load(s_upd_ptr)
+        rate = tl.minimum(s / tl.where(mean < eps, eps, mean),
+                          step_cap * s / _safe_norm(partials_ptr, consts_ptr))
+        rate = tl.where(rate < eps, eps, rate)
+        coef = tl.where(ok, -rate, 0.0)
+        tl.store(lr_ptr, tl.where(ok, rate, tl.load(lr_ptr)))
+    elif sgd != 0:
         coef = tl.where(ok, -tl.load(eta_ptr), 0.0)
     else:
         step = tl.load(s_upd_ptr) / _safe_norm(partials_ptr, consts_ptr)
@@ -698,6 +714,13 @@ class TritonBackend(EagerBackend):
             return super().update(flats, decays, line, m=m, momentum=momentum, run=run)
         _direction_into_line(rows, flats, decays, line, m=m, momentum=momentum,
                              line_terms=False, run=run)
+        if line.robust_sgd:
+            # n̄ changes with each update: one program updates it (`train_coef`) before the
+            # update's programs read the rate, so none of them reads a half-updated n̄
+            coef, ok = run(line.train_coef)
+            for flat in flats:
+                run(self.train_update, flat, coef, ok)
+            return
         for i, flat in enumerate(flats):
             run(_launch, _train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
                 line.partials, line.partials, flat.numel, line.partials, line.consts,
@@ -785,8 +808,9 @@ class TritonLine(Line):
     def train_coef(self) -> Tuple[torch.Tensor, torch.Tensor]:
         out = self._coefs[self._npos + 1]
         _launch(_train_coef_kernel, (1,), out, self._ok, self.partials, self.consts, self.s_upd,
-                self.eta, self.lr, self.skipped_updates, int(self.hyper.mode == "SGD"),
-                num_warps=1)
+                self.eta, self.lr, self.skipped_updates, self.norm_mean,
+                int(self.hyper.mode == "SGD"), int(self.robust_sgd), NORM_MEAN_UPDATES,
+                STEP_CAP, num_warps=1)
         return out, self._ok
 
     def abandon_code(self) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""SGD mode's two rates side by side (outside CI: about 15 minutes on one CPU core).
+
+Each task and seed trains LABPAL in SGD mode twice through `labpal-fast train --optimizer
+labpal-sgd`, once per `--sgd-rate` ("paper": η = s_upd/‖d‖ of the measurement; "robust", the
+default: η = s_upd/n̄, n̄ the running mean of ‖d‖ over training updates, each step at most
+2·s_upd; docs/algorithm.md "SGD mode"), every other setting at its default. It prints the final
+validation figure of every run (accuracy %, or bits per character for charlm), the mean over
+seeds, and how many runs diverged and how many training losses were NaN/inf.
+
+    .venv/bin/python tools/sgd_rate_table.py --out runs/sgd_rate             # all of it
+    .venv/bin/python tools/sgd_rate_table.py --tasks digits-b32 --seeds 0    # a quick look
+
+A run already in --out (its summary.json) is read, not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from typing import Dict, List, Optional, Tuple
+
+# (name in the table, task, batch size or None for the task's own)
+VARIANTS = {"digits-b32": ("digits", 32), "spirals": ("spirals", None),
+            "charlm": ("charlm", None), "digits": ("digits", None)}
+RATES = ("paper", "robust")
+
+
+def run_train(variant: str, seed: int, rate: str, out: str, threads: int,
+              steps: Optional[int]) -> str:
+    task, batch = VARIANTS[variant]
+    path = os.path.join(out, f"{variant}-{rate}-seed{seed}")
+    if os.path.isfile(os.path.join(path, "summary.json")):
+        return path  # done by an earlier, interrupted call: keep it
+    cmd = [sys.executable, "-m", "labpal_fast", "train", "--optimizer", "labpal-sgd",
+           "--sgd-rate", rate, "--task", task, "--seed", str(seed), "--out", path, "--quiet",
+           "--no-plots", "--threads", str(threads), "--device", "cpu"]
+    if batch is not None:
+        cmd += ["--batch-size", str(batch)]
+    if steps is not None:
+        cmd += ["--steps", str(steps)]
+    print(" ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def result(path: str, task: str) -> Tuple[float, bool, int, float]:
+    """(final validation figure, diverged, non-finite training losses, final training loss)
+    of one run."""
+    with open(os.path.join(path, "summary.json")) as f:
+        run = json.load(f)["runs"][0]
+    train = run.get("final_train_loss")
+    train = math.nan if train is None else float(train)
+    if task == "charlm":
+        loss = run.get("final_val_loss")
+        value = math.nan if loss is None else loss / math.log(2)
+    else:
+        acc = run.get("final_val_accuracy")
+        value = math.nan if acc is None else 100 * acc
+    with open(os.path.join(path, "metrics.csv"), newline="") as f:
+        bad = sum(1 for r in csv.DictReader(f)
+                  if r["kind"] == "train" and not math.isfinite(float(r["loss"])))
+    diverged = bool(run.get("diverged")) or not math.isfinite(value)
+    return value, diverged, bad, train
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default=",".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=None, help="default: each task's own")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="runs/sgd_rate")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    lines = ["| task (figure) | sgd_rate | per seed " + ", ".join(map(str, seeds)) +
+             " | mean | final train loss per seed | diverged runs | NaN/inf train losses |",
+             "|---|---|---|---:|---|---:|---:|"]
+    for variant in a.tasks.split(","):
+        task = VARIANTS[variant][0]
+        unit = "val bits/char, lower is better" if task == "charlm" else "val accuracy %"
+        for rate in RATES:
+            got = [result(run_train(variant, seed, rate, a.out, a.threads, a.steps), task)
+                   for seed in seeds]
+            values = [g[0] for g in got]
+            finite = [v for v in values if math.isfinite(v)]
+            mean = f"{statistics.mean(finite):.2f}" if finite else "—"
+            lines.append(f"| {variant} ({unit}) | {rate} | "
+                         + ", ".join(f"{v:.2f}" for v in values) + f" | {mean} | "
+                         + ", ".join(f"{g[3]:.3g}" for g in got)
+                         + f" | {sum(g[1] for g in got)} | {sum(g[2] for g in got)} |")
+    text = "\n".join(lines)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "sgd_rate.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
