@@ -496,7 +496,7 @@ class LABPAL(torch.optim.Optimizer):
         warnings.warn(
             f"LABPAL: {FAIL_LIMIT} measurements in a row gave no learning rate (last: {reason}); "
             "training goes on with the safe step s_upd = min(largest measured position, "
-            f"max_step_size) (docs/algorithm.md, 'Refusal rules'). To fix: {fix}.",
+            f"max_step_size) (docs/algorithm.md, 'Falling back'). To fix: {fix}.",
             RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ distributed
