@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 MODES = ("SGD", "NSGD")
 
@@ -47,6 +47,13 @@ MAX_NOISE_FACTOR = 1e12
 # max_grad_norm (clipping of ḡ by its global L2 norm): any positive size; 1e12 is far above any
 # gradient norm worth clipping to, and keeps max_grad_norm / (‖ḡ‖ + 1e-6) finite in fp64.
 MAX_GRAD_NORM = 1e12
+# loss_scale: a fixed scale up to 2**64 (the dynamic one grows no further): 1/S is still a normal
+# fp32 number, and any loss below 1e270 times it is finite in fp64.
+MAX_LOSS_SCALE = 2.0 ** 64
+# the dynamic loss scale: its start (GradScaler's init_scale) and the finite updates in a row
+# after which it doubles (GradScaler's growth_interval); an overflow halves it
+LOSS_SCALE_INIT = 2.0 ** 16
+LOSS_SCALE_GROWTH_INTERVAL = 2000
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,21 @@ class Hyper:
     replay_tolerance: Optional[float] = 1e-3
     lr_multiplier_schedule: Tuple[Tuple[int, float], ...] = ((0, 1.0),)
     max_grad_norm: Optional[float] = None  # None: no clipping
+    # None: no loss scaling; "dynamic": GradScaler's rule on the device; a number: that scale
+    loss_scale: Union[None, str, float] = None
+    # fp32 master weights for fp16 / bf16 parameters; None: on for them (off for FSDP2 shards)
+    master_weights: Optional[bool] = None
 
     def __post_init__(self):
         _validate(self)
+
+    @property
+    def initial_loss_scale(self) -> float:
+        """The loss scale S at the start: 1 (no scaling), GradScaler's 2**16 (dynamic), or the
+        fixed one."""
+        if self.loss_scale is None:
+            return 1.0
+        return LOSS_SCALE_INIT if self.loss_scale == "dynamic" else float(self.loss_scale)
 
     @property
     def nu(self) -> float:
@@ -204,6 +223,22 @@ def _validate(h: Hyper) -> None:
     if h.max_grad_norm is not None:
         set_("max_grad_norm", number("max_grad_norm", h.max_grad_norm, 0.0, MAX_GRAD_NORM,
                                       low_open=True))
+
+    if isinstance(h.loss_scale, str) and h.loss_scale == "dynamic":
+        set_("loss_scale", "dynamic")
+    elif h.loss_scale is not None:
+        if isinstance(h.loss_scale, str):
+            raise ValueError(f"loss_scale must be None, 'dynamic' or a number in (0, "
+                             f"{MAX_LOSS_SCALE:g}], got {h.loss_scale!r}")
+        set_("loss_scale", number("loss_scale", h.loss_scale, 0.0, MAX_LOSS_SCALE,
+                                   low_open=True))
+    if h.master_weights is not None:
+        numpy_bool = type(h.master_weights).__module__ == "numpy" and \
+            type(h.master_weights).__name__ == "bool"  # np.bool_
+        if not (isinstance(h.master_weights, bool) or numpy_bool):
+            raise ValueError(f"master_weights must be None (on for fp16 / bf16 parameters), True "
+                             f"or False, got {h.master_weights!r}")
+        set_("master_weights", bool(h.master_weights))
 
     pairs = _pairs("batch_size_schedule", h.batch_size_schedule, "call")
     schedule = tuple(

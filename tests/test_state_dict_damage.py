@@ -170,6 +170,19 @@ DAMAGE = [
     ("eta-minus-inf", put("labpal", "line", "eta", torch.tensor(-INF, **f64)),
      path("labpal", "line", "eta")),
     ("lr-inf", put("labpal", "line", "lr", torch.tensor(INF, **f64)), path("labpal", "line", "lr")),
+    # the loss scale (version 3): a number in (0, 2**64], its counter an int64 >= 0
+    ("loss_scale-zero", put("labpal", "line", "loss_scale", torch.tensor(0.0, **f64)),
+     path("labpal", "line", "loss_scale") + " is 0.0, expected a number in (0, "),
+    ("loss_scale-nan", put("labpal", "line", "loss_scale", torch.tensor(NAN, **f64)),
+     path("labpal", "line", "loss_scale") + " is nan"),
+    ("loss_scale-negative", put("labpal", "line", "loss_scale", torch.tensor(-2.0, **f64)),
+     path("labpal", "line", "loss_scale") + " is -2.0"),
+    ("loss_scale-huge", put("labpal", "line", "loss_scale", torch.tensor(2.0 ** 65, **f64)),
+     path("labpal", "line", "loss_scale") + " is 3.6893488147419103e+19"),
+    ("scale_good-negative", put("labpal", "line", "scale_good", torch.tensor(-1)),
+     path("labpal", "line", "scale_good") + " is -1"),
+    ("scale_good-float", put("labpal", "line", "scale_good", torch.tensor(1.0)),
+     path("labpal", "line", "scale_good") + " has dtype torch.float32"),
     ("hist_s-nan", put("labpal", "line", "hist_s", torch.tensor([0.5, NAN], **f64)),
      path("labpal", "line", "hist_s") + "[1] is nan"),
     ("hist_eta-negative", put("labpal", "line", "hist_eta", torch.tensor([-1.0, 0.5], **f64)),
@@ -266,11 +279,11 @@ def test_state_dict_that_is_not_a_dict_is_refused():
 
 def test_an_unknown_version_names_both(backend):
     sd = saved_state(backend)
-    sd["labpal"]["version"] = 3
+    sd["labpal"]["version"] = 4
     sd["labpal"]["format_of_the_future"] = {}  # other keys are not what the error is about
     net, opt = fresh(seed=0)
     with pytest.raises(ValueError, match=re.escape(
-            "state_dict['labpal']['version'] is 3: this LABPAL reads state versions 1, 2")):
+            "state_dict['labpal']['version'] is 4: this LABPAL reads state versions 1, 2, 3")):
         opt.load_state_dict(sd)
 
 
@@ -289,7 +302,7 @@ def test_numbers_may_come_as_tensors_or_numpy_and_sequences_as_lists(backend):
     expected = resumed_from(saved_state(backend), backend)
     sd = saved_state(backend)
     lab = sd["labpal"]
-    lab["version"] = torch.tensor(2)
+    lab["version"] = torch.tensor(3)
     lab["counters"] = {k: torch.tensor(v) if i % 2 else v if isinstance(v, bool) else np.int64(v)
                        for i, (k, v) in enumerate(lab["counters"].items())}
     lab["hyper"] = {k: list(v) if isinstance(v, tuple) else v for k, v in lab["hyper"].items()}
@@ -312,6 +325,7 @@ def test_a_version_1_state_resumes_exactly(backend):
     sd = saved_state(backend)
     sd["labpal"]["version"] = 1
     del sd["labpal"]["line"]["s_base"], sd["labpal"]["line"]["eta_base"]
+    del sd["labpal"]["line"]["loss_scale"], sd["labpal"]["line"]["scale_good"]
     got = resumed_from(sd, backend)
     assert got[1] == expected[1]
     for p, q in zip(got[0], expected[0]):

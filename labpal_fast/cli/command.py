@@ -58,11 +58,30 @@ def _optional_float(text: str):
     return None if text.lower() in ("none", "auto", "") else float(text)
 
 
+def _loss_scale(text: str):
+    """'none' (off), 'dynamic', or a fixed scale."""
+    return text if text == "dynamic" else _optional_float(text)
+
+
+def _optional_bool(text: str):
+    """'none' (auto), 'true' / 'false' (also on / off, yes / no, 1 / 0)."""
+    value = text.lower()
+    if value in ("none", "auto", ""):
+        return None
+    if value in ("true", "on", "yes", "1"):
+        return True
+    if value in ("false", "off", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")
+
+
 # every hyper-parameter whose default's type cannot parse its own text (tests/test_cli.py
 # checks that each one round-trips)
 _HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
                 "max_grad_norm": (_optional_float, "X|none"),
                 "replay_tolerance": (_optional_float, "X|none"),
+                "loss_scale": (_loss_scale, "dynamic|X|none"),
+                "master_weights": (_optional_bool, "true|false|none"),
                 "batch_size_schedule": (_schedule, "CALL:MULT,..."),
                 "lr_multiplier_schedule": (_schedule, "UPDATE:FACTOR,..."),
                 "sample_positions": (_floats, "S0,S1,..."),

@@ -562,6 +562,10 @@ def _line_rows(flats: Sequence[Flat], line: Line) -> Optional[Tuple[torch.Tensor
     dev = line.partials.device
     if not isinstance(line, TritonLine) or not all(_fast(f) and f.device == dev for f in flats):
         return None
+    if line.hyper.loss_scale is not None:
+        # loss scaling: the composite of base.Backend (ḡ's factor c/S from the line, one
+        # direction launch per flat with it; the slope unscaled in `Line.set_partials`)
+        return None
     if line.rows is None:
         stride = sum(MAX_PROGRAMS * len(_ws(f).launches) for f in flats)
         line.rows = (torch.zeros(NPART * stride, dtype=torch.float32, device=dev), stride)
@@ -767,7 +771,7 @@ class TritonLine(Line):
 
     def abandon_code(self) -> torch.Tensor:
         _launch(_abandon_kernel, (1,), self._code, self.partials, self.consts, num_warps=1)
-        return self._code
+        return self._overflowed(self._code)
 
     def _fit_rate(self, averaged: bool) -> Dict[str, torch.Tensor]:
         h = self.hyper
