@@ -93,8 +93,12 @@ class Line:
         part Σ wd·⟨θ, d⟩ is WD_TD itself), so the slope is the loss's own."""
         self.partials.copy_(partials)
         if self.hyper.loss_scale is not None:
-            gd, wtd = self.partials[Partial.GD], self.partials[Partial.WD_TD]
-            self.partials[Partial.GD].copy_((gd - wtd) / self.loss_scale + wtd)
+            self.unscale_slope()
+
+    def unscale_slope(self) -> None:
+        """⟨S·ḡ_loss + wd·θ, d⟩ in the partials → ⟨ḡ_loss + wd·θ, d⟩ (see `set_partials`)."""
+        gd, wtd = self.partials[Partial.GD], self.partials[Partial.WD_TD]
+        gd.copy_((gd - wtd) / self.loss_scale + wtd)
 
     # -- loss scaling ------------------------------------------------------------------
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:

@@ -27,27 +27,34 @@ def _params(net):
 
 # ---------------------------------------------------------------------------- loss scaling
 @pytest.mark.usefixtures("backend")
-def test_a_power_of_two_loss_scale_gives_the_unscaled_run():
+@pytest.mark.parametrize("clip", (None, 0.5))
+def test_a_power_of_two_loss_scale_gives_the_unscaled_run(clip):
     """S·loss and ḡ/S are exact for S = 2**10: every measurement and the parameters match the
-    run without scaling (with momentum, weight decay and clipping, which reads ‖ḡ‖ unscaled)."""
+    run without scaling (with momentum, weight decay, and clipping, which reads ‖ḡ‖ unscaled;
+    Triton: its fused direction without clipping, the composite with it)."""
     runs = []
     for scale in (None, 1024.0):
         net = small_net(3)
         opt = LABPAL([{"params": net[0].parameters(), "weight_decay": 1e-2},
                       {"params": net[2].parameters()}], loss_scale=scale, momentum=0.9,
                      approximation_batches=2, warmup_updates=0, reuse_updates=4,
-                     noise_factor=1.0, batch_size_schedule=((0, 1),), max_grad_norm=0.5)
+                     noise_factor=1.0, batch_size_schedule=((0, 1),), max_grad_norm=clip,
+                     sample_positions=(0.0, 0.02, 0.1))  # a fit one ulp does not move
         for x, y in batches(14, 16, 6, seed=4):
             opt.step(closure_for(net, x, y))
         runs.append((_params(net), opt.measurements(), opt.grad_norm.item()))
     (p0, m0, n0), (p1, m1, n1) = runs
     assert len(m0) == 3 and all(r["valid"] for r in m0)
-    assert n1 == pytest.approx(n0, rel=1e-6) and n0 > 0.5  # clipped, from the unscaled norm
+    if clip is not None:
+        assert n1 == pytest.approx(n0, rel=1e-6) and n0 > clip  # clipped, by the unscaled norm
     for r0, r1 in zip(m0, m1):
-        for key in ("a", "b", "s_upd", "directional_derivative", "direction_norm"):
-            assert r1[key] == pytest.approx(r0[key], rel=1e-5), key
+        # eager forms β·d + c·ḡ with clipping's rounding, β·d + ḡ without: d may differ by an
+        # ulp, which moves the fit of fp32 losses by ~1e-4 (as in test_trajectories)
+        for key, tol in (("a", 1e-3), ("b", 1e-3), ("s_upd", 1e-3),
+                         ("directional_derivative", 1e-5), ("direction_norm", 1e-5)):
+            assert r1[key] == pytest.approx(r0[key], rel=tol), key
         assert r1["mean_losses"] == pytest.approx(r0["mean_losses"], rel=1e-6)  # unscaled
-    assert torch.allclose(p1, p0, rtol=1e-5, atol=1e-7)
+    assert ((p1 - p0).norm() / p0.norm()).item() < 1e-5
 
 
 def _quadratic_fp16(**hyper):
