@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .hyper import MAX_MULTIPLIER
+from .hyper import MAX_LOSS_SCALE, MAX_MULTIPLIER
 from .layout import NPART, RECORD_SCALARS
 from .line import Line
 from .shards import is_dtensor
@@ -29,13 +29,15 @@ VERSION = 3
 READS = (1, 2, 3)
 LINE_SINCE_2 = {"s_base": "s_upd", "eta_base": "eta"}
 # versions 1-2 lacked n̄ of sgd_rate="robust" (the paper's rule needed none): it loads as 0,
-# unknown, and the next TRAINING update's ‖d‖ starts it again (docs/algorithm.md "SGD mode")
-LINE_SINCE_3 = ("norm_mean",)
+# unknown, and the next TRAINING update's ‖d‖ starts it again (docs/algorithm.md "SGD mode");
+# and the loss scale (no loss scaling then): it starts as this optimizer's loss_scale says
+# (`Hyper.initial_loss_scale`), with no finite direction counted
+LINE_SINCE_3 = ("norm_mean", "loss_scale", "scale_good")
 TOP = ("state", "param_groups", "labpal")
 LABPAL_KEYS = ("version", "hyper", "shapes", "counters", "line", "records")
 # the line's rates and counts: applied or compared on the next update, so finite and >= 0
 LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_updates",
-                "skipped_samples", "s_base", "eta_base", "norm_mean")
+                "skipped_samples", "s_base", "eta_base", "norm_mean", "loss_scale", "scale_good")
 # sums, counts and partials are scratch: reset (samples) or recomputed (partials, when the next
 # direction is formed) before they are read again, so only their shape and dtype matter
 RECORD_KEYS = ("call", "update", "m", "reason", "averaged", "partials", "sums", "counts")
@@ -46,6 +48,7 @@ class Checked:
     """A state that passed `check`, ready to be written."""
     directions: List[List[torch.Tensor]]              # per flat, per parameter
     grad_sums: List[Optional[List[torch.Tensor]]]     # per flat; None: no sum pending (acc = 0)
+    masters: List[List[Optional[torch.Tensor]]]       # per flat, per parameter (None: not saved)
     weight_decays: List[float]                        # per group
     counters: Dict[str, Any]
     line: Dict[str, torch.Tensor]
@@ -71,17 +74,19 @@ def check(opt, state_dict: Any) -> Checked:
     # other parameters first: the most likely mistake, and what the rest is indexed by
     index, weight_decays = _check_groups(opt, state_dict["param_groups"])
     _check_shapes(opt, index, extra["shapes"], f"{path}['shapes']")
-    _check_hyper(opt, extra["hyper"], f"{path}['hyper']")
+    dynamic = _check_hyper(opt, extra["hyper"], f"{path}['hyper']")
     counters = _check_counters(opt, extra["counters"], f"{path}['counters']")
-    directions, grad_sums = _check_entries(opt, index, state_dict["state"], counters["acc"])
-    line = _check_line(opt, extra["line"], f"{path}['line']", version)
+    directions, grad_sums, masters = _check_entries(opt, index, state_dict["state"],
+                                                    counters["acc"])
+    line = _check_line(opt, extra["line"], f"{path}['line']", version, dynamic)
     records = _check_records(opt, extra["records"], f"{path}['records']")
-    return Checked(directions, grad_sums, weight_decays, counters, line, records)
+    return Checked(directions, grad_sums, masters, weight_decays, counters, line, records)
 
 
 # ---------------------------------------------------------------------------- the parts
-def _check_hyper(opt, hyper: Any, path: str) -> None:
-    """This optimizer's hyper-parameters are used; those that shape the line state must agree."""
+def _check_hyper(opt, hyper: Any, path: str) -> bool:
+    """This optimizer's hyper-parameters are used; those that shape the line state must agree.
+    Returns whether the saved loss scale is to be used: both scale dynamically."""
     _keys(hyper, path, ("averaging_window", "sample_positions"), others=True)
     window = _item(hyper["averaging_window"], f"{path}['averaging_window']")
     if window != opt.hyper.averaging_window:
@@ -95,6 +100,7 @@ def _check_hyper(opt, hyper: Any, path: str) -> None:
         raise ValueError(f"{path}['sample_positions'] is {hyper['sample_positions']!r}, this "
                          f"optimizer's is {opt.hyper.sample_positions}: the saved line state "
                          "does not fit")
+    return opt.hyper.loss_scale == "dynamic" and hyper.get("loss_scale") == "dynamic"
 
 
 def _check_groups(opt, groups: Any, path: str = "state_dict['param_groups']"):
@@ -167,17 +173,23 @@ def _check_counters(opt, counters: Any, path: str) -> Dict[str, Any]:
 
 
 def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
-    """Per parameter: the direction, and the running gradient sum while acc > 0."""
+    """Per parameter: the direction, the running gradient sum while acc > 0, and the fp32
+    master weights when saved (an optimizer without master weights ignores them; one with
+    them takes the model's parameters where none are saved)."""
     path = "state_dict['state']"
     state = _loaded_int_keys(state)
     _keys(state, path, [index[id(p)] for flat in opt.flats for p in flat.params])
-    directions, grad_sums = [], []
+    directions, grad_sums, masters = [], [], []
     for flat in opt.flats:
-        ds, ss = [], []
+        ds, ss, ws = [], [], []
         for p in flat.params:
             i = index[id(p)]
             at = f"{path}[{i}]"
-            entry = _keys(state[i], at, ("direction",), optional=("grad_sum",))
+            entry = _keys(state[i], at, ("direction",), optional=("grad_sum", "master"))
+            ws.append(None)
+            if "master" in entry:
+                ws[-1] = _local(_tensor(entry["master"], f"{at}['master']", p.shape,
+                                        dtype=torch.float32), p, f"{at}['master']")
             d = _local(_tensor(entry["direction"], f"{at}['direction']", p.shape, floating=True),
                        p, f"{at}['direction']")
             # a kept direction is finite (a non-finite one is cleared when it appears); checked
@@ -193,15 +205,18 @@ def _check_entries(opt, index: Dict[int, int], state: Any, acc: int):
                 raise ValueError(f"{at}['grad_sum'] is missing: counters['acc'] is {acc}, so "
                                  "the gradients summed toward the next update are needed")
         directions.append(ds)
+        masters.append(ws)
         # with acc = 0 a saved sum is not needed: the next accumulation starts afresh
         grad_sums.append(ss if acc > 0 else None)
-    return directions, grad_sums
+    return directions, grad_sums, masters
 
 
-def _check_line(opt, line: Any, path: str, version: int) -> Dict[str, torch.Tensor]:
-    """The line tensors, each of this optimizer's shape and dtype; rates and counts >= 0."""
-    missing = (LINE_SINCE_3 if version == 2 else
-               tuple(LINE_SINCE_2) + LINE_SINCE_3 if version == 1 else ())
+def _check_line(opt, line: Any, path: str, version: int,
+                dynamic: bool) -> Dict[str, torch.Tensor]:
+    """The line tensors, each of this optimizer's shape and dtype; rates and counts >= 0. The
+    saved loss scale (> 0) is used when `dynamic`; else this optimizer's own starts."""
+    missing = (LINE_SINCE_3 if version < 3 else ()) + \
+        (tuple(LINE_SINCE_2) if version < 2 else ())
     names = tuple(n for n in Line.STATE if n not in missing)
     _keys(line, path, names)
     out = {}
@@ -211,10 +226,16 @@ def _check_line(opt, line: Any, path: str, version: int) -> Dict[str, torch.Tens
         if name in LINE_CHECKED:
             _finite(value, f"{path}[{name!r}]")
         out[name] = value
+    scale = out.get("loss_scale")
+    if scale is not None and not (0 < scale <= MAX_LOSS_SCALE):
+        raise ValueError(f"{path}['loss_scale'] is {out['loss_scale'].item()}, expected a number "
+                         f"in (0, {MAX_LOSS_SCALE:g}]")
     for name, source in LINE_SINCE_2.items():
         out.setdefault(name, out[source])
-    for name in LINE_SINCE_3:
-        out.setdefault(name, torch.zeros_like(getattr(opt.line, name)))
+    out.setdefault("norm_mean", torch.zeros_like(opt.line.norm_mean))
+    if version < 3 or not dynamic:
+        out["loss_scale"] = torch.tensor(opt.hyper.initial_loss_scale, dtype=torch.float64)
+        out["scale_good"] = torch.zeros((), dtype=torch.int64)
     return out
 
 

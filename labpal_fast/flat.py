@@ -30,12 +30,20 @@ class Flat:
       direction  d, the momentum / update direction, in the accumulation dtype
       grad_sum   running sum of the micro-batch gradients of one update (made on first need)
       origin     spare buffer: the line's origin θ₀ during a measurement (made on first need)
+
+    With fp32 master weights (`master`, fp16 / bf16 parameters, README "Mixed precision") the
+    flat is an fp32 one (`dtype`; every backend runs on it unchanged) and the model's own
+    parameters and gradients are views into two more buffers of their dtype (`model_dtype`):
+      low        the parameters as the model sees them: `param` rounded (`publish`)
+      low_grad   the gradients backward writes; `pull_grads` moves them into `grad` (fp32)
     """
 
     def __init__(self, params: Sequence[torch.Tensor], group_of: Sequence[int],
-                 slots: Optional[Sequence[Slot]] = None):
+                 slots: Optional[Sequence[Slot]] = None, master: bool = False):
         first = params[0]
-        self.device, self.dtype = first.device, first.dtype
+        self.device, self.model_dtype = first.device, first.dtype
+        self.master = bool(master) and self.model_dtype in LOW_PRECISION
+        self.dtype = torch.float32 if self.master else self.model_dtype
         self.acc_dtype = accumulation_dtype(self.dtype)
         self.params: List[torch.Tensor] = list(params)
         # how each parameter sits in the buffers (shards.py: plain, or an FSDP2 local shard
@@ -50,6 +58,11 @@ class Flat:
         with torch.no_grad():
             self.param = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
             self.grad = torch.zeros_like(self.param)
+            if self.master:
+                self.low = torch.zeros(self.numel, dtype=self.model_dtype, device=self.device)
+                self.low_grad = torch.zeros_like(self.low)
+            else:
+                self.low, self.low_grad = self.param, self.grad  # the model's, as they are
             self.direction = torch.zeros(self.numel, dtype=self.acc_dtype, device=self.device)
             offset = 0
             for p, s, g in zip(params, self.slots, group_of):
@@ -62,13 +75,18 @@ class Flat:
                 self.param[offset:offset + s.numel].copy_(s.values(p).reshape(-1))
                 grad = s.grad_values(p)
                 if grad is not None:
-                    self.grad[offset:offset + s.numel].copy_(grad.reshape(-1))
+                    self.low_grad[offset:offset + s.numel].copy_(grad.reshape(-1))
                 offset += s.size
-        self.param_views = [self._view(self.param, i) for i in range(len(params))]
-        self.grad_views = [self._view(self.grad, i) for i in range(len(params))]
+            if self.master:
+                self.low.copy_(self.param)  # exact: fp16 / bf16 values are fp32 values
+        self.param_views = [self._view(self.low, i) for i in range(len(params))]
+        self.grad_views = [self._view(self.low_grad, i) for i in range(len(params))]
         for i, (p, s) in enumerate(zip(self.params, self.slots)):
             o = self.offsets[i]
-            s.bind(p, self.param[o:o + s.size], self.param_views[i], self.grad_views[i])
+            s.bind(p, self.low[o:o + s.size], self.param_views[i], self.grad_views[i])
+        # the parameters' version counters as of the last master update: another count means
+        # the model's parameters were written in place from outside (model.load_state_dict)
+        self._versions = [p._version for p in self.params] if self.master else None
         self._plain = [type(s) is Slot for s in self.slots]
         self._param_ptrs = [v.data_ptr() if plain else None
                             for v, plain in zip(self.param_views, self._plain)]
@@ -110,15 +128,59 @@ class Flat:
                 continue
             s = self.slots[i]
             values = s.values(p)
-            if values.device != self.device or values.dtype != self.dtype or \
+            if values.device != self.device or values.dtype != self.model_dtype or \
                     values.shape != self.param_views[i].shape:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(p.shape)} was moved to {p.device}/{p.dtype} after the "
-                    f"LABPAL optimizer was created on {self.device}/{self.dtype}; create the optimizer "
+                    f"LABPAL optimizer was created on {self.device}/{self.model_dtype}; create the optimizer "
                     "after moving the model")
             with torch.no_grad():
                 self.param_views[i].copy_(values)
+                if self.master:
+                    o = self.offsets[i]
+                    self.param[o:o + s.numel].copy_(values.reshape(-1))
             s.rebind(p)
+        if self.master:
+            self._follow_model()
+
+    # -- fp32 master weights ----------------------------------------------------------
+    def _follow_model(self) -> None:
+        """Parameters written in place from outside (their version counter moved) are taken
+        into the master copy (`take_master`). Host-side integers only: no sync."""
+        for i, p in enumerate(self.params):
+            if p._version != self._versions[i]:
+                o = self.offsets[i]
+                n = self.slots[i].numel
+                self.take_master(self.param[o:o + n], i)
+
+    def take_master(self, master: torch.Tensor, i: int) -> None:
+        """Parameter i's fp32 master values from `master` (a saved copy, or its own): kept
+        where they round to the model's value, the model's value elsewhere (it was changed)."""
+        o = self.offsets[i]
+        n = self.slots[i].numel
+        low = self.low[o:o + n]
+        master = master.reshape(-1).to(self.param)
+        with torch.no_grad():
+            self.param[o:o + n].copy_(torch.where(master.to(low.dtype) == low, master,
+                                                  low.to(master.dtype)))
+        self._versions[i] = self.params[i]._version
+
+    def publish(self) -> None:
+        """The model's parameters ← the master copy, rounded (after every write of θ)."""
+        if self.master:
+            self.low.copy_(self.param)
+
+    def pull_grads(self) -> None:
+        """After a backward: the model's gradients into the fp32 gradient buffer (zero
+        there), and zeroed where backward accumulates."""
+        if self.master:
+            self.grad.copy_(self.low_grad)
+            self.low_grad.zero_()
+
+    def clear_model_grads(self) -> None:
+        """The model's gradients that were not pulled (a failed or discarded backward)."""
+        if self.master:
+            self.low_grad.zero_()
 
     def attach_grads(self) -> None:
         """Re-attach gradients a caller set to None (zero) or replaced (their values are kept)."""
@@ -134,11 +196,13 @@ class Flat:
             s.rebind_grad(p)
 
 
-def build_flats(param_groups: Sequence[dict], placed: Optional[Dict[int, Any]] = None
-                ) -> List[Flat]:
+def build_flats(param_groups: Sequence[dict], placed: Optional[Dict[int, Any]] = None,
+                master: Optional[bool] = None) -> List[Flat]:
     """One Flat per (device, dtype), parameters in group order; frozen parameters are left out.
     `placed` (shards.fsdp_params) maps FSDP2 parameters to their FSDPParam: sharded and
-    unsharded parameters go to separate flats (their partial sums are reduced differently)."""
+    unsharded parameters go to separate flats (their partial sums are reduced differently).
+    `master` (master_weights): fp32 master weights for fp16 / bf16 flats; None: for those of
+    plain parameters (FSDP2's own mixed precision keeps fp32 shards), True: refused for FSDP2."""
     placed = placed or {}
     buckets: Dict[tuple, Tuple[list, list, list]] = {}
     seen = set()
@@ -153,4 +217,15 @@ def build_flats(param_groups: Sequence[dict], placed: Optional[Dict[int, Any]] =
             params.append(p)
             groups.append(gi)
             slots.append(slot)
-    return [Flat(params, groups, slots) for params, groups, slots in buckets.values()]
+    flats = []
+    for params, groups, slots in buckets.values():
+        plain = all(type(s) is Slot for s in slots)
+        if master and not plain and params[0].dtype in LOW_PRECISION:
+            raise ValueError(
+                "master_weights=True with FSDP2 parameters of dtype "
+                f"{params[0].dtype}: LABPAL keeps master weights only for plain parameters. "
+                "Keep the FSDP2 parameters in fp32 and let FSDP2 compute in low precision "
+                "(fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)))")
+        use = plain if master is None else bool(master)
+        flats.append(Flat(params, groups, slots, master=use))
+    return flats

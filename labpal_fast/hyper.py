@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 MODES = ("SGD", "NSGD")
 # line_fit (docs/algorithm.md "The robust fit"): "robust" (least squares over every sample,
@@ -54,6 +54,13 @@ MAX_NOISE_FACTOR = 1e12
 # max_grad_norm (clipping of ḡ by its global L2 norm): any positive size; 1e12 is far above any
 # gradient norm worth clipping to, and keeps max_grad_norm / (‖ḡ‖ + 1e-6) finite in fp64.
 MAX_GRAD_NORM = 1e12
+# loss_scale: a fixed scale up to 2**64 (the dynamic one grows no further): 1/S is still a normal
+# fp32 number, and any loss below 1e270 times it is finite in fp64.
+MAX_LOSS_SCALE = 2.0 ** 64
+# the dynamic loss scale: its start (GradScaler's init_scale) and the finite updates in a row
+# after which it doubles (GradScaler's growth_interval); an overflow halves it
+LOSS_SCALE_INIT = 2.0 ** 16
+LOSS_SCALE_GROWTH_INTERVAL = 2000
 
 
 @dataclass(frozen=True)
@@ -81,9 +88,21 @@ class Hyper:
     # None: on unless line_fit="paper" (sample_positions taken literally)
     resolve_positions: Optional[bool] = None
     sgd_rate: str = "robust"
+    # None: no loss scaling; "dynamic": GradScaler's rule on the device; a number: that scale
+    loss_scale: Union[None, str, float] = None
+    # fp32 master weights for fp16 / bf16 parameters; None: on for them (off for FSDP2 shards)
+    master_weights: Optional[bool] = None
 
     def __post_init__(self):
         _validate(self)
+
+    @property
+    def initial_loss_scale(self) -> float:
+        """The loss scale S at the start: 1 (no scaling), GradScaler's 2**16 (dynamic), or the
+        fixed one."""
+        if self.loss_scale is None:
+            return 1.0
+        return LOSS_SCALE_INIT if self.loss_scale == "dynamic" else float(self.loss_scale)
 
     @property
     def nu(self) -> float:
@@ -193,6 +212,17 @@ def _pairs(name: str, value: Any, point: str) -> list:
     return pairs
 
 
+def _switch(name: str, value: Any, auto: str) -> Optional[bool]:
+    """None, True or False (numpy's bool too) as a Python value, else a ValueError naming `name`
+    (`auto` says what None means)."""
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        return bool(value)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None (None: {auto}), got {value!r}")
+    return value
+
+
 def _validate(h: Hyper) -> None:
     def set_(name, value):  # normalised values on the frozen instance
         object.__setattr__(h, name, value)
@@ -203,12 +233,8 @@ def _validate(h: Hyper) -> None:
     if not isinstance(h.line_fit, str) or h.line_fit not in LINE_FITS:
         raise ValueError(f"line_fit must be one of {LINE_FITS}, got {h.line_fit!r}")
     set_("line_fit", str(h.line_fit))
-    kind = type(h.resolve_positions)
-    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy's bool
-        set_("resolve_positions", bool(h.resolve_positions))
-    if h.resolve_positions is not None and not isinstance(h.resolve_positions, bool):
-        raise ValueError("resolve_positions must be True, False or None (None: on unless "
-                         f"line_fit='paper'), got {h.resolve_positions!r}")
+    set_("resolve_positions", _switch("resolve_positions", h.resolve_positions,
+                                      "on unless line_fit='paper'"))
     if not isinstance(h.sgd_rate, str) or h.sgd_rate not in SGD_RATES:
         raise ValueError(f"sgd_rate must be one of {SGD_RATES}, got {h.sgd_rate!r}")
     set_("sgd_rate", str(h.sgd_rate))
@@ -235,6 +261,17 @@ def _validate(h: Hyper) -> None:
     if h.max_grad_norm is not None:
         set_("max_grad_norm", number("max_grad_norm", h.max_grad_norm, 0.0, MAX_GRAD_NORM,
                                       low_open=True))
+
+    if isinstance(h.loss_scale, str) and h.loss_scale == "dynamic":
+        set_("loss_scale", "dynamic")
+    elif h.loss_scale is not None:
+        if isinstance(h.loss_scale, str):
+            raise ValueError(f"loss_scale must be None, 'dynamic' or a number in (0, "
+                             f"{MAX_LOSS_SCALE:g}], got {h.loss_scale!r}")
+        set_("loss_scale", number("loss_scale", h.loss_scale, 0.0, MAX_LOSS_SCALE,
+                                   low_open=True))
+    set_("master_weights", _switch("master_weights", h.master_weights,
+                                   "on for fp16 / bf16 parameters"))
 
     pairs = _pairs("batch_size_schedule", h.batch_size_schedule, "call")
     schedule = tuple(

@@ -26,6 +26,7 @@ class Abandon(IntFlag):
     """Why a measurement is abandoned after its direction is formed (0: it goes on)."""
     SLOPE = 1   # the directional derivative −⟨ḡ,d⟩/‖d‖ is not negative
     NORM = 2    # ‖d‖ outside direction_norm_range, or not finite
+    OVERFLOW = 4  # under loss scaling: the scaled gradient overflowed (alone, not with the others)
 
 
 ABANDON_REASONS = {
@@ -33,6 +34,8 @@ ABANDON_REASONS = {
     int(Abandon.NORM): "abandoned: direction norm outside direction_norm_range or not finite",
     int(Abandon.SLOPE | Abandon.NORM):
         "abandoned: directional derivative not negative and direction norm out of range",
+    int(Abandon.OVERFLOW): "abandoned: gradient not finite under loss scaling (an overflow; a dynamic "
+                           "loss_scale is halved)",
 }
 
 

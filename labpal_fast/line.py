@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .hyper import Hyper
+from .hyper import LOSS_SCALE_GROWTH_INTERVAL, MAX_LOSS_SCALE, Hyper
 from .layout import NPART, Abandon, Partial
 
 # added to ‖ḡ‖ in the clipping factor, as torch.nn.utils.clip_grad_norm_ does
@@ -76,10 +76,18 @@ class Line:
         # not computed), and its clipping factor (a buffer the direction ops read)
         self.clip = torch.tensor([float("nan"), 1.0], **f64)
         self.grad_norm, self.clip_factor = self.clip[0], self.clip[1]
+        # loss scaling (README, "Mixed precision"): the closure's loss is multiplied by S before
+        # backward and ḡ divided by it in the direction op; `scale_good` counts the finite
+        # directions in a row since S last changed (dynamic scaling doubles S after
+        # LOSS_SCALE_GROWTH_INTERVAL of them, and halves it at an overflow)
+        self.loss_scale = torch.tensor(hyper.initial_loss_scale, **f64)
+        self.scale_good = torch.zeros((), dtype=torch.int64, device=device)
+        self._unscale = torch.ones((), **f64)  # c/S, the factor of ḡ (a buffer, see `unscale`)
 
     # tensors that make up the state (for state_dict), in a fixed order
     STATE = ("sums", "counts", "partials", "s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n",
-             "skipped_updates", "skipped_samples", "s_base", "eta_base", "norm_mean")
+             "skipped_updates", "skipped_samples", "s_base", "eta_base", "norm_mean",
+             "loss_scale", "scale_good")
 
     # -- samples --------------------------------------------------------------------
     def reset_samples(self) -> None:
@@ -108,7 +116,46 @@ class Line:
         return missed
 
     def set_partials(self, partials: torch.Tensor) -> None:
+        """The direction op's partial sums. Under loss scaling the op took ⟨ḡ, d⟩ with the
+        scaled gradient, S·ḡ_loss + wd·θ: its loss part is divided by S here (the weight-decay
+        part Σ wd·⟨θ, d⟩ is WD_TD itself), so the slope is the loss's own."""
         self.partials.copy_(partials)
+        if self.hyper.loss_scale is not None:
+            self.unscale_slope()
+
+    def unscale_slope(self) -> None:
+        """⟨S·ḡ_loss + wd·θ, d⟩ in the partials → ⟨ḡ_loss + wd·θ, d⟩ (see `set_partials`)."""
+        gd, wtd = self.partials[Partial.GD], self.partials[Partial.WD_TD]
+        gd.copy_((gd - wtd) / self.loss_scale + wtd)
+
+    # -- loss scaling ------------------------------------------------------------------
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """S·loss, for backward (in fp32 or wider: an fp16 loss times 2**16 would overflow)."""
+        if loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
+        return loss * self.loss_scale.to(loss.device)
+
+    def unscale(self, clip: Optional[torch.Tensor]) -> torch.Tensor:
+        """The factor of the summed gradient in the direction op under loss scaling: c/S, with
+        c the clipping factor (1 without clipping). Returns a buffer the next call overwrites."""
+        if clip is None:
+            torch.reciprocal(self.loss_scale, out=self._unscale)
+        else:
+            torch.div(clip, self.loss_scale, out=self._unscale)
+        return self._unscale
+
+    def update_loss_scale(self) -> None:
+        """After a direction is formed, dynamic scaling: a direction that is not finite (the
+        scaled gradient overflowed; the update or measurement is skipped) halves S; after
+        LOSS_SCALE_GROWTH_INTERVAL finite ones in a row S doubles (at most MAX_LOSS_SCALE)."""
+        if self.hyper.loss_scale != "dynamic":
+            return
+        finite = torch.isfinite(self.partials[Partial.DD])
+        good = torch.where(finite, self.scale_good + 1, 0)
+        grow = good >= LOSS_SCALE_GROWTH_INTERVAL
+        factor = torch.where(finite, torch.where(grow, 2.0, 1.0), 0.5)
+        self.loss_scale.copy_((self.loss_scale * factor).clamp(max=MAX_LOSS_SCALE))
+        self.scale_good.copy_(torch.where(grow, 0, good))
 
     def set_resolution(self, ulp_sqnorm: torch.Tensor, loss_eps: float = 0.0,
                        count: int = 1) -> None:
@@ -151,6 +198,8 @@ class Line:
         finite, so that the direction is not finite either and the skip rule takes it.
         Keeps ‖ḡ‖ in `grad_norm`. Returns a buffer that the next call overwrites."""
         norm = sqnorm.to(self.grad_norm.dtype).sqrt()
+        if self.hyper.loss_scale is not None:  # ‖S·ḡ‖ → ‖ḡ‖
+            norm = norm / self.loss_scale
         self.grad_norm.copy_(norm)
         factor = (self.hyper.max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
         self.clip_factor.copy_(torch.where(torch.isfinite(norm), factor, float("nan")))
@@ -168,7 +217,16 @@ class Line:
         slope = -self.partials[Partial.GD] / self._norm()
         bad_slope = ~(slope < 0)
         bad_norm = ~((norm >= low) & (norm <= high))
-        return int(Abandon.SLOPE) * bad_slope.long() + int(Abandon.NORM) * bad_norm.long()
+        code = int(Abandon.SLOPE) * bad_slope.long() + int(Abandon.NORM) * bad_norm.long()
+        return self._overflowed(code)
+
+    def _overflowed(self, code: torch.Tensor) -> torch.Tensor:
+        """Under loss scaling a direction that is not finite is an overflow of the scaled
+        gradient (S is halved): said as such (`Abandon.OVERFLOW`), not as a bad norm."""
+        if self.hyper.loss_scale is None:
+            return code
+        overflow = ~torch.isfinite(self.partials[Partial.DD])
+        return torch.where(overflow, int(Abandon.OVERFLOW), code)
 
     def position_coef(self, s: float) -> torch.Tensor:
         """The factor of d that moves θ₀ to position s (× resolve_positions' factor): −s/‖d‖."""

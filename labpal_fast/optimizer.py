@@ -123,7 +123,8 @@ class LABPAL(torch.optim.Optimizer):
         # here, so a failed construction leaves the model as it was
         saved = shards.bindings(trained, placed)
         try:
-            self.flats: List[Flat] = build_flats(self.param_groups, placed)
+            self.flats: List[Flat] = build_flats(self.param_groups, placed,
+                                                 self.hyper.master_weights)
             self._device = self.flats[0].device
             self._cuda = cuda_indices(f.device for f in self.flats)
             self.line: Line = self.ops.make_line(self.hyper, self._device)
@@ -190,11 +191,21 @@ class LABPAL(torch.optim.Optimizer):
         the first direction."""
         return self.line.grad_norm
 
+    # torch.amp.GradScaler.step then leaves the loss scaling to the optimizer: it sets
+    # `found_inf` on it and calls step() directly, which refuses (`_refuse_grad_scaler`)
+    _step_supports_amp_scaling = True
+
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
         """One closure call: returns its loss (detached). Updates when m calls are averaged.
 
         If it raises (in the closure, backward, an op, or on Ctrl-C), the parameters are bit
         for bit as before the call or as after it, and stepping can go on (docs/algorithm.md)."""
+        if "found_inf" in vars(self) or "grad_scale" in vars(self):
+            # GradScaler deletes them after step() returns: a refused call must, so that a
+            # fixed loop steps again
+            vars(self).pop("found_inf", None)
+            vars(self).pop("grad_scale", None)
+            _refuse_grad_scaler()
         if closure is None or not callable(closure):
             raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
                             "pass on its batch and returns the mean loss (LABPAL calls backward "
@@ -221,11 +232,20 @@ class LABPAL(torch.optim.Optimizer):
         finally:
             self._stepping = False
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Accelerate's fp16 wrapper (AcceleratedOptimizer with a GradScaler) replaces step()
+        # right before scaler.step(opt, closure), which would fail on a GradScaler that never
+        # scaled a loss: say what is wrong and the fix instead
+        if name == "step" and getattr(value, "__module__", "").startswith("accelerate"):
+            _refuse_grad_scaler()
+        super().__setattr__(name, value)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the flat gradient buffer (gradients stay views into it, never None)."""
         with torch.no_grad():
             for flat in self.flats:
                 flat.attach_grads()
+                flat.clear_model_grads()
                 self.ops.zero_grad(flat)
 
     def measurements(self) -> List[Dict[str, Any]]:
@@ -307,6 +327,7 @@ class LABPAL(torch.optim.Optimizer):
                     run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
                     self.ops.update(self.flats, self._decays(), self.line, m=m,
                                     momentum=self.hyper.momentum, run=run)
+                    self._publish(run)
                     c.acc = 0
                     c.updates += 1
                 stage = _DONE
@@ -411,6 +432,7 @@ class LABPAL(torch.optim.Optimizer):
             again = self._repeat(*kept[0])
         for j, s in enumerate(self.hyper.line_positions[1:], start=1):
             self.ops.move(self.flats, self.line.position_coef(s))
+            self._publish()
             for closure, rng, own in kept:
                 self.line.record(j, self._repeat(closure, rng, own))
         return again
@@ -431,6 +453,7 @@ class LABPAL(torch.optim.Optimizer):
             mismatch = run(self.line.drop_unless_repeated, first, again, h.replay_tolerance)
         run(self.line.set_multiplier, h.lr_multiplier_at(self.counters.updates))
         record = self.ops.finish(self.flats, self.line, averaged, run=run)
+        self._publish(run)
         if self._dist is not None:  # the repeat check went into the collective (_reduce_line)
             code = int(run(self._dist.code, record["valid"]).item())  # host sync 2 of 2
             if code & ERRORS:
@@ -559,6 +582,7 @@ class LABPAL(torch.optim.Optimizer):
         origin (as a rank whose evaluations raised did). Returns the error to raise."""
         for flat in self.flats:
             run(self.ops.restore_origin, flat)
+        self._publish(run)
         run(self._dist.restore_rate, self.line)
         error = self._dist.explain(code)
         if self._dist.missed_here():  # this rank's closure did not repeat: say how to fix it
@@ -567,6 +591,12 @@ class LABPAL(torch.optim.Optimizer):
             error += " On this rank: " + _not_repeated(first, again, self.hyper.replay_tolerance)
         self._end_measurement("interrupted: failed across ranks", run)
         return error
+
+    def _publish(self, run: Callable = backends.base.call) -> None:
+        """After a write of θ: fp16 / bf16 parameters ← their fp32 master copy, rounded."""
+        for flat in self.flats:
+            if flat.master:
+                run(flat.publish)
 
     # ------------------------------------------------------------------ faults
     @contextmanager
@@ -591,12 +621,14 @@ class LABPAL(torch.optim.Optimizer):
             with self._commit() as run:
                 for flat in self.flats:
                     flat.attach_grads()
+                    run(flat.clear_model_grads)
                     run(self.ops.zero_grad, flat)
         elif stage == _LINE:
             # θ back at the line's origin (as before the call), buffers and RNG as after it
             with self._commit() as run:
                 for flat in self.flats:
                     run(self.ops.restore_origin, flat)
+                self._publish(run)
                 self._buffers.restore()
                 restore_rng(rng_after)
                 self._end_measurement(
@@ -620,6 +652,13 @@ class LABPAL(torch.optim.Optimizer):
         with torch.enable_grad():
             loss = _checked_loss(closure())
             own = self._backward_seen.value
+            scaling = self.hyper.loss_scale is not None
+            if own and scaling:
+                raise RuntimeError(
+                    "loss_scale is set and the closure ran backward() itself: LABPAL scales the "
+                    "loss before its own backward (and unscales the gradient in its update), so "
+                    "the closure must return the loss without calling backward() (nor "
+                    "accelerator.backward / GradScaler.scale)")
             if not own:
                 if not loss.requires_grad:
                     raise RuntimeError(
@@ -627,9 +666,10 @@ class LABPAL(torch.optim.Optimizer):
                         "backward(): LABPAL needs a loss computed from the parameters with "
                         "autograd enabled (it runs backward itself), or a closure that runs "
                         "loss.backward() itself")
-                loss.backward()
+                (self.line.scaled(loss) if scaling else loss).backward()
         for flat in self.flats:
             flat.attach_grads()
+            flat.pull_grads()  # fp32 master weights: the model's gradients into the flat's
         return loss.detach(), own
 
     def _sample(self, closure: Callable, own_backward: bool) -> torch.Tensor:
@@ -643,6 +683,7 @@ class LABPAL(torch.optim.Optimizer):
             loss = _checked_loss(closure()).detach()
         for flat in self.flats:
             flat.attach_grads()
+            flat.clear_model_grads()
             self.ops.zero_grad(flat)
         return loss
 
@@ -695,8 +736,12 @@ class LABPAL(torch.optim.Optimizer):
                 direction = flat.origin if measuring and self._formed else flat.direction
                 sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and not measuring \
                     and self.counters.acc > 0 and not local_sum else [None] * len(flat.params)
-                for i, (p, d, s) in enumerate(zip(flat.params, flat.slices(direction), sums)):
+                masters = flat.slices(flat.param) if flat.master else [None] * len(flat.params)
+                for i, (p, d, s, w) in enumerate(zip(flat.params, flat.slices(direction), sums,
+                                                     masters)):
                     entry = {"direction": flat.saved(i, d)}
+                    if w is not None:  # fp32 master weights: the model holds them rounded
+                        entry["master"] = flat.saved(i, w)
                     if s is not None:
                         entry["grad_sum"] = flat.saved(i, s)
                     state[index[id(p)]] = entry
@@ -727,9 +772,13 @@ class LABPAL(torch.optim.Optimizer):
         ValueError naming the entry and leaves the optimizer and the parameters as they were."""
         new = checkpoint.check(self, state_dict)
         with torch.no_grad():
-            for flat, directions, sums in zip(self.flats, new.directions, new.grad_sums):
+            for flat, directions, sums, masters in zip(self.flats, new.directions,
+                                                        new.grad_sums, new.masters):
                 for d, saved in zip(flat.slices(flat.direction), directions):
                     d.copy_(saved)
+                if flat.master:  # where the model's parameters are their rounding (README)
+                    for i, (w, saved) in enumerate(zip(flat.slices(flat.param), masters)):
+                        flat.take_master(w if saved is None else saved, i)
                 if sums is not None:
                     for s, saved in zip(flat.slices(flat.need_grad_sum()), sums):
                         s.copy_(saved)
@@ -829,6 +878,17 @@ def _check_no_shared_storage(param_groups) -> None:
                         "them. Tie weights by using one Parameter object in both places "
                         "(b.weight = a.weight), or .clone() one if they should not be tied")
             spans.setdefault(key, []).append((start, start + last, id(p)))
+
+
+def _refuse_grad_scaler() -> None:
+    raise RuntimeError(
+        "LABPAL.step() was called by a torch.amp.GradScaler (scaler.step(opt, closure), or "
+        "Accelerate's fp16 mixed precision): GradScaler cannot work with LABPAL, which calls the "
+        "closure again at other parameters and needs the loss and gradients of each call "
+        "unscaled. LABPAL scales the loss itself: build it with loss_scale='dynamic' (or a fixed "
+        "number), return the plain loss from the closure (no scaler.scale, no backward) and call "
+        "opt.step(closure) without a scaler (README, 'Mixed precision'). With Accelerate use "
+        "mixed_precision='no' or 'bf16'.")
 
 
 def _refuse_compile() -> None:

@@ -279,8 +279,12 @@ class ShardedOps:
         (all-gathered and added in rank order), the others' added once."""
         run = run or _plain
         ops = self.inner
+        # loss scaling: ḡ divided by S in the direction op (base.Backend.direction)
+        scale = run(line.unscale, None) if line.hyper.loss_scale is not None else None
         parts = [(flat.sharded, run(ops.form_direction, flat, summed=m > 1, inv_m=1.0 / m,
-                                    momentum=momentum, decays=wd, line_terms=line_terms))
+                                    momentum=momentum, decays=wd, line_terms=line_terms,
+                                    grad_scale=None if scale is None else
+                                    scale.to(flat.device)))
                  for flat, wd in zip(flats, decays)]
         run(self._own_row, [p for sharded, p in parts if sharded])
         # the collective is not retried by `run` (a second call would pair with the peers'
@@ -290,6 +294,7 @@ class ShardedOps:
         else:
             _all_gather(self._table, self._row, self.group)
         run(self._total, line, [p for sharded, p in parts if not sharded])
+        run(line.update_loss_scale)
 
     def resolution(self, flats, line, compute_eps: float = 0.0, loss_eps: float = 0.0,
                    run=None) -> None:

@@ -327,9 +327,10 @@ def test_a_version_1_checkpoint_without_max_grad_norm_loads():
         old.step(lambda x=x, y=y: loss_fn(net, x, y))
     state = old.state_dict()
     del state["labpal"]["hyper"]["max_grad_norm"]
-    # version 1, as saved then: no lr_multiplier_schedule state either, nor robust SGD's n̄
+    # version 1, as saved then: no lr_multiplier_schedule state either, nor robust SGD's n̄ or
+    # the loss scaling state
     state["labpal"]["version"] = 1
-    for name in ("s_base", "eta_base", "multiplier", "norm_mean"):
+    for name in ("s_base", "eta_base", "multiplier", "norm_mean", "loss_scale", "scale_good"):
         state["labpal"]["line"].pop(name, None)
     net_b = Mixed(seed=15)
     net_b.load_state_dict(net.state_dict())

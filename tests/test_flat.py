@@ -76,7 +76,14 @@ def test_parameter_moved_to_another_device_is_an_error():
 def test_mixed_dtypes_get_one_flat_each_and_low_precision_accumulates_in_fp32():
     net = small_net(0)
     net[2].to(torch.bfloat16)
-    opt = LABPAL(net.parameters())
+    opt = LABPAL(net.parameters(), master_weights=False)
     dtypes = sorted(str(f.dtype) for f in opt.flats)
     assert dtypes == ["torch.bfloat16", "torch.float32"]
     assert all(f.direction.dtype == torch.float32 for f in opt.flats)
+    # with master weights (the default) the bf16 flat works in fp32 beside the model's bf16
+    net = small_net(0)
+    net[2].to(torch.bfloat16)
+    opt = LABPAL(net.parameters())
+    assert sorted(str(f.model_dtype) for f in opt.flats) == ["torch.bfloat16", "torch.float32"]
+    assert all(f.dtype == torch.float32 for f in opt.flats)
+    assert net[2].weight.dtype == torch.bfloat16

@@ -343,3 +343,20 @@ def check_counts(per_call, starts, records):
     for c in training:
         gathers, syncs, acc = per_call[c]
         assert syncs == 0 and gathers == (1 if acc == 0 else 0), (c, per_call[c])
+
+
+def _loss_scaled(rank, world):
+    from labpal_fast import LABPAL
+    model = sharded(0, "nested")
+    opt = LABPAL(model.parameters(), model=model, mode="NSGD", momentum=0.9, weight_decay=0.01,
+                 loss_scale=1024.0, **HYPER)
+    train(model, opt, range(CALLS), rank, world)
+    return full(model), summary(opt), float(opt.param_groups[0]["lr"])
+
+
+def test_loss_scaling_under_fsdp2_is_the_unscaled_run():
+    """loss_scale=2**10 on 2 FSDP2 ranks: the sharded direction divides ḡ by S (and the slope
+    is unscaled), so the run is the unscaled one-process run."""
+    want = oracle("NSGD", "nested")
+    for got in run_ranks(_loss_scaled, 2):
+        _assert_matches(got, want, "loss_scale")

@@ -83,6 +83,13 @@ EDGES = [
     ("max_grad_norm", 1.0, -1.0, {}),
     ("max_grad_norm", 1.0, math.inf, {}),
     ("max_grad_norm", 1.0, math.nan, {}),
+    # loss scaling: any positive scale up to 2**64 ("dynamic" and None are the others)
+    ("loss_scale", TINY, 0.0, {}),
+    ("loss_scale", 2.0 ** 64, up(2.0 ** 64), {}),
+    ("loss_scale", 1.0, math.nan, {}),
+    ("loss_scale", "dynamic", "Dynamic", {}),
+    ("master_weights", True, 1, {}),
+    ("master_weights", False, "no", {}),
 ]
 
 
@@ -135,14 +142,16 @@ NUMPY = dict(mode=np.str_("SGD"), momentum=np.float32(0.5), dataset_size=np.int6
              epsilon=np.float64(2.0 ** -20), replay_tolerance=np.float32(0.25),
              lr_multiplier_schedule=np.array([[0, 1.0], [5, 0.5]]), max_grad_norm=np.float32(0.75),
              line_fit=np.str_("paper"), resolve_positions=np.bool_(True),
-             sgd_rate=np.str_("paper"))
+             sgd_rate=np.str_("paper"), loss_scale=np.float32(1024.0),
+             master_weights=np.bool_(False))
 PYTHON = dict(mode="SGD", momentum=0.5, dataset_size=1000, batch_size=64,
               batch_size_schedule=((0, 1.0), (6, 2.0)), approximation_batches=2, reuse_updates=4,
               warmup_updates=3, averaging_window=2, sample_positions=(0.0, 0.25, 0.5),
               update_step_adaptation=2.0, max_step_size=0.25, direction_norm_range=(0.0, math.inf),
               epsilon=2.0 ** -20, replay_tolerance=0.25,
               lr_multiplier_schedule=((0, 1.0), (5, 0.5)), max_grad_norm=0.75,
-              line_fit="paper", resolve_positions=True, sgd_rate="paper")
+              line_fit="paper", resolve_positions=True, sgd_rate="paper", loss_scale=1024.0,
+              master_weights=False)
 
 
 def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():

@@ -195,8 +195,21 @@ def test_accelerate_refuses_grad_scaler_and_accumulation():
     accelerator = accelerate.Accelerator(cpu=True)
     # what Accelerate sets up for fp16 on a GPU (on the CPU it makes none): a real GradScaler
     accelerator.scaler = torch.amp.GradScaler("cpu")
-    with pytest.raises(ValueError, match="GradScaler"):
+    with pytest.raises(ValueError, match="GradScaler.*loss_scale='dynamic'"):
         prepare(accelerator, model, LABPAL(model.parameters()))
+    # prepared by Accelerate itself, fp16's wrapper is refused at the first step, with the fix
+    model, x, y = regression()
+    model, opt = accelerator.prepare(model, LABPAL(model.parameters()))
+    x, y = x[:8], y[:8]
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        return loss
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="GradScaler.*loss_scale='dynamic'"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     model, _, _ = regression()
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):

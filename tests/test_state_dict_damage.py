@@ -176,6 +176,19 @@ DAMAGE = [
      path("labpal", "line", "norm_mean") + " is -2.0"),
     ("norm_mean-vector", put("labpal", "line", "norm_mean", torch.zeros(1, **f64)),
      path("labpal", "line", "norm_mean") + " has shape (1,)"),
+    # the loss scale (version 3): a number in (0, 2**64], its counter an int64 >= 0
+    ("loss_scale-zero", put("labpal", "line", "loss_scale", torch.tensor(0.0, **f64)),
+     path("labpal", "line", "loss_scale") + " is 0.0, expected a number in (0, "),
+    ("loss_scale-nan", put("labpal", "line", "loss_scale", torch.tensor(NAN, **f64)),
+     path("labpal", "line", "loss_scale") + " is nan"),
+    ("loss_scale-negative", put("labpal", "line", "loss_scale", torch.tensor(-2.0, **f64)),
+     path("labpal", "line", "loss_scale") + " is -2.0"),
+    ("loss_scale-huge", put("labpal", "line", "loss_scale", torch.tensor(2.0 ** 65, **f64)),
+     path("labpal", "line", "loss_scale") + " is 3.6893488147419103e+19"),
+    ("scale_good-negative", put("labpal", "line", "scale_good", torch.tensor(-1)),
+     path("labpal", "line", "scale_good") + " is -1"),
+    ("scale_good-float", put("labpal", "line", "scale_good", torch.tensor(1.0)),
+     path("labpal", "line", "scale_good") + " has dtype torch.float32"),
     ("hist_s-nan", put("labpal", "line", "hist_s", torch.tensor([0.5, NAN], **f64)),
      path("labpal", "line", "hist_s") + "[1] is nan"),
     ("hist_eta-negative", put("labpal", "line", "hist_eta", torch.tensor([-1.0, 0.5], **f64)),
@@ -319,6 +332,7 @@ def test_a_version_1_state_resumes_exactly(backend):
     sd["labpal"]["version"] = 1
     del sd["labpal"]["line"]["s_base"], sd["labpal"]["line"]["eta_base"]
     del sd["labpal"]["line"]["norm_mean"]  # 0 in NSGD mode: what a missing one loads as
+    del sd["labpal"]["line"]["loss_scale"], sd["labpal"]["line"]["scale_good"]
     got = resumed_from(sd, backend)
     assert got[1] == expected[1]
     for p, q in zip(got[0], expected[0]):

@@ -30,7 +30,7 @@ class Net(torch.nn.Module):
         return self.body(x.to(self.body[0].weight.dtype)).float() + self.bias16.float()
 
 
-def trajectory(backend, *, mode, momentum, dtype, device, steps=34):
+def trajectory(backend, *, mode, momentum, dtype, device, master=False, steps=34):
     """Parameters after every step, the lr, the phases and the measurement records."""
     torch.manual_seed(0)
     net = Net(dtype).to(device)
@@ -43,7 +43,8 @@ def trajectory(backend, *, mode, momentum, dtype, device, steps=34):
                  approximation_batches=3, reuse_updates=3, warmup_updates=4, averaging_window=2,
                  noise_factor=1.0, batch_size_schedule=((0, 1), (20, 2)),
                  sample_positions=(0.0, 0.02, 0.05, 0.1), update_step_adaptation=1.0,
-                 max_step_size=0.1, replay_tolerance=None)  # NaN samples do not repeat
+                 max_step_size=0.1, replay_tolerance=None,  # NaN samples do not repeat
+                 master_weights=master)  # False: the fp16 bias is an fp16 flat
     assert opt.backend == backend
     data = [(x.to(device), y.to(device)) for x, y in batches(steps, 16, 6, seed=5)]
     evals = [0]
@@ -71,12 +72,13 @@ def trajectory(backend, *, mode, momentum, dtype, device, steps=34):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("mode,momentum,dtype", [
-    ("NSGD", 0.0, torch.float32), ("SGD", 0.9, torch.float32), ("NSGD", 0.5, torch.float64)],
-    ids=["NSGD-fp32", "SGD-mom-fp32", "NSGD-mom-fp64"])
-def test_trajectory_matches_eager(name, device, mode, momentum, dtype):
+@pytest.mark.parametrize("mode,momentum,dtype,master", [
+    ("NSGD", 0.0, torch.float32, False), ("SGD", 0.9, torch.float32, False),
+    ("NSGD", 0.5, torch.float64, False), ("NSGD", 0.5, torch.float32, None)],
+    ids=["NSGD-fp32", "SGD-mom-fp32", "NSGD-mom-fp64", "NSGD-mom-fp32-fp16-master"])
+def test_trajectory_matches_eager(name, device, mode, momentum, dtype, master):
     need(name, device)
-    kw = dict(mode=mode, momentum=momentum, dtype=dtype, device=device)
+    kw = dict(mode=mode, momentum=momentum, dtype=dtype, device=device, master=master)
     p_ref, lr_ref, ph_ref, m_ref, _ = trajectory("eager", **kw)
     p_out, lr_out, ph_out, m_out, opt = trajectory(name, **kw)
     assert ph_out == ph_ref

@@ -58,12 +58,21 @@ def _optional_float(text: str):
     return None if text.lower() in ("none", "auto", "") else float(text)
 
 
+def _loss_scale(text: str):
+    """'none' (off), 'dynamic', or a fixed scale."""
+    return text if text == "dynamic" else _optional_float(text)
+
+
 def _optional_bool(text: str):
-    value = {"none": None, "auto": None, "": None, "true": True, "on": True, "1": True,
-             "false": False, "off": False, "0": False}.get(text.lower(), "?")
-    if value == "?":
-        raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")
-    return value
+    """'none' (auto), 'true' / 'false' (also on / off, yes / no, 1 / 0)."""
+    value = text.lower()
+    if value in ("none", "auto", ""):
+        return None
+    if value in ("true", "on", "yes", "1"):
+        return True
+    if value in ("false", "off", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")
 
 
 # every hyper-parameter whose default's type cannot parse its own text (tests/test_cli.py
@@ -71,7 +80,9 @@ def _optional_bool(text: str):
 _HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
                 "max_grad_norm": (_optional_float, "X|none"),
                 "replay_tolerance": (_optional_float, "X|none"),
-                "resolve_positions": (_optional_bool, "X|none"),
+                "resolve_positions": (_optional_bool, "true|false|none"),
+                "loss_scale": (_loss_scale, "dynamic|X|none"),
+                "master_weights": (_optional_bool, "true|false|none"),
                 "batch_size_schedule": (_schedule, "CALL:MULT,..."),
                 "lr_multiplier_schedule": (_schedule, "UPDATE:FACTOR,..."),
                 "sample_positions": (_floats, "S0,S1,..."),

@@ -40,7 +40,9 @@ def check_accelerator(accelerator: Any) -> None:
         raise ValueError(
             "fp16 mixed precision (Accelerate's GradScaler) with LABPAL: the scaler multiplies the "
             "loss before backward and steps without LABPAL's closure, so LABPAL would measure and "
-            "average scaled gradients. Use mixed_precision='bf16' or 'no'.")
+            "average scaled gradients. Use mixed_precision='bf16' or 'no'; for fp16, "
+            "mixed_precision='no' with LABPAL(..., loss_scale='dynamic') and a closure that "
+            "returns the loss without calling backward (README, 'Mixed precision').")
     steps = getattr(accelerator, "gradient_accumulation_steps", 1)
     if steps != 1:
         raise ValueError(

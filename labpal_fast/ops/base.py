@@ -139,9 +139,12 @@ class Backend:
 
     def direction(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *,
                   m: int, momentum: float, line_terms: bool, run: Callable = call) -> None:
-        """d ← β·d + ḡ on every flat, ḡ clipped by its global norm when max_grad_norm is set;
-        the partial sums, added over the flats, go to `line`."""
+        """d ← β·d + ḡ on every flat, ḡ clipped by its global norm when max_grad_norm is set
+        and divided by the loss scale S under loss_scale; the partial sums, added over the
+        flats, go to `line`, and a dynamic S is updated from them."""
         scale = self._clip_scale(flats, line, m=m, run=run)
+        if line.hyper.loss_scale is not None:  # the gradients are of S·loss: ḡ = c/S·(...)
+            scale = run(line.unscale, scale)
         parts = [run(self.form_direction, flat, summed=m > 1, inv_m=1.0 / m, momentum=momentum,
                      decays=wd, line_terms=line_terms,
                      grad_scale=None if scale is None else _on(scale, flat.device))
@@ -151,6 +154,7 @@ class Backend:
         else:
             run(line.set_partials,
                 torch.stack([p.to(line.partials.device) for p in parts]).sum(0))
+        run(line.update_loss_scale)  # from this direction's ‖d‖: finite or an overflow
 
     def update(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *, m: int,
                momentum: float, run: Callable = call) -> None:

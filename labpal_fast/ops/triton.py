@@ -599,6 +599,10 @@ def _line_rows(flats: Sequence[Flat], line: Line) -> Optional[Tuple[torch.Tensor
     dev = line.partials.device
     if not isinstance(line, TritonLine) or not all(_fast(f) and f.device == dev for f in flats):
         return None
+    if line.hyper.loss_scale is not None and line.hyper.max_grad_norm is not None:
+        # loss scaling with clipping: the composite of base.Backend (the factor c/S from the
+        # line, one direction launch per flat with it)
+        return None
     if line.rows is None:
         stride = sum(MAX_PROGRAMS * len(_ws(f).launches) for f in flats)
         line.rows = (torch.zeros(NPART * stride, dtype=torch.float32, device=dev), stride)
@@ -615,7 +619,10 @@ def _direction_into_line(rows: Tuple[torch.Tensor, int], flats, decays, line: Li
     direction launches derive the factor from its rows themselves."""
     buf, stride = rows
     clip = None
-    if line.hyper.max_grad_norm is not None:
+    scaling = line.hyper.loss_scale is not None
+    if scaling:  # ḡ divided by the loss scale S: the kernel's device-scalar factor (mode 1)
+        clip = _Clip(1, run(line.unscale, None))
+    elif line.hyper.max_grad_norm is not None:
         nclip = 0
         for flat in flats:
             nclip = _sqnorm_rows(flat, line.clip_rows, nclip, summed=m > 1, inv_m=1.0 / m,
@@ -627,9 +634,13 @@ def _direction_into_line(rows: Tuple[torch.Tensor, int], flats, decays, line: Li
                               momentum=momentum, decays=wd, line_terms=line_terms, clip=clip,
                               run=run)
         if clip is not None:
-            clip = clip._replace(store=False)  # ‖ḡ‖ is stored once
+            clip = clip._replace(store=False)  # ‖ḡ‖ is stored once (mode 2)
     run(_launch, _reduce_kernel, (1,), buf, line.partials, row, stride,
         K=NPART, RBLOCK=REDUCE_BLOCK, num_warps=4)
+    if scaling:  # what `Line.set_partials` and `base.Backend.direction` do after the sums
+        if line_terms:
+            run(line.unscale_slope)
+        run(line.update_loss_scale)
 
 
 # ====================================================================== the contract
@@ -815,7 +826,7 @@ class TritonLine(Line):
 
     def abandon_code(self) -> torch.Tensor:
         _launch(_abandon_kernel, (1,), self._code, self.partials, self.consts, num_warps=1)
-        return self._code
+        return self._overflowed(self._code)
 
     def _fit_rate(self, averaged: bool) -> Dict[str, torch.Tensor]:
         h = self.hyper
