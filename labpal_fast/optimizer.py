@@ -28,7 +28,7 @@ from .commit import Commit
 from .distributed import ERRORS, Collectives
 from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper, number
-from .layout import ABANDON_REASONS, Partial
+from .layout import ABANDON_REASONS, Abandon, Partial
 from .line import Line
 from .resolution import AutocastProbe
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
@@ -494,8 +494,11 @@ class LABPAL(torch.optim.Optimizer):
         self._formed = False
         c.last_end = c.updates
         if not c.has_rate:
-            # an interruption (an exception, raised to the caller) is not the line's failure
-            self._failures += not (reason or "").startswith("interrupted")
+            # an interruption (an exception, raised to the caller) is not the line's failure,
+            # nor an overflow while a dynamic loss scale is still finding its level (halved)
+            self._failures += not (reason or "").startswith("interrupted") and not (
+                reason == ABANDON_REASONS[int(Abandon.OVERFLOW)]
+                and self.hyper.loss_scale == "dynamic")
             if self._failures >= FAIL_LIMIT and self.hyper.line_fit != "paper":
                 self._fall_back(reason, run)
                 return

@@ -195,8 +195,9 @@ def test_bf16_autocast_in_the_closure_trains_like_fp32():
     """Autocast out of the box: the same MLP (with dropout: its repeats are replayed) trained
     with its forward under bf16 autocast reaches the fp32 run's accuracy within 5 points; the
     repeat check (replay_tolerance) never fires (a miss raises), and the first measurement
-    (same origin and batches as fp32's) is valid with the fp32 run's slope within 5%. (How
-    accurately a and b are fitted from bf16-rounded losses is the line fit's matter.)"""
+    (same origin and batches as fp32's) is valid with the fp32 run's directional derivative
+    within 1%, and its fitted slope within 5% at the same positions. (How accurately a and b
+    are fitted from bf16-rounded losses is tests/test_line_accuracy.py's matter.)"""
     acc, first = {}, {}
     for autocast in (False, True):
         torch.manual_seed(0)
@@ -219,9 +220,27 @@ def test_bf16_autocast_in_the_closure_trains_like_fp32():
         with torch.no_grad():
             acc[autocast] = (net(x).argmax(1) == y).double().mean().item()
     assert acc[False] > 0.9 and acc[True] >= acc[False] - 0.05, acc
-    assert first[True]["valid"] and first[True]["b"] == pytest.approx(first[False]["b"], rel=0.05)
-    assert first[True]["directional_derivative"] == pytest.approx(
+    assert first[True]["valid"] and first[True]["directional_derivative"] == pytest.approx(
         first[False]["directional_derivative"], rel=0.01)
+    # resolve_positions measures under autocast farther out than in fp32 (bf16 resolves less),
+    # so the two fits of this non-quadratic line see different ranges: compared at the same
+    # literal positions, the fitted slopes agree within 5%
+    literal = {}
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+        opt = LABPAL(net.parameters(), approximation_batches=2, noise_factor=1.0,
+                     batch_size_schedule=((0, 1),), sample_positions=(0.0, 0.02, 0.1),
+                     resolve_positions=False)
+
+        def plain(x, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return torch.nn.functional.cross_entropy(net(x), y)
+        for x, y in _blobs(2, seed=1, dtype=torch.float32):
+            opt.step(lambda x=x, y=y: plain(x, y))
+        literal[autocast] = opt.measurements()[0]
+    assert literal[True]["valid"] and literal[False]["valid"]
+    assert literal[True]["b"] == pytest.approx(literal[False]["b"], rel=0.05)
 
 
 # ---------------------------------------------------------------------------- master weights

@@ -371,8 +371,9 @@ def test_a_version_2_state_resumes_with_the_running_mean_of_the_norm_unknown(bac
     unknown = copy.deepcopy(saved)
     unknown["labpal"]["line"]["norm_mean"].zero_()
     v2 = copy.deepcopy(saved)
-    v2["labpal"]["version"] = 2
-    del v2["labpal"]["line"]["norm_mean"]
+    v2["labpal"]["version"] = 2  # as saved then: no n̄, no loss scaling state
+    for name in ("norm_mean", "loss_scale", "scale_good"):
+        del v2["labpal"]["line"][name]
     expected, got = resumed(unknown), resumed(v2)
     assert all(torch.equal(p, q) for p, q in zip(got[0], expected[0]))
     assert torch.equal(got[1], expected[1]) and float(got[1]) > 0
