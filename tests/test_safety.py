@@ -158,10 +158,12 @@ def test_abandoned_measurement_leaves_parameters_and_direction():
 
 def test_abandon_without_a_rate_measures_again():
     quad = Quadratic([5], seed=0, offset=0.3)
-    opt = LABPAL(quad.parameters(), approximation_batches=2, direction_norm_range=(1e-3, 1e-2))
+    # the paper's rule (the robust fits fall back after 3: tests/test_line_accuracy.py)
+    opt = LABPAL(quad.parameters(), approximation_batches=2, direction_norm_range=(1e-3, 1e-2),
+                 line_fit="paper")
     theta = quad.flat().detach().clone()
-    for _ in range(3):
+    for _ in range(4):
         opt.step(quad)
-    assert [r["call"] for r in opt.measurements()] == [0, 1, 2]
+    assert [r["call"] for r in opt.measurements()] == [0, 1, 2, 3]
     assert opt.updates == 0
     assert torch.equal(theta, quad.flat().detach())
