@@ -105,11 +105,13 @@ class Backend:
         flat.grad.zero_()
 
     def ulp_sqnorm(self, flat: Flat, compute_eps: float = 0.0) -> torch.Tensor:
-        """‖ε·θ‖² over the flat (ε: machine epsilon of its dtype, or `compute_eps` when larger:
-        autocast's dtype), fp64 0-dim device tensor: the scale of the rounding a move of θ
+        """‖ε·θ‖² over the flat (ε: machine epsilon of the model's dtype, or `compute_eps` when
+        larger: autocast's dtype), fp64 0-dim device tensor: the scale of the rounding a move of θ
         suffers (`Line.set_resolution`). Reads only, in chunks accumulated in fp32 (a few digits
         are plenty) so that no copy of θ is made."""
-        eps = max(torch.finfo(flat.param.dtype).eps, compute_eps)
+        # the dtype the model sees: with fp32 master weights a move is rounded to the model's
+        # fp16 / bf16 parameters (flat.low), not to the master copy's fp32
+        eps = max(torch.finfo(flat.model_dtype).eps, compute_eps)
         total = torch.zeros((), dtype=torch.float64, device=flat.param.device)
         wide = torch.promote_types(flat.param.dtype, torch.float32)  # fp32, or fp64 as it is
         for chunk in flat.param.detach().split(_ULP_CHUNK):
