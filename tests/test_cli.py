@@ -152,6 +152,22 @@ def test_every_builtin_optimizer_trains(tmp_path):
         assert len(train_rows(rows, name)) == 4
 
 
+@pytest.mark.parametrize("name,mode", [("labpal-paper", "NSGD"), ("labpal-sgd-paper", "SGD")])
+def test_the_paper_variants_run_the_papers_algorithm(tmp_path, name, mode):
+    """labpal-paper / labpal-sgd-paper: the paper's fit on its literal positions (and its SGD
+    rate); a flag given on the command line still wins; not in compare's default set."""
+    out = tmp_path / name
+    assert run("train", "--optimizer", name, "--task", "spirals", "--steps", 12,
+               "--batch-size", 16, "--out", out, "--no-plots", "--approximation-batches", 2) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    settings = summary["runs"][0]["settings"]
+    assert (settings["mode"], settings["line_fit"], settings["sgd_rate"]) == (mode, "paper", "paper")
+    assert settings["approximation_batches"] == 2
+    first = json.loads((out / "lines.json").read_text())[name][0]
+    assert first["positions"] == pytest.approx([0.0, 1.77e-4, 0.01])  # literal: not resolved
+    assert name not in registry.default_compare_set()
+
+
 def test_sgd_schedule_divides_by_ten_at_half_and_three_quarters(tmp_path):
     out = tmp_path / "sgd"
     assert run("train", "--optimizer", "sgd", "--task", "spirals", "--steps", 8,

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 # (name in the table, task, batch size or None for the task's own)
 VARIANTS = {"digits": ("digits", None), "spirals": ("spirals", None),
             "charlm": ("charlm", None), "digits-b16": ("digits", 16)}
-DEFAULT_OPTIMIZERS = "labpal,labpal-sgd,adam,sgd"
+DEFAULT_OPTIMIZERS = "labpal,labpal-sgd,labpal-paper,labpal-sgd-paper,adam,sgd"
 
 
 def run_compare(variant: str, seed: int, optimizers: str, out: str, steps: Optional[int],

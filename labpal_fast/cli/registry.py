@@ -1,6 +1,6 @@
 """The optimizers `labpal-fast` can train with, and how each is built.
 
-Built in: LABPAL (NSGD and SGD mode), SGD with momentum 0.9 and a piecewise-constant
+Built in: LABPAL (NSGD and SGD mode, each also as the paper's algorithm), SGD with momentum 0.9 and a piecewise-constant
 schedule (÷10 at 50% and 75% of the steps) at the task's usual rate, and Adam at 1e-3.
 Others join `compare` automatically when their package is installed, each at the default
 its documentation gives: schedule-free SGD / AdamW (`schedulefree`), Prodigy (`prodigyopt`),
@@ -37,11 +37,16 @@ class Spec:
         return self.package is None or importlib.util.find_spec(self.package) is not None
 
 
-def _labpal(mode: str):
+# the paper's algorithm (README "What differs from the paper"): its fit on literal positions
+# and its SGD rate
+PAPER = dict(line_fit="paper", sgd_rate="paper")
+
+
+def _labpal(mode: str, preset: Optional[Dict[str, Any]] = None):
     def build(params, *, model, task_size, batch_size, steps, sgd_lr, weight_decay, labpal_hyper,
               backend="auto"):
         from ..optimizer import LABPAL
-        hyper = dict(labpal_hyper)
+        hyper = dict(preset or {}, **labpal_hyper)
         hyper.setdefault("dataset_size", task_size)
         hyper.setdefault("batch_size", batch_size)
         hyper["mode"] = mode
@@ -84,6 +89,10 @@ def _plain(module: str, cls_name: str):
 SPECS: Dict[str, Spec] = {s.name: s for s in [
     Spec("labpal", "LABPAL (NSGD)", None, _labpal("NSGD"), "LABPAL, mode NSGD, its defaults"),
     Spec("labpal-sgd", "LABPAL (SGD)", None, _labpal("SGD"), "LABPAL, mode SGD, its defaults"),
+    Spec("labpal-paper", "LABPAL (NSGD, paper)", None, _labpal("NSGD", PAPER),
+         "LABPAL, mode NSGD, the paper's algorithm: line_fit='paper' (literal positions)"),
+    Spec("labpal-sgd-paper", "LABPAL (SGD, paper)", None, _labpal("SGD", PAPER),
+         "LABPAL, mode SGD, the paper's algorithm: line_fit='paper', sgd_rate='paper'"),
     Spec("sgd", "SGD+momentum", None, _sgd,
          "momentum 0.9, the task's usual rate, ÷10 at 50% and 75% of the steps"),
     Spec("adam", "Adam", None, _adam, "lr 1e-3"),
@@ -102,8 +111,10 @@ BUILTIN = ("labpal", "labpal-sgd", "sgd", "adam")
 
 
 def default_compare_set() -> List[str]:
-    """The built-ins, then every optional optimizer whose package is installed."""
-    return list(BUILTIN) + [n for n, s in SPECS.items() if n not in BUILTIN and s.available()]
+    """The built-ins, then every optional optimizer whose package is installed (the paper
+    variants only when asked for)."""
+    return list(BUILTIN) + [n for n, s in SPECS.items()
+                            if s.package is not None and s.available()]
 
 
 def parse_names(text: str) -> List[str]:
