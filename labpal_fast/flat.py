@@ -132,8 +132,8 @@ class Flat:
                     values.shape != self.param_views[i].shape:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(p.shape)} was moved to {p.device}/{p.dtype} after the "
-                    f"LABPAL optimizer was created on {self.device}/{self.model_dtype}; create the optimizer "
-                    "after moving the model")
+                    f"LABPAL optimizer was created on {self.device}/{self.model_dtype}; create the "
+                    "optimizer after moving the model")
             with torch.no_grad():
                 self.param_views[i].copy_(values)
                 if self.master:

@@ -34,8 +34,9 @@ ABANDON_REASONS = {
     int(Abandon.NORM): "abandoned: direction norm outside direction_norm_range or not finite",
     int(Abandon.SLOPE | Abandon.NORM):
         "abandoned: directional derivative not negative and direction norm out of range",
-    int(Abandon.OVERFLOW): "abandoned: gradient not finite under loss scaling (an overflow; a dynamic "
-                           "loss_scale is halved)",
+    int(Abandon.OVERFLOW):
+        "abandoned: gradient not finite under loss scaling (an overflow; a dynamic loss_scale "
+        "is halved)",
 }
 
 

@@ -124,7 +124,7 @@ class Line:
             self.unscale_slope()
 
     def unscale_slope(self) -> None:
-        """⟨S·ḡ_loss + wd·θ, d⟩ in the partials → ⟨ḡ_loss + wd·θ, d⟩ (see `set_partials`)."""
+        """⟨S·ḡ + wd·θ, d⟩ in the partials → ⟨ḡ + wd·θ, d⟩ (see `set_partials`)."""
         gd, wtd = self.partials[Partial.GD], self.partials[Partial.WD_TD]
         gd.copy_((gd - wtd) / self.loss_scale + wtd)
 

@@ -370,3 +370,28 @@ def test_master_weights_follow_parameters_changed_in_place():
     flat.attach_params()  # what every step() does first
     assert torch.equal(weight, net[0].weight.float())
     assert torch.equal(bias, kept)
+
+
+def test_a_version_2_state_loads_with_the_documented_defaults():
+    """Version 2 had no loss scale and no master weights: S starts as this optimizer's
+    loss_scale says (2**16, nothing counted), the master weights are the model's parameters."""
+    data = _blobs(6, seed=3, dtype=torch.float16)
+    net, opt = _fp16_net(0)
+    for x, y in data[:5]:
+        opt.step(closure_for(net, x, y))
+    state = copy.deepcopy(opt.state_dict())
+    state["labpal"]["version"] = 2
+    del state["labpal"]["line"]["loss_scale"], state["labpal"]["line"]["scale_good"]
+    for entry in state["state"].values():
+        del entry["master"]
+    net2, opt2 = _fp16_net(1)
+    net2.load_state_dict(net.state_dict())
+    opt2.load_state_dict(state)
+    assert opt2.line.loss_scale.item() == 2.0 ** 16 and opt2.line.scale_good.item() == 0
+    flat = opt2.flats[0]
+    assert torch.equal(flat.param, flat.low.float())  # the model's fp16 values, exactly
+    opt2.step(closure_for(net2, *data[5]))  # and it trains on
+    # a version-3 state without them is damaged
+    state["labpal"]["version"] = 3
+    with pytest.raises(ValueError, match=re.escape("['line']['loss_scale'] is missing")):
+        _fp16_net(2)[1].load_state_dict(state)
