@@ -22,7 +22,7 @@ re-points on every forward; LABPAL refuses it at construction (`refuse_fsdp1`).
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -279,8 +279,15 @@ class ShardedOps:
         (all-gathered and added in rank order), the others' added once."""
         run = run or _plain
         ops = self.inner
-        # loss scaling: ḡ divided by S in the direction op (base.Backend.direction)
-        scale = run(line.unscale, None) if line.hyper.loss_scale is not None else None
+        # clipping by ‖ḡ‖ over the whole model, then loss scaling: ḡ times c/S in the direction
+        # op, as in base.Backend.direction
+        scale = None
+        if line.hyper.max_grad_norm is not None:
+            squares = [(flat.sharded, run(ops.grad_sqnorm, flat, summed=m > 1, inv_m=1.0 / m))
+                       for flat in flats]
+            scale = run(line.clip_scale, self._model_sum(squares))
+        if line.hyper.loss_scale is not None:
+            scale = run(line.unscale, scale)
         parts = [(flat.sharded, run(ops.form_direction, flat, summed=m > 1, inv_m=1.0 / m,
                                     momentum=momentum, decays=wd, line_terms=line_terms,
                                     grad_scale=None if scale is None else
@@ -303,6 +310,13 @@ class ShardedOps:
         run = run or _plain
         ops = self.inner
         parts = [(flat.sharded, run(ops.ulp_sqnorm, flat, compute_eps)) for flat in flats]
+        count = sum(flat.param.numel() * (self.world if flat.sharded else 1) for flat in flats)
+        run(line.set_resolution, self._model_sum(parts), loss_eps, count)
+
+    def _model_sum(self, parts: List[Tuple[bool, torch.Tensor]]) -> torch.Tensor:
+        """A sum over the whole model from per-flat device scalars (sharded?, value): the
+        sharded flats' all-gathered over the shard group and added in rank order (every rank
+        gets the same bits), the others added once."""
         row = torch.zeros(1, dtype=torch.float64, device=self._row.device)
         for sharded, p in parts:
             if sharded:
@@ -316,8 +330,7 @@ class ShardedOps:
         for sharded, p in parts:
             if not sharded:
                 total = total + p.to(total.device)
-        count = sum(flat.param.numel() * (self.world if flat.sharded else 1) for flat in flats)
-        run(line.set_resolution, total, loss_eps, count)
+        return total
 
     def _own_row(self, parts: List[torch.Tensor]) -> None:
         self._row.zero_()

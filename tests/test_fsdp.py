@@ -146,11 +146,11 @@ def _equivalence(rank, world, cases, hsdp=False, dtype=torch.float64):
     return out, counts
 
 
-def oracle(mode, wrap, dtype=torch.float64):
+def oracle(mode, wrap, dtype=torch.float64, **extra):
     from labpal_fast import LABPAL
     model = Net(0, in_forward=wrap != "blocks", dtype=dtype)
     opt = LABPAL(model.parameters(), model=model, mode=mode, momentum=0.9, weight_decay=0.01,
-                 **HYPER)
+                 **HYPER, **extra)
     train(model, opt, range(CALLS))
     return ({n: p.detach().clone() for n, p in model.named_parameters()}, summary(opt),
             float(opt.param_groups[0]["lr"]))
@@ -345,18 +345,29 @@ def check_counts(per_call, starts, records):
         assert syncs == 0 and gathers == (1 if acc == 0 else 0), (c, per_call[c])
 
 
+# clips every direction of this run (its ‖ḡ‖ stays above 0.05): checked against the unclipped run
+CLIP = dict(max_grad_norm=0.05)
+
+
 def _loss_scaled(rank, world):
     from labpal_fast import LABPAL
-    model = sharded(0, "nested")
-    opt = LABPAL(model.parameters(), model=model, mode="NSGD", momentum=0.9, weight_decay=0.01,
-                 loss_scale=1024.0, **HYPER)
-    train(model, opt, range(CALLS), rank, world)
-    return full(model), summary(opt), float(opt.param_groups[0]["lr"])
+    out = []
+    for extra in ({}, CLIP):
+        model = sharded(0, "nested")
+        opt = LABPAL(model.parameters(), model=model, mode="NSGD", momentum=0.9,
+                     weight_decay=0.01, loss_scale=1024.0, **HYPER, **extra)
+        train(model, opt, range(CALLS), rank, world)
+        out.append((full(model), summary(opt), float(opt.param_groups[0]["lr"])))
+    return out
 
 
-def test_loss_scaling_under_fsdp2_is_the_unscaled_run():
+def test_loss_scaling_and_clipping_under_fsdp2_are_the_one_process_runs():
     """loss_scale=2**10 on 2 FSDP2 ranks: the sharded direction divides ḡ by S (and the slope
-    is unscaled), so the run is the unscaled one-process run."""
-    want = oracle("NSGD", "nested")
+    is unscaled), so the run is the unscaled one-process run; with max_grad_norm as well, ḡ is
+    clipped by its norm over the whole model (the shards' ‖ḡ‖² all-gathered), as in one
+    process, and clipping does change the run."""
+    plain, clipped = oracle("NSGD", "nested"), oracle("NSGD", "nested", **CLIP)
+    assert plain[2] != clipped[2]
     for got in run_ranks(_loss_scaled, 2):
-        _assert_matches(got, want, "loss_scale")
+        _assert_matches(got[0], plain, "loss_scale")
+        _assert_matches(got[1], clipped, "loss_scale, max_grad_norm")
