@@ -369,14 +369,7 @@ class Line:
         else:
             scale = self.scale
             t = self.positions / scale
-        n, y = self.counts, self.sums
-        m0, m1, m2, m3, m4 = ((n * t ** p).sum() for p in range(5))
-        r0, r1, r2 = ((y * t ** p).sum() for p in range(3))
-        # normal equations [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ
-        det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
-        A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
-        B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
-        C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+        A, B, C = _quadratic_fit(self.counts, self.sums, t)
         wd_dd, wd_td, wd_tt = (self.partials[i] for i in (Partial.WD_DD, Partial.WD_TD,
                                                           Partial.WD_TT))
         a = A / scale ** 2 + 0.5 * wd_dd / norm ** 2
@@ -409,12 +402,7 @@ class Line:
             A = (r2 * m0 - m2 * r0) / det
             C = (m4 * r0 - m2 * r2) / det
         else:
-            m0, m1, m2, m3, m4 = ((n * t ** k).sum() for k in range(5))
-            r0, r1, r2 = ((y * t ** k).sum() for k in range(3))
-            det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
-            A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
-            B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
-            C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+            A, B, C = _quadratic_fit(n, y, t)
             b = B / scale - p[Partial.WD_TD] / norm
         a = A / scale ** 2 + 0.5 * p[Partial.WD_DD] / norm ** 2
         c = C + 0.5 * p[Partial.WD_TT]
@@ -423,6 +411,19 @@ class Line:
         curved = torch.where(valid & (a > 0), -b / (2 * a), self.hyper.max_step_size)
         s_min = torch.where(valid, curved, 0.0)
         return a, b, c, valid, s_min
+
+
+def _quadratic_fit(n: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
+    """Least squares of A·t² + B·t + C over the samples: `n` of them at each position `t`,
+    their losses summing to `y` there. The normal equations
+    [[m4 m3 m2] [m3 m2 m1] [m2 m1 m0]] (A B C)ᵀ = (r2 r1 r0)ᵀ, solved by Cramer's rule."""
+    m0, m1, m2, m3, m4 = ((n * t ** p).sum() for p in range(5))
+    r0, r1, r2 = ((y * t ** p).sum() for p in range(3))
+    det = _det3(m4, m3, m2, m3, m2, m1, m2, m1, m0)
+    A = _det3(r2, m3, m2, r1, m2, m1, r0, m1, m0) / det
+    B = _det3(m4, r2, m2, m3, r1, m1, m2, r0, m0) / det
+    C = _det3(m4, m3, r2, m3, m2, r1, m2, m1, r0) / det
+    return A, B, C
 
 
 def _det3(a, b, c, d, e, f, g, h, i):

@@ -373,15 +373,17 @@ def test_master_weights_follow_parameters_changed_in_place():
 
 
 def test_a_version_2_state_loads_with_the_documented_defaults():
-    """Version 2 had no loss scale and no master weights: S starts as this optimizer's
-    loss_scale says (2**16, nothing counted), the master weights are the model's parameters."""
+    """Version 2 had no loss scale, no master weights (and no n̄ of robust SGD): S starts as
+    this optimizer's loss_scale says (2**16, nothing counted), the master weights are the
+    model's parameters."""
     data = _blobs(6, seed=3, dtype=torch.float16)
     net, opt = _fp16_net(0)
     for x, y in data[:5]:
         opt.step(closure_for(net, x, y))
     state = copy.deepcopy(opt.state_dict())
     state["labpal"]["version"] = 2
-    del state["labpal"]["line"]["loss_scale"], state["labpal"]["line"]["scale_good"]
+    for name in ("loss_scale", "scale_good", "norm_mean"):
+        del state["labpal"]["line"][name]
     for entry in state["state"].values():
         del entry["master"]
     net2, opt2 = _fp16_net(1)
@@ -393,5 +395,5 @@ def test_a_version_2_state_loads_with_the_documented_defaults():
     opt2.step(closure_for(net2, *data[5]))  # and it trains on
     # a version-3 state without them is damaged
     state["labpal"]["version"] = 3
-    with pytest.raises(ValueError, match=re.escape("['line']['loss_scale'] is missing")):
+    with pytest.raises(ValueError, match=re.escape("['line']['norm_mean'] is missing")):
         _fp16_net(2)[1].load_state_dict(state)
