@@ -47,9 +47,8 @@ class Const(IntEnum):
     NORM_HIGH = 2
     ALPHA = 3       # update_step_adaptation
     MAX_STEP = 4    # max_step_size
-    SCALE = 5       # max(sample_positions) (the fit kernel takes max of the positions moved to)
-    CLIP_MAX = 6    # max_grad_norm (0 when clipping is off)
-    CLIP_EPS = 7    # added to ‖ḡ‖ in the clipping factor (torch's clip_grad_norm_ adds 1e-6)
+    CLIP_MAX = 5    # max_grad_norm (0 when clipping is off)
+    CLIP_EPS = 6    # added to ‖ḡ‖ in the clipping factor (torch's clip_grad_norm_ adds 1e-6)
 
 
 NCONST = len(Const)

@@ -47,7 +47,6 @@ class Line:
         f64 = dict(dtype=torch.float64, device=device)
         self.hyper = hyper
         positions = hyper.line_positions
-        self.scale = max(positions)  # positions are fitted in t = s/scale, all O(1)
         self.positions = torch.tensor(positions, **f64)
         self._index = {p: j for j, p in enumerate(positions)}
         self.first = min(p for p in positions if p > 0)  # the smallest nonzero position
@@ -334,11 +333,14 @@ class Line:
         """The fit and the step rule: s_upd / η / lr as measured (where valid)."""
         h = self.hyper
         norm = self._norm()
-        if h.line_fit == "paper":
-            a, b, c, valid = self._fit_paper(norm)
+        a, b, c = self._fit_line(norm)
+        finite = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b)
+        if h.line_fit == "paper":  # no curvature, no rate
+            valid = finite & (a > 0) & (b < 0)
             s_min = torch.where(valid, -b / (2 * a), 0.0)
-        else:
-            a, b, c, valid, s_min = self._fit_robust(norm)
+        else:  # refused only when not a descending line; no curvature seen: max_step_size
+            valid = finite & torch.isfinite(c) & (b < 0)
+            s_min = torch.where(valid, torch.where(a > 0, -b / (2 * a), h.max_step_size), 0.0)
         s_new = (h.update_step_adaptation * s_min.clamp(max=h.max_step_size)).clamp(min=h.epsilon)
         eta_new = (s_new / norm).clamp(min=h.epsilon)
         if averaged:
@@ -360,32 +362,13 @@ class Line:
                 "s_new": s_new, "eta_new": eta_new, "s_upd": self.s_upd.clone(),
                 "eta": self.eta.clone(), "valid": valid, "positions": self.at.clone()}
 
-    def _fit_paper(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The paper's fit: a·s² + b·s + c by least squares over every sample (3×3 normal
-        equations), valid when a > 0 and b < 0. (a, b, c, valid)."""
-        if self.hyper.resolving:  # the positions moved to, fitted in t = s/max(s)
-            scale = self.at.max()
-            t = self.at / scale
-        else:
-            scale = self.scale
-            t = self.positions / scale
-        A, B, C = _quadratic_fit(self.counts, self.sums, t)
-        wd_dd, wd_td, wd_tt = (self.partials[i] for i in (Partial.WD_DD, Partial.WD_TD,
-                                                          Partial.WD_TT))
-        a = A / scale ** 2 + 0.5 * wd_dd / norm ** 2
-        b = B / scale - wd_td / norm
-        c = C + 0.5 * wd_tt
-        valid = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b) & (a > 0) & (b < 0)
-        return a, b, c, valid
-
-    def _fit_robust(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """The robust fit (docs/algorithm.md): a·s² + b·s + c by least squares over every
-        sample at the positions moved to; with line_fit="gradient" the slope b at s = 0 is the
-        directional derivative −⟨ḡ,d⟩/‖d‖ instead (ḡ: the measurement's first m batches, weight
-        decay included) and only a and c are fitted (2×2 normal equations of y − b·s).
-        Refused only when the line is not a descending parabola: b ≥ 0, a value not finite, or
-        a position without a finite sample; a descending line without positive curvature
-        (a ≤ 0) takes s_min = max_step_size. (a, b, c, valid, s_min)."""
+    def _fit_line(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """a·s² + b·s + c by least squares over every sample, at the positions moved to
+        (`at`: the positions as given unless resolve_positions), weight decay's exact parabola
+        added. With line_fit="gradient" the slope b at s = 0 is the directional derivative
+        −⟨ḡ,d⟩/‖d‖ instead (ḡ: the measurement's first m batches, weight decay included) and
+        only a and c are fitted (2×2 normal equations of y − b·s). (a, b, c); `_fit_rate`
+        judges them (docs/algorithm.md: the paper's refusals, or the robust ones)."""
         p = self.partials
         scale = self.at.max()  # fitted in t = s/scale, all O(1)
         t = self.at / scale
@@ -406,11 +389,7 @@ class Line:
             b = B / scale - p[Partial.WD_TD] / norm
         a = A / scale ** 2 + 0.5 * p[Partial.WD_DD] / norm ** 2
         c = C + 0.5 * p[Partial.WD_TT]
-        finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
-        valid = (self.counts > 0).all() & finite & (b < 0)
-        curved = torch.where(valid & (a > 0), -b / (2 * a), self.hyper.max_step_size)
-        s_min = torch.where(valid, curved, 0.0)
-        return a, b, c, valid, s_min
+        return a, b, c
 
 
 def _quadratic_fit(n: torch.Tensor, y: torch.Tensor, t: torch.Tensor):

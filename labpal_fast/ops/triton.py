@@ -92,7 +92,6 @@ _LOW: tl.constexpr = tl.constexpr(int(Const.NORM_LOW))
 _HIGH: tl.constexpr = tl.constexpr(int(Const.NORM_HIGH))
 _ALPHA: tl.constexpr = tl.constexpr(int(Const.ALPHA))
 _MAX_STEP: tl.constexpr = tl.constexpr(int(Const.MAX_STEP))
-_SCALE: tl.constexpr = tl.constexpr(int(Const.SCALE))
 _CLIP_MAX: tl.constexpr = tl.constexpr(int(Const.CLIP_MAX))
 _CLIP_EPS: tl.constexpr = tl.constexpr(int(Const.CLIP_EPS))
 _REC_PARTIALS: tl.constexpr = tl.constexpr(REC_PARTIALS)
@@ -355,7 +354,7 @@ def _fit_kernel(out_ptr, valid_ptr, positions_ptr, sums_ptr, counts_ptr, partial
     (as `Line.fit`), in one program: stores the new s_upd / η / lr / histories in place and the
     record out = [RECORD_SCALARS, partials, sums, counts] (layout.py), valid in valid_ptr.
     `positions_ptr`: the positions moved to (`Line.at`); FIT: 0 the paper's fit and refusals,
-    1 the robust fit, 2 the robust fit with the slope from ⟨ḡ,d⟩ (`Line._fit_robust`)."""
+    1 the robust fit, 2 the robust fit with the slope from ⟨ḡ,d⟩ (`Line._fit_line`)."""
     eps = tl.load(consts_ptr + _EPS)
     alpha = tl.load(consts_ptr + _ALPHA)
     max_step = tl.load(consts_ptr + _MAX_STEP)
@@ -780,12 +779,11 @@ class TritonLine(Line):
         consts = [0.0] * NCONST
         for index, value in ((Const.EPS, hyper.epsilon), (Const.NORM_LOW, low),
                              (Const.NORM_HIGH, high), (Const.ALPHA, hyper.update_step_adaptation),
-                             (Const.MAX_STEP, hyper.max_step_size), (Const.SCALE, self.scale),
+                             (Const.MAX_STEP, hyper.max_step_size),
                              (Const.CLIP_MAX, hyper.max_grad_norm or 0.0),
                              (Const.CLIP_EPS, CLIP_EPS)):
             consts[index] = value
         self.consts = torch.tensor(consts, **f64)
-        self._index = {s: j for j, s in enumerate(hyper.line_positions)}
         self._npos = len(hyper.line_positions)
         self._coefs = torch.zeros(self._npos + 2, **f64)  # positions, target, train
         self._ok = torch.zeros((), dtype=torch.bool, device=device)
