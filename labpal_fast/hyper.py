@@ -212,6 +212,13 @@ def _pairs(name: str, value: Any, point: str) -> list:
     return pairs
 
 
+def _choice(name: str, value: Any, options: Tuple[str, ...]) -> str:
+    """One of `options` as a Python str (numpy's str too), else a ValueError naming `name`."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return str(value)
+
+
 def _switch(name: str, value: Any, auto: str) -> Optional[bool]:
     """None, True or False (numpy's bool too) as a Python value, else a ValueError naming `name`
     (`auto` says what None means)."""
@@ -227,17 +234,11 @@ def _validate(h: Hyper) -> None:
     def set_(name, value):  # normalised values on the frozen instance
         object.__setattr__(h, name, value)
 
-    if not isinstance(h.mode, str) or h.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {h.mode!r}")
-    set_("mode", str(h.mode))
-    if not isinstance(h.line_fit, str) or h.line_fit not in LINE_FITS:
-        raise ValueError(f"line_fit must be one of {LINE_FITS}, got {h.line_fit!r}")
-    set_("line_fit", str(h.line_fit))
+    set_("mode", _choice("mode", h.mode, MODES))
+    set_("line_fit", _choice("line_fit", h.line_fit, LINE_FITS))
     set_("resolve_positions", _switch("resolve_positions", h.resolve_positions,
                                       "on unless line_fit='paper'"))
-    if not isinstance(h.sgd_rate, str) or h.sgd_rate not in SGD_RATES:
-        raise ValueError(f"sgd_rate must be one of {SGD_RATES}, got {h.sgd_rate!r}")
-    set_("sgd_rate", str(h.sgd_rate))
+    set_("sgd_rate", _choice("sgd_rate", h.sgd_rate, SGD_RATES))
     # β < 1: d = β·d + ḡ stays bounded
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):
