@@ -76,18 +76,22 @@ def optimizer_sides() -> Dict[str, Callable[[], None]]:
     steps["SGD(foreach).step"] = sgd.step
     for backend in BACKENDS:
         ops = load(backend)
-        # clipping beside the same update without it: one more read of the gradient
-        for mode, clip in (("SGD", None), ("NSGD", None), ("NSGD", 1.0)):
+        # clipping beside the same update without it: one more read of the gradient; SGD mode's
+        # robust rate (the default: n̄ updated each update) beside the paper's
+        for mode, clip, rate in (("SGD", None, "paper"), ("SGD", None, "robust"),
+                                 ("NSGD", None, "robust"), ("NSGD", 1.0, "robust")):
             ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
             for p, q in zip(ps, params):
                 p.grad = q.grad.clone()
             flats = build_flats([{"params": ps}])
-            line = ops.make_line(Hyper(mode=mode, max_grad_norm=clip), torch.device("cpu"))
+            line = ops.make_line(Hyper(mode=mode, max_grad_norm=clip, sgd_rate=rate),
+                                 torch.device("cpu"))
             line.eta.fill_(1e-3)  # a rate, as after a measurement
             line.s_upd.fill_(1e-3)
             decays = [[0.0] * len(f.segments) for f in flats]
             # the update also clears the gradient (its own work): later rounds see zeros, same cost
-            name = f"update {mode}" + ("" if clip is None else f", max_grad_norm={clip:g}")
+            name = f"update {mode}" + (f", sgd_rate={rate}" if mode == "SGD" else "") + \
+                ("" if clip is None else f", max_grad_norm={clip:g}")
             steps[f"{name} ({backend})"] = (
                 lambda o=ops, f=flats, d=decays, ln=line: o.update(f, d, ln, m=1, momentum=0.9))
     return steps
