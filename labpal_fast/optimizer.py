@@ -161,6 +161,7 @@ class LABPAL(torch.optim.Optimizer):
         self._grads_reduced = False  # this call's gradients were averaged by LABPAL (DDP model=)
         self._line_reduced = False   # the measurement's collective was entered
         self._again: Optional[torch.Tensor] = None  # the first closure's repeated loss
+        self._closure_scaled = False  # this call's closure ran backward on scale_loss(loss)
 
     # ------------------------------------------------------------------ public
     @property
@@ -190,6 +191,19 @@ class LABPAL(torch.optim.Optimizer):
         to keep it; reading it syncs). NaN when max_grad_norm is None (not computed) and before
         the first direction."""
         return self.line.grad_norm
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to run backward on in a closure that runs backward itself, under
+        `loss_scale`: S·loss with the current loss scale S (a device multiply, no read), which
+        LABPAL unscales in its update; `loss` as it is without `loss_scale`. Return the unscaled
+        loss from the closure: `opt.scale_loss(loss).backward(); return loss`.
+        (`LABPALCallback` does this in Lightning's backward.)"""
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"scale_loss(loss): loss must be a tensor, got {type(loss).__name__}")
+        if self.hyper.loss_scale is None:
+            return loss
+        self._closure_scaled = True
+        return self.line.scaled(loss)
 
     # torch.amp.GradScaler.step then leaves the loss scaling to the optimizer: it sets
     # `found_inf` on it and calls step() directly, which refuses (`_refuse_grad_scaler`)
@@ -652,16 +666,18 @@ class LABPAL(torch.optim.Optimizer):
         """(loss, whether the closure ran backward itself). Gradients that reached a parameter
         while the closure ran mean it did (torch's convention): backward is not run again."""
         self._backward_seen.value = False
+        self._closure_scaled = False
         with torch.enable_grad():
             loss = _checked_loss(closure())
             own = self._backward_seen.value
             scaling = self.hyper.loss_scale is not None
-            if own and scaling:
+            if own and scaling and not self._closure_scaled:
                 raise RuntimeError(
-                    "loss_scale is set and the closure ran backward() itself: LABPAL scales the "
-                    "loss before its own backward (and unscales the gradient in its update), so "
-                    "the closure must return the loss without calling backward() (nor "
-                    "accelerator.backward / GradScaler.scale)")
+                    "loss_scale is set and the closure ran backward() on a loss LABPAL did not "
+                    "scale: LABPAL unscales the gradient in its update, so either return the "
+                    "loss without calling backward() (LABPAL runs it), or run backward on "
+                    "opt.scale_loss(loss) (not accelerator.backward / GradScaler.scale); in "
+                    "Lightning, LABPALCallback does that")
             if not own:
                 if not loss.requires_grad:
                     raise RuntimeError(

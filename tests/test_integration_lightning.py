@@ -19,10 +19,11 @@ HYPER = dict(noise_factor=2.0, approximation_batches=2, reuse_updates=3, warmup_
 
 
 class Net(L.LightningModule):
-    def __init__(self, scheduler=None):
+    def __init__(self, scheduler=None, **hyper):
         super().__init__()
         self.net = small_net(seed=3, dropout=0.2)
         self.scheduler = scheduler
+        self.hyper = dict(HYPER, **hyper)
         self.training_steps = 0  # training_step calls, line repeats included
 
     def training_step(self, batch, batch_idx):
@@ -33,7 +34,7 @@ class Net(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = LABPAL(self.parameters(), model=self, **HYPER)
+        opt = LABPAL(self.parameters(), model=self, **self.hyper)
         if self.scheduler is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
@@ -59,15 +60,16 @@ def loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
 
 
-def oracle():
+def oracle(dtype=torch.float32, **hyper):
     """LABPAL run directly (forward-only closures): its losses, the lr before each step, θ.
     The global RNG (dropout) is seeded as before the Lightning run."""
-    model = small_net(seed=3, dropout=0.2)
+    model = small_net(seed=3, dropout=0.2, dtype=dtype)
     model.train()
-    opt = LABPAL(model.parameters(), model=model, **HYPER)
+    opt = LABPAL(model.parameters(), model=model, **dict(HYPER, **hyper))
     losses, lrs = [], []
     torch.manual_seed(5)
     for x, y in loader():
+        x = x.to(dtype)
         lrs.append(float(opt.param_groups[0]["lr"]))
         losses.append(opt.step(closure_for(model, x, y)).item())
     return losses, lrs, list(model.parameters()), opt.measurements()
@@ -139,6 +141,44 @@ def test_bf16_mixed_trains(tmp_path):
         before = torch.nn.functional.cross_entropy(small_net(seed=3).eval()(x), y)
         after = torch.nn.functional.cross_entropy(module.net.eval()(x), y)
     assert after < 0.8 * before
+
+
+def test_fp16_true_with_loss_scaling_trains_as_labpal_directly(tmp_path):
+    """precision="16-true" (fp16 parameters, Lightning's closure runs backward itself) with
+    LABPAL's dynamic loss scale: the callback's scaled backward gives the parameters of LABPAL
+    run directly on the fp16 model, where LABPAL runs the scaled backward itself."""
+    losses, lrs, params, measurements = oracle(torch.float16, loss_scale="dynamic")
+    # fp16 overflows at the first scale 2**16 (an update skipped, the scale halved), then trains
+    assert sum(r["valid"] for r in measurements) >= 2 and len(set(lrs)) >= 3
+
+    module = Net(loss_scale="dynamic")
+    trainer, logger = fit(tmp_path, module, precision="16-true")
+    opt = trainer.optimizers[0]
+    assert next(module.net.parameters()).dtype == torch.float16
+    assert opt.updates > 0 and len(opt.measurements()) == len(measurements)
+    for mine, ref in zip(module.net.parameters(), params):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    assert read_columns(f"{logger.log_dir}/metrics.csv")["train_loss_step"] == pytest.approx(
+        losses, rel=1e-3)
+    assert "backward" not in vars(module)  # unwrapped after the fit
+
+    x, y = data()
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(small_net(seed=3).eval()(x), y)
+        after = torch.nn.functional.cross_entropy(module.net.float().eval()(x), y)
+    assert after < 0.8 * before
+
+
+def test_fp16_true_without_the_callback_names_scale_loss(tmp_path):
+    """Lightning's closure runs backward on the unscaled loss: LABPAL refuses to unscale a
+    gradient that was never scaled, and names the fix."""
+    module = Net(loss_scale="dynamic")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, precision="16-true")
+    with pytest.raises(RuntimeError, match="scale_loss"):
+        trainer.fit(module, train_dataloaders=loader())
+    assert module.training_steps == 1
 
 
 @pytest.mark.parametrize("trainer_args, match", [

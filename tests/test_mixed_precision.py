@@ -167,6 +167,39 @@ def test_a_closure_running_backward_itself_is_refused_under_loss_scaling():
     opt.step(closure_for(net, x, y))  # and stepping goes on
 
 
+@pytest.mark.usefixtures("backend")
+def test_a_closure_running_backward_on_scale_loss_trains_as_labpals_own_backward():
+    """torch's convention (the closure runs backward, as Lightning's does) under the dynamic
+    scale, through its overflows and halvings: the same bits as LABPAL running backward."""
+    runs = []
+    for own in (False, True):
+        w, t, opt, loss = _quadratic_fp16(reuse_updates=3)
+
+        def closure():
+            value = loss()
+            if own:
+                opt.scale_loss(value).backward()
+            return value
+        for _ in range(20):
+            opt.step(closure)
+        runs.append((w.detach().clone(), opt.line.loss_scale.item(), opt.measurements()))
+    (w0, s0, r0), (w1, s1, r1) = runs
+    assert s0 == s1 == 32.0 and sum(r["valid"] for r in r0) >= 3
+    assert torch.equal(w0, w1) and not torch.equal(w0, torch.full_like(w0, 2.0))
+    assert [r["s_upd"] for r in r1] == pytest.approx([r["s_upd"] for r in r0], rel=0, abs=0,
+                                                      nan_ok=True)
+
+
+def test_scale_loss_without_loss_scaling_is_the_loss():
+    net = small_net(0)
+    opt = LABPAL(net.parameters())
+    x, y = batches(1, 8, 6, seed=0)[0]
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    assert opt.scale_loss(loss) is loss
+    with pytest.raises(TypeError, match="scale_loss"):
+        opt.scale_loss(1.0)
+
+
 def test_grad_scaler_around_labpal_is_refused_with_the_fix():
     net = small_net(0)
     opt = LABPAL(net.parameters())

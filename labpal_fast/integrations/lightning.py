@@ -24,7 +24,9 @@ Other hooks inside the closure (`on_before_backward`, `on_after_backward`,
 It refuses, at `on_fit_start`, what cannot work with LABPAL: learning-rate schedulers (LABPAL
 measures the rate; its own schedule is `lr_multiplier_schedule`), `accumulate_grad_batches > 1`
 (LABPAL averages its own micro-batches), `gradient_clip_val` (use LABPAL's `max_grad_norm`)
-and fp16 mixed precision with a GradScaler (it steps without a closure).
+and fp16 mixed precision with a GradScaler (it steps without a closure). fp16 works as
+`precision="16-true"` with `LABPAL(loss_scale="dynamic")`: the callback runs Lightning's backward
+on `opt.scale_loss(loss)`, and LABPAL keeps fp32 master weights.
 `param_groups[i]["lr"]` is the measured rate, so `LearningRateMonitor` logs it as it is; the
 callback also keeps the monitor's in-memory `lrs` lists from holding the one live lr tensor.
 """
@@ -41,7 +43,7 @@ pl = require("lightning.pytorch", "lightning", "lightning")
 __all__ = ["LABPALCallback"]
 
 # the module methods the callback wraps for the fit (instance attributes shadow the class's)
-_WRAPPED = ("log", "optimizer_step")
+_WRAPPED = ("log", "optimizer_step", "backward")
 
 
 class LABPALCallback(pl.Callback):
@@ -64,6 +66,9 @@ class LABPALCallback(pl.Callback):
         pl_module.log = _skip_when_repeating(pl_module.log, self._repeating)
         pl_module.optimizer_step = _first_evaluation_outputs(pl_module.optimizer_step,
                                                              self._repeating)
+        # automatic optimization has one optimizer: under its loss_scale, backward runs on the
+        # scaled loss (the closure returns the unscaled one)
+        pl_module.backward = _scaled_backward(pl_module.backward, self._optimizers[0])
 
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                  optimizer: Any) -> None:
@@ -109,7 +114,9 @@ def _check_trainer(trainer: "pl.Trainer", optimizers: List[LABPAL]) -> None:
         raise ValueError(
             "fp16 mixed precision (a GradScaler) with LABPAL: the scaler calls optimizer.step() "
             "without a closure, and LABPAL's line measurements need one. Use "
-            "precision='bf16-mixed' or '32-true'.")
+            "precision='bf16-mixed', or for fp16 precision='16-true' with "
+            "LABPAL(loss_scale='dynamic') (LABPAL scales the loss itself and keeps fp32 master "
+            "weights).")
 
 
 def _skip_when_repeating(log: Callable, repeating: Callable[[], bool]) -> Callable:
@@ -118,6 +125,13 @@ def _skip_when_repeating(log: Callable, repeating: Callable[[], bool]) -> Callab
         if not repeating():  # a line repeat's loss is at another point of the line
             log(*args, **kwargs)
     return guarded
+
+
+def _scaled_backward(backward: Callable, optimizer: LABPAL) -> Callable:
+    @functools.wraps(backward)
+    def scaled(loss: Any, *args: Any, **kwargs: Any) -> None:
+        backward(optimizer.scale_loss(loss), *args, **kwargs)
+    return scaled
 
 
 def _first_evaluation_outputs(optimizer_step: Callable, repeating: Callable[[], bool]) -> Callable:
