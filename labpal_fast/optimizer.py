@@ -676,8 +676,9 @@ class LABPAL(torch.optim.Optimizer):
                     "loss_scale is set and the closure ran backward() on a loss LABPAL did not "
                     "scale: LABPAL unscales the gradient in its update, so either return the "
                     "loss without calling backward() (LABPAL runs it), or run backward on "
-                    "opt.scale_loss(loss) (not accelerator.backward / GradScaler.scale); in "
-                    "Lightning, LABPALCallback does that")
+                    "opt.scale_loss(loss) (Accelerate: accelerator.backward(opt.scale_loss(loss)); "
+                    "never GradScaler.scale). Lightning's LABPALCallback and LABPALTrainer do "
+                    "that themselves")
             if not own:
                 if not loss.requires_grad:
                     raise RuntimeError(

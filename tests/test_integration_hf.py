@@ -14,12 +14,12 @@ HYPER = dict(noise_factor=2.0, approximation_batches=2, reuse_updates=3, warmup_
              averaging_window=2, sample_positions=(0.0, 0.05, 0.2))
 
 
-def gpt2():
+def gpt2(dtype=torch.float32):
     """A tiny GPT-2 from its config (no dropout: the Trainer's sampler draws from the RNG)."""
     config = transformers.GPT2Config(vocab_size=24, n_positions=12, n_embd=16, n_layer=1,
                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
 
 
 def token_data(n=64):
@@ -39,20 +39,20 @@ class Recording(LABPALTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def train(tmp_path, trainer_cls=Recording, labpal=HYPER, **args):
+def train(tmp_path, trainer_cls=Recording, labpal=HYPER, dtype=torch.float32, **args):
     settings = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4,
                     logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
                     disable_tqdm=True, seed=1)
     settings.update(args)
-    trainer = trainer_cls(model=gpt2(), args=transformers.TrainingArguments(**settings),
+    trainer = trainer_cls(model=gpt2(dtype), args=transformers.TrainingArguments(**settings),
                           train_dataset=token_data(), labpal=labpal)
     trainer.train()
     return trainer
 
 
-def oracle(batches, **hyper):
+def oracle(batches, dtype=torch.float32, **hyper):
     """LABPAL directly, forward-only closures: losses, the lr and grad_norm after each step, θ."""
-    model = gpt2()
+    model = gpt2(dtype)
     model.train()
     opt = LABPAL(model.parameters(), model=model, dataset_size=64, batch_size=4, **hyper)
     losses, lrs, norms = [], [], []
@@ -94,6 +94,22 @@ def test_trainer_trains_as_labpal_directly_with_clipping(tmp_path):
     assert diff > 1e-3
     # and it learned
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+
+
+def test_trainer_fp16_parameters_with_loss_scaling_train_as_labpal_directly(tmp_path):
+    """fp16 parameters (fp16=False: no GradScaler) with LABPAL's dynamic loss scale: the
+    Trainer's backward runs on the scaled loss, as LABPAL's own backward does."""
+    hyper = dict(HYPER, loss_scale="dynamic")
+    trainer = train(tmp_path, labpal=hyper, dtype=torch.float16, max_grad_norm=0)
+    losses, lrs, norms, model, opt = oracle(trainer.seen, torch.float16, **hyper)
+    assert sum(r["valid"] for r in opt.measurements()) >= 2 and len(set(lrs)) >= 3
+    assert next(trainer.model.parameters()).dtype == torch.float16
+    assert "backward" not in vars(trainer.accelerator)  # shadowed for each call only
+    for mine, ref in zip(trainer.model.parameters(), model.parameters()):
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0)
+    assert history(trainer, "loss") == pytest.approx(losses, rel=1e-3)
+    # it learns (slower than in fp32: the first directions overflow at S = 2**16, and are skipped)
+    assert sum(losses[-4:]) < 0.95 * sum(losses[:4])
 
 
 def test_trainer_checkpoint_resumes_as_uninterrupted(tmp_path):

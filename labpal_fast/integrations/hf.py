@@ -41,8 +41,10 @@ def check_accelerator(accelerator: Any) -> None:
             "fp16 mixed precision (Accelerate's GradScaler) with LABPAL: the scaler multiplies the "
             "loss before backward and steps without LABPAL's closure, so LABPAL would measure and "
             "average scaled gradients. Use mixed_precision='bf16' or 'no'; for fp16, "
-            "mixed_precision='no' with LABPAL(..., loss_scale='dynamic') and a closure that "
-            "returns the loss without calling backward (README, 'Mixed precision').")
+            "mixed_precision='no' with LABPAL(..., loss_scale='dynamic') and a closure that runs "
+            "accelerator.backward(opt.scale_loss(loss)) (or returns the loss without calling "
+            "backward); LABPALTrainer: fp16=False, model.half() and "
+            "labpal={'loss_scale': 'dynamic'} (README, 'Mixed precision').")
     steps = getattr(accelerator, "gradient_accumulation_steps", 1)
     if steps != 1:
         raise ValueError(
@@ -115,6 +117,8 @@ class LABPALTrainer(transformers.Trainer):
     warm-up, `optimizers=(..., scheduler)`; LABPAL's schedule is `lr_multiplier_schedule`),
     `gradient_accumulation_steps > 1` (LABPAL averages its own micro-batches: see
     `batch_size_schedule`), an optimizer passed in `optimizers=`, and fp16 with a GradScaler.
+    fp16 parameters (`model.half()`, `fp16=False`) train with `labpal={"loss_scale": "dynamic"}`:
+    the Trainer's backward then runs on the scaled loss, LABPAL keeps fp32 master weights.
     """
 
     def __init__(self, *args: Any, labpal: Optional[Dict[str, Any]] = None, **kwargs: Any):
@@ -191,7 +195,17 @@ class LABPALTrainer(transformers.Trainer):
                             "LABPAL it builds in create_optimizer")
 
         def closure():  # forward and accelerator.backward, as the Trainer does them
-            return parent(model, inputs, num_items_in_batch)
+            if labpal.hyper.loss_scale is None:
+                return parent(model, inputs, num_items_in_batch)
+            # under LABPAL's loss scale the Trainer's backward runs on opt.scale_loss(loss)
+            # (an instance attribute shadows the method for this call only)
+            backward = self.accelerator.backward
+            self.accelerator.backward = (
+                lambda loss, **kwargs: backward(labpal.scale_loss(loss), **kwargs))
+            try:
+                return parent(model, inputs, num_items_in_batch)
+            finally:
+                del self.accelerator.backward
 
         # the LABPAL itself: Accelerate's wrapper returns no loss
         return labpal.step(closure)
