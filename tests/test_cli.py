@@ -196,13 +196,40 @@ def test_compare_same_data_and_start_and_a_table(tmp_path, capsys):
     assert by["labpal"]["ms_per_step_vs_sgd"] == pytest.approx(
         by["labpal"]["ms_per_step"] / by["sgd"]["ms_per_step"])
     table = (out / "results.md").read_text()
-    lines = table.strip().splitlines()
+    lines = [ln for ln in table.strip().splitlines() if ln.startswith("|")]
     assert lines[0].startswith("| optimizer | val acc (final) | val loss (final) | steps to")
     assert "ms/step" in lines[0] and "× SGD" in lines[0]
     assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["LABPAL (NSGD)", "SGD+momentum",
                                                                "Adam"]
     assert table in printed
     assert is_png(out / "loss_lr.png") and is_png(out / "val_accuracy.png")
+
+
+def test_results_say_how_labpal_spent_a_short_run(tmp_path):
+    """Under the table, a line per LABPAL run: its updates, m and measurements; on a run
+    shorter than the warm-up with m from the noise factor, the factor and the fix."""
+    out = tmp_path / "run"
+    # ν = (128/128)·(400000/40000) = 10, so m = 10; one measurement of k·m = 10 calls (its own
+    # move is update 1), then 30 calls of training: 3 more updates
+    assert run("train", "--task", "spirals", "--steps", 40, "--out", out, "--no-plots",
+               "--dataset-size", 400000, "--approximation-batches", 1) == 0
+    _, rows = read_csv(out / "metrics.csv")
+    assert int(train_rows(rows, "labpal")[-1]["updates"]) == 4
+    table = (out / "results.md").read_text()
+    assert ("LABPAL (NSGD): 4 updates (m = 10 closure calls per update), 1 line measurement "
+            "(1 valid). The warm-up (400 updates) was not reached") in table
+    assert "noise factor ν = (128/batch_size)·(dataset_size/40000) = 10.00" in table
+    assert "set noise_factor" in table
+
+    out = tmp_path / "past-warmup"  # m = 1 and past the warm-up: the counts alone
+    assert run("train", "--task", "spirals", "--steps", 12, "--out", out, "--no-plots",
+               "--approximation-batches", 1, "--warmup-updates", 2, "--reuse-updates", 4) == 0
+    notes = [ln for ln in (out / "results.md").read_text().splitlines() if ln.startswith("LABPAL")]
+    records = json.loads((out / "lines.json").read_text())["labpal"]
+    assert len(records) >= 3
+    assert notes == [f"LABPAL (NSGD): 12 updates (m = 1 closure calls per update), "
+                     f"{len(records)} line measurements ({sum(r['valid'] for r in records)} "
+                     "valid)."]
 
 
 def test_compare_batches_are_the_same_sequence(tmp_path):

@@ -274,8 +274,8 @@ def _train_and_report(args, names: Sequence[str], device: torch.device,
         return EXIT_INTERRUPTED if interrupted else 0
     rows = [r for run in runs for r in run.rows]
     rep.write_metrics(os.path.join(out, rep.METRICS), rows)
-    rep.write_json(os.path.join(out, rep.LINES),
-                   {run.name: run.measurements() for run in runs if run.built.labpal})
+    lines = {run.name: run.measurements() for run in runs if run.built.labpal}
+    rep.write_json(os.path.join(out, rep.LINES), lines)
     figs = rep.figures(rows, args.target_loss)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("hp_")}
     settings["labpal_hyper"] = labpal_hyper(args)
@@ -297,7 +297,7 @@ def _train_and_report(args, names: Sequence[str], device: torch.device,
     }
     rep.write_json(os.path.join(out, rep.SUMMARY), summary)
     if args.no_plots:
-        text = rep.table(figs, {r.name: r.label for r in runs}, args.target_loss)
+        text = rep.results_text(rows, lines, summary)
         with open(os.path.join(out, rep.TABLE), "w") as f:
             f.write(text)
     else:

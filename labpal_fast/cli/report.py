@@ -10,6 +10,8 @@ import os
 import textwrap
 from typing import Any, Dict, Iterable, List, Optional
 
+from ..hyper import NAMES, Hyper
+
 METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 LINES = "lines.json"
@@ -272,6 +274,46 @@ def plot_lines(records: List[Dict[str, Any]], path: str, title: str) -> bool:
     return True
 
 
+def labpal_notes(rows: List[Dict[str, Any]], lines: Dict[str, List[Dict[str, Any]]],
+                 runs: List[Dict[str, Any]]) -> str:
+    """A line per LABPAL run under the table: its updates, m (closure calls per update) and
+    measurements, and why a run shorter than the warm-up took its rate from single ones."""
+    notes = []
+    for run in runs:
+        records = lines.get(run["optimizer"])
+        if records is None:
+            continue
+        settings = run.get("settings") or {}
+        train = [r for r in rows if r["optimizer"] == run["optimizer"] and r["kind"] == "train"]
+        updates = train[-1]["updates"] if train else 0
+        ms = sorted({r["m"] for r in records})
+        count = len(records)
+        text = (f"{run.get('label', run['optimizer'])}: {updates} updates (m = "
+                f"{', '.join(map(str, ms)) or '?'} closure calls per update), {count} line "
+                f"measurement{'s' * (count != 1)} ({sum(bool(r['valid']) for r in records)} "
+                "valid)")
+        warmup = settings.get("warmup_updates")
+        if warmup is not None and updates < warmup:
+            text += (f". The warm-up ({warmup} updates) was not reached, so no measurements "
+                     "were averaged")
+            if ms and ms[-1] > 1 and settings.get("noise_factor") is None:
+                nu = Hyper(**{k: v for k, v in settings.items() if k in NAMES}).nu
+                text += (f"; m comes from the noise factor ν = (128/batch_size)·(dataset_size/"
+                         f"40000) = {nu:.2f}: on a run this short set noise_factor (README, "
+                         "\"Quality without tuning\")")
+        notes.append(text + ".")
+    return "".join(f"\n{text}\n" for text in notes)
+
+
+def results_text(rows: List[Dict[str, Any]], lines: Dict[str, List[Dict[str, Any]]],
+                 summary: Dict[str, Any]) -> str:
+    """results.md: the table, then the LABPAL runs' notes."""
+    labels = {r["optimizer"]: r.get("label", r["optimizer"]) for r in summary.get("runs", [])}
+    target = summary.get("settings", {}).get("target_loss")
+    return (table(figures(rows, target), labels, target)
+            + labpal_notes(rows, lines, summary.get("runs", [])))
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -310,7 +352,7 @@ def rebuild(out_dir: str) -> Dict[str, Any]:
         p = os.path.join(out_dir, f"lines_{name}.png")
         if plot_lines(records, p, f"{labels.get(name, name)} on {task}: line measurements"):
             files.append(p)
-    text = table(figs, labels, target)
+    text = results_text(rows, lines, summary)
     with open(os.path.join(out_dir, TABLE), "w") as f:
         f.write(text)
     files.append(os.path.join(out_dir, TABLE))
