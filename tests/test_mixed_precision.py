@@ -223,6 +223,47 @@ def test_grad_scaler_around_labpal_is_refused_with_the_fix():
     assert opt.counters.calls == 1
 
 
+# ---------------------------------------------------------------------------- fp16 autocast
+@pytest.mark.parametrize("own_backward", (False, True))
+def test_fp16_autocast_with_dynamic_loss_scaling_trains_like_fp32(own_backward):
+    """The classic fp16 AMP recipe, GradScaler replaced by LABPAL's own scale: fp32 parameters,
+    the forward under fp16 autocast, loss_scale="dynamic" (the closure returning the loss, or
+    running backward on opt.scale_loss(loss)). The loss is 10·cross-entropy, so that 2**16 times
+    its gradient overflows fp16 at first. The fp32 run is the oracle: accuracy within 5 points;
+    every measurement valid but those abandoned for an overflow, each of which halved S."""
+    acc, overflows = {}, 0
+    for fp16 in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+        opt = LABPAL(net.parameters(), approximation_batches=2, warmup_updates=0,
+                     reuse_updates=20, noise_factor=1.0, batch_size_schedule=((0, 1),),
+                     sample_positions=(0.0, 0.02, 0.1), loss_scale="dynamic" if fp16 else None)
+
+        def closure(x, y):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = 10 * torch.nn.functional.cross_entropy(net(x), y)
+            if own_backward:
+                opt.scale_loss(loss).backward()
+            return loss
+        for x, y in _blobs(80, seed=1, dtype=torch.float32):
+            opt.step(lambda x=x, y=y: closure(x, y))
+        records = opt.measurements()
+        overflow = [r for r in records if r["reason"] == OVERFLOW]
+        assert all(r["valid"] for r in records if r["reason"] != OVERFLOW), records
+        assert sum(r["valid"] for r in records) >= 3
+        if fp16:
+            overflows = len(overflow)
+            assert opt.line.loss_scale.item() == 2.0 ** (16 - overflows)
+            assert all(p.dtype == torch.float32 for p in net.parameters())
+        else:
+            assert not overflow
+        x, y = _blobs(1, seed=2, dtype=torch.float32)[0]
+        with torch.no_grad():
+            acc[fp16] = (net(x).argmax(1) == y).double().mean().item()
+    assert overflows >= 1
+    assert acc[False] > 0.9 and acc[True] >= acc[False] - 0.05, acc
+
+
 # ---------------------------------------------------------------------------- bf16 autocast
 def test_bf16_autocast_in_the_closure_trains_like_fp32():
     """Autocast out of the box: the same MLP (with dropout: its repeats are replayed) trained
