@@ -24,6 +24,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
+from table_output import save_and_print  # tools/table_output.py (the script's folder)
+
 # name in the table: (task, batch size or None for the task's own, extra arguments). The last
 # one is not a default but what was tried where LABPAL misses Adam (README): charlm with one
 # inference batch per update instead of the noise factor's m = 8.
@@ -129,11 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "training wall time spent measuring: " + ", ".join(
                      f"{labels.get(n, n)} {100 * statistics.mean(v):.1f}%"
                      for n, v in shares.items()))
-    text = "\n".join(lines)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "quality.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    save_and_print(a.out, "quality.md", lines)
     return 0
 
 

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from table_output import save_and_print  # tools/table_output.py (the script's folder)
+
 # (name in the table, task, batch size or None for the task's own)
 VARIANTS = {"digits-b32": ("digits", 32), "spirals": ("spirals", None),
             "charlm": ("charlm", None), "digits": ("digits", None)}
@@ -93,11 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          + ", ".join(f"{v:.2f}" for v in values) + f" | {mean} | "
                          + ", ".join(f"{g[3]:.3g}" for g in got)
                          + f" | {sum(g[1] for g in got)} | {sum(g[2] for g in got)} |")
-    text = "\n".join(lines)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "sgd_rate.md"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    save_and_print(a.out, "sgd_rate.md", lines)
     return 0
 
 
