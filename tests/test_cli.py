@@ -227,7 +227,7 @@ def test_results_say_how_labpal_spent_a_short_run(tmp_path):
     notes = [ln for ln in (out / "results.md").read_text().splitlines() if ln.startswith("LABPAL")]
     records = json.loads((out / "lines.json").read_text())["labpal"]
     assert len(records) >= 3
-    assert notes == [f"LABPAL (NSGD): 12 updates (m = 1 closure calls per update), "
+    assert notes == [f"LABPAL (NSGD): 12 updates (m = 1 closure call per update), "
                      f"{len(records)} line measurements ({sum(r['valid'] for r in records)} "
                      "valid)."]
 

@@ -289,7 +289,8 @@ def labpal_notes(rows: List[Dict[str, Any]], lines: Dict[str, List[Dict[str, Any
         ms = sorted({r["m"] for r in records})
         count = len(records)
         text = (f"{run.get('label', run['optimizer'])}: {updates} updates (m = "
-                f"{', '.join(map(str, ms)) or '?'} closure calls per update), {count} line "
+                f"{', '.join(map(str, ms)) or '?'} closure call{'s' * (ms != [1])} per update), "
+                f"{count} line "
                 f"measurement{'s' * (count != 1)} ({sum(bool(r['valid']) for r in records)} "
                 "valid)")
         warmup = settings.get("warmup_updates")
