@@ -112,6 +112,30 @@ def test_trainer_fp16_parameters_with_loss_scaling_train_as_labpal_directly(tmp_
     assert sum(losses[-4:]) < 0.95 * sum(losses[:4])
 
 
+class OwnBackward(Recording):
+    """An accelerator whose backward was already replaced on the instance (by the user or a
+    library): the scaled backward goes through it, and it is there again after each call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        inner, self.backward_calls = self.accelerator.backward, []
+
+        def own(loss, **kw):
+            self.backward_calls.append(float(loss))
+            return inner(loss, **kw)
+        self.accelerator.backward = self.own_backward = own
+
+
+def test_trainer_loss_scaling_keeps_an_accelerator_backward_set_before(tmp_path):
+    hyper = dict(HYPER, loss_scale="dynamic")
+    trainer = train(tmp_path, trainer_cls=OwnBackward, labpal=hyper, dtype=torch.float16,
+                    max_grad_norm=0)
+    assert vars(trainer.accelerator)["backward"] is trainer.own_backward
+    # every Trainer backward went through it, on the loss times S (2**16 at first)
+    assert len(trainer.backward_calls) >= STEPS
+    assert trainer.backward_calls[0] > 1000 * history(trainer, "loss")[0]
+
+
 def test_trainer_checkpoint_resumes_as_uninterrupted(tmp_path):
     """Saved at step 6 (between two updates: LABPAL's state resumes bit for bit), resumed by a
     new Trainer from the checkpoint: the same parameters and log as one uninterrupted run."""

@@ -197,15 +197,21 @@ class LABPALTrainer(transformers.Trainer):
         def closure():  # forward and accelerator.backward, as the Trainer does them
             if labpal.hyper.loss_scale is None:
                 return parent(model, inputs, num_items_in_batch)
-            # under LABPAL's loss scale the Trainer's backward runs on opt.scale_loss(loss)
-            # (an instance attribute shadows the method for this call only)
-            backward = self.accelerator.backward
-            self.accelerator.backward = (
+            # under LABPAL's loss scale the Trainer's backward runs on opt.scale_loss(loss):
+            # an instance attribute shadows accelerator.backward for this call only, and
+            # whatever stood there before is put back
+            accelerator = self.accelerator
+            before = vars(accelerator).get("backward")
+            backward = accelerator.backward
+            accelerator.backward = (
                 lambda loss, **kwargs: backward(labpal.scale_loss(loss), **kwargs))
             try:
                 return parent(model, inputs, num_items_in_batch)
             finally:
-                del self.accelerator.backward
+                if before is None:
+                    del accelerator.backward
+                else:
+                    accelerator.backward = before
 
         # the LABPAL itself: Accelerate's wrapper returns no loss
         return labpal.step(closure)
