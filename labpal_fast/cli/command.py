@@ -297,7 +297,7 @@ def _train_and_report(args, names: Sequence[str], device: torch.device,
     }
     rep.write_json(os.path.join(out, rep.SUMMARY), summary)
     if args.no_plots:
-        text = rep.results_text(rows, lines, summary)
+        text = rep.results_text(figs, rows, lines, summary)
         with open(os.path.join(out, rep.TABLE), "w") as f:
             f.write(text)
     else:

@@ -306,13 +306,12 @@ def labpal_notes(rows: List[Dict[str, Any]], lines: Dict[str, List[Dict[str, Any
     return "".join(f"\n{text}\n" for text in notes)
 
 
-def results_text(rows: List[Dict[str, Any]], lines: Dict[str, List[Dict[str, Any]]],
-                 summary: Dict[str, Any]) -> str:
-    """results.md: the table, then the LABPAL runs' notes."""
+def results_text(figs: Dict[str, Dict[str, Any]], rows: List[Dict[str, Any]],
+                 lines: Dict[str, List[Dict[str, Any]]], summary: Dict[str, Any]) -> str:
+    """results.md: the table of `figs` (`figures(rows, ...)`), then the LABPAL runs' notes."""
     labels = {r["optimizer"]: r.get("label", r["optimizer"]) for r in summary.get("runs", [])}
     target = summary.get("settings", {}).get("target_loss")
-    return (table(figures(rows, target), labels, target)
-            + labpal_notes(rows, lines, summary.get("runs", [])))
+    return table(figs, labels, target) + labpal_notes(rows, lines, summary.get("runs", []))
 
 
 def _finite(v) -> bool:
@@ -353,7 +352,7 @@ def rebuild(out_dir: str) -> Dict[str, Any]:
         p = os.path.join(out_dir, f"lines_{name}.png")
         if plot_lines(records, p, f"{labels.get(name, name)} on {task}: line measurements"):
             files.append(p)
-    text = results_text(rows, lines, summary)
+    text = results_text(figs, rows, lines, summary)
     with open(os.path.join(out_dir, TABLE), "w") as f:
         f.write(text)
     files.append(os.path.join(out_dir, TABLE))
