@@ -1,26 +1,36 @@
 #!/usr/bin/env python
-"""One call on a GPU machine (at most ~8 minutes): tests, sync check, benchmarks, a table.
+"""One call on a GPU machine (5 minutes by default): tests, sync check, benchmarks, tables.
 
-    python benchmarks/gpu_check.py RESULTS_DIR [--quick]
+    python benchmarks/gpu_check.py [--out OUT] [--minutes 5] [--quick] [--no-build]
+    python benchmarks/gpu_check.py --dry-run --out OUT   # no GPU: the end-to-end section on CPU
 
-1. every CUDA-marked test of the suite: each fast backend's ops (Triton compiled, the
-   extension's CUDA kernels) and whole trajectories against eager on the GPU, and the
-   sync-debug check (``torch.cuda.set_sync_debug_mode("error")`` around TRAINING steps);
-0. builds the compiled extension's CUDA kernels in place (`setup.py build_ext --inplace`;
-   skip with --no-build);
-2. CUDA-event timings: a device-to-device copy (the bandwidth yardstick), each op on Triton,
-   eager and (when built) the compiled extension's CUDA kernels, the TRAINING update against ``torch.optim.SGD(fused=True)`` (with and without
-   ``zero_grad(set_to_none=False)``, which costs the pass our update spends clearing the
-   gradient buffer), at 1M, 25M and 350M parameters; the optimizer side of a whole
-   measurement at 25M parameters in 160 tensors, Triton against eager;
-3. a sweep of the Triton tile sizes (TILE_CONFIGS) at 25M and 350M, side by side;
-   then the pytest-benchmark suite (benchmarks/bench_triton.py) at 1M and 25M, JSON to RESULTS_DIR;
-4. a short table on stdout; everything in RESULTS_DIR (summary.json, summary.txt, junit XML,
-   logs, the per-kernel relative errors as triton_rel_errors.jsonl).
+OUT is --out, else the environment's $OUT, else a positional RESULTS_DIR. The steps run in this
+order, each with a share of the time still left (`STEPS`: a step skipped when its time is up
+says so on a line), and each step's JSON goes to OUT/<step>.json as soon as it ends:
+
+- build_ext: the compiled extension's CUDA kernels in place (`setup.py build_ext --inplace`;
+  skip with --no-build);
+- cuda_tests, triton_tests: every CUDA-marked test of the suite (each fast backend's ops and
+  whole trajectories against eager on the GPU, the sync-debug check,
+  ``torch.cuda.set_sync_debug_mode("error")`` around TRAINING steps), and test_triton.py;
+- end_to_end (at most 150 s): whole training steps, LABPAL against AdamW(fused=True) and
+  SGD(fused=True) on a ResNet-50-shaped CNN and a GPT-2-small-shaped transformer, the
+  measurement against its floor and its share of training time, peak memory, host syncs, CUDA
+  graphs and torch.compile inside the closure (benchmarks/end_to_end.py, docs/benchmarks.md);
+- timings: CUDA-event timings of a device-to-device copy (the bandwidth yardstick), each op on
+  Triton, eager and (when built) the extension's CUDA kernels, the TRAINING update against
+  ``torch.optim.SGD(fused=True)`` (with and without ``zero_grad(set_to_none=False)``, which costs
+  the pass our update spends clearing the gradient buffer), at 1M, 25M and 350M parameters;
+  the optimizer side of a whole measurement at 25M parameters in 160 tensors, Triton against
+  eager;
+- tile_sweep: the Triton tile sizes (TILE_CONFIGS) at 25M and 350M, side by side;
+- benchmarks: the pytest-benchmark suite (benchmarks/bench_triton.py) at 1M and 25M.
+Then summary.txt (the tables) and summary.json (every step's results) in OUT.
 
 Targets (H100/H200): TRAINING update at 25M within 1.1x of SGD(fused=True); line_move at
->= 85% of copy bandwidth at 350M; measurement >= 10x faster than eager at 25M / 160 tensors.
-Exit status: 0 when the tests pass (targets are reported, not enforced), 1 otherwise.
+>= 85% of copy bandwidth at 350M; a measurement within a small factor of its floor, the forward
+passes it needs (end_to_end). Exit status: 0 when the tests pass (targets are reported, not
+enforced), 1 otherwise, 2 without a GPU (unless --dry-run).
 """
 from __future__ import annotations
 
@@ -34,11 +44,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-DEADLINE = time.time() + 8 * 60 - 20  # --minutes changes it
+from plan import Plan  # noqa: E402
+# step -> (share of the time left, cap in seconds), in the order they run (plan.Plan)
+STEPS = {"build_ext": (3, 60), "cuda_tests": (4, 90), "triton_tests": (1, 30),
+         "end_to_end": (14, 150), "timings": (3, None), "tile_sweep": (1, None),
+         "benchmarks": (1, None)}
+# seconds a size of the timings step takes at most (a size is skipped with less time left)
+SIZE_SECONDS = {1_000_000: 5, 25_000_000: 10, 350_000_000: 30}
 
 
-def left() -> float:
-    return DEADLINE - time.time()
+def seconds_to(deadline: float) -> float:
+    return deadline - time.monotonic()
 
 
 def run_pytest(args, out, name, timeout):
@@ -54,7 +70,7 @@ def run_command(cmd, out, name, timeout):
     t0 = time.time()
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=max(10, timeout))
+                             timeout=max(1, timeout))
         rc, text = res.returncode, res.stdout + res.stderr
     except subprocess.TimeoutExpired as exc:
         rc, text = 124, f"TIMEOUT after {timeout:.0f}s\n{exc.stdout or ''}"
@@ -82,7 +98,7 @@ def cuda_time(fn, reps: int) -> float:
     return sorted(times)[1]
 
 
-def timings(sizes, quick: bool):
+def timings(sizes, quick: bool, deadline: float):
     import torch
     from bench_triton import (make_flat, measurement_case, op_cases, sgd_fused_cases,
                               training_update_cases)
@@ -93,7 +109,7 @@ def timings(sizes, quick: bool):
     backends = ("eager", "triton") + (("ext",) if ext_reason is None else ())
     print(f"compiled extension: {results['ext']}", flush=True)
     for n in sizes:
-        if left() < 60:
+        if seconds_to(deadline) < SIZE_SECONDS[n]:
             print(f"skipping {n / 1e6:g}M: out of time", flush=True)
             break
         reps = 50 if n <= 2_000_000 else (10 if n <= 50_000_000 else 3)
@@ -132,7 +148,7 @@ def timings(sizes, quick: bool):
         res["sgd_fused"] = {"s": t_sgd, "s_with_zero_grad": t_sgdz}
         del flat
         torch.cuda.empty_cache()
-    if left() > 60 and not quick:
+    if seconds_to(deadline) > 10 and not quick:
         meas = {}
         for b in ("eager", "triton"):
             fn, opt = measurement_case(b)
@@ -151,7 +167,7 @@ TILE_CONFIGS = ((4096, 8, 2048, 16), (4096, 8, 2048, 8), (4096, 16, 2048, 16), (
                 (2048, 4, 1024, 4), (1024, 4, 1024, 8))
 
 
-def tile_sweep(sizes):
+def tile_sweep(sizes, deadline: float):
     """The Triton TRAINING update (both passes) and the streaming ops under each tile config,
     side by side: which tiles are fastest on this GPU."""
     import torch
@@ -167,7 +183,7 @@ def tile_sweep(sizes):
             t_sgd = cuda_time(sgd["sgd_fused"][0], reps)
             del keep, sgd
             for cfg in TILE_CONFIGS:
-                if left() < 30:
+                if seconds_to(deadline) < SIZE_SECONDS[n] / 3:
                     break
                 tri.BLOCK, tri.NUM_WARPS, tri.DIRECTION_BLOCK, tri.DIRECTION_WARPS = cfg
                 ops = op_cases(flat, "triton")
@@ -201,57 +217,112 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", help="directory for the full results")
-    ap.add_argument("--quick", action="store_true", help="1M and 25M only, no measurement")
-    ap.add_argument("--minutes", type=float, default=8.0,
-                    help="whole-run budget (default 8); each step gets its share")
-    ap.add_argument("--no-build", action="store_true",
-                    help="do not build the compiled extension (labpal_fast._C) first")
-    args = ap.parse_args()
-    global DEADLINE
-    DEADLINE = time.time() + args.minutes * 60 - 20
-    budget = left()
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    import torch
-    if not torch.cuda.is_available():
-        print("no CUDA device: this script needs an NVIDIA GPU", file=sys.stderr)
-        return 2
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    if not args.no_build:  # the CUDA kernels of the compiled extension, timed beside Triton
-        run_command([sys.executable, "setup.py", "build_ext", "--inplace"], out, "build_ext",
-                    timeout=0.3 * budget)
+def kernel_steps(plan: Plan, out: str, args) -> tuple:
+    """build_ext and the tests, each within its step's deadline: {step: exit status}."""
+    rcs = {}
+
+    def subprocess_step(name, cmd_or_args, pytest=True):
+        def step(deadline):
+            timeout = seconds_to(deadline)
+            rc = (run_pytest(cmd_or_args, out, name, timeout) if pytest
+                  else run_command(cmd_or_args, out, name, timeout))
+            rcs[name] = rc
+            return {"rc": rc, "log": f"{name}.log"}
+        return step
+
+    if args.no_build:
+        plan.skip("build_ext", "--no-build")
+    else:  # the CUDA kernels of the compiled extension, timed beside Triton
+        plan.run("build_ext", subprocess_step(
+            "build_ext", [sys.executable, "setup.py", "build_ext", "--inplace"], pytest=False))
     # every CUDA-marked test: each backend's ops and trajectories against eager on the GPU,
     # the sync-debug check; then the backend-independent suites on the GPU machine's CPU
-    rc_cuda = run_pytest(["tests", "-m", "cuda"], out, "cuda_tests", timeout=0.3 * budget)
-    rc_tests = run_pytest(["tests/test_triton.py"], out, "triton_tests", timeout=0.15 * budget)
-    sizes = [1_000_000, 25_000_000] + ([] if args.quick else [350_000_000])
-    t0 = time.time()
-    try:
-        rows, results = timings(sizes, args.quick)
-    except Exception as exc:  # keep what the tests said
-        import traceback
-        traceback.print_exc()
-        rows, results = [], {"error": repr(exc)}
-    print(f"[timings] {time.time() - t0:.0f}s", flush=True)
-    if not args.quick and left() > 90:
-        t0 = time.time()
-        try:
-            results["tile_sweep"] = tile_sweep([25_000_000, 350_000_000])
-        except Exception as exc:
-            import traceback
-            traceback.print_exc()
-            results["tile_sweep"] = {"error": repr(exc)}
-        print(f"[tile sweep] {time.time() - t0:.0f}s", flush=True)
-    if left() > 45:
-        env_sizes = "1e6,25e6"
-        os.environ["LABPAL_BENCH_SIZES"] = env_sizes
-        run_pytest(["benchmarks/bench_triton.py", "--benchmark-enable",
-                    f"--benchmark-json={os.path.join(out, 'benchmark.json')}", "-k", "not 350M"],
-                   out, "benchmarks", timeout=left() - 10)
-    text = table(rows)
+    plan.run("cuda_tests", subprocess_step("cuda_tests", ["tests", "-m", "cuda"]))
+    plan.run("triton_tests", subprocess_step("triton_tests", ["tests/test_triton.py"]))
+    return rcs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("results_dir", nargs="?", help="OUT, if neither --out nor $OUT gives it")
+    ap.add_argument("--out", help="directory for the results (default: $OUT)")
+    ap.add_argument("--quick", action="store_true", help="1M and 25M only, no measurement case, "
+                    "no tile sweep")
+    ap.add_argument("--minutes", type=float, default=5.0,
+                    help="whole-run budget (default 5); each step gets its share")
+    ap.add_argument("--no-build", action="store_true",
+                    help="do not build the compiled extension (labpal_fast._C) first")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU needed: only the end-to-end section, on CPU at tiny shapes "
+                         "(what the tests run)")
+    args = ap.parse_args(argv)
+    out = args.out or os.environ.get("OUT") or args.results_dir
+    if not out:
+        ap.error("say where the results go: --out DIR (or set $OUT)")
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    import torch
+    import end_to_end
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: this script needs an NVIDIA GPU (--dry-run runs the end-to-end "
+              "section on CPU)", file=sys.stderr)
+        return 2
+
+    def save(name, result):
+        with open(os.path.join(out, name + ".json"), "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+
+    plan = Plan(args.minutes * 60 - 20, STEPS, save=save)
+    device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    print(f"device: {device}  torch {torch.__version__}  budget {plan.left():.0f} s", flush=True)
+    rcs = {}
+    if args.dry_run:
+        for name in ("build_ext", "cuda_tests", "triton_tests"):
+            plan.skip(name, "dry run: needs a GPU")
+        rig = end_to_end.dry_run_rig()
+    else:
+        rcs = kernel_steps(plan, out, args)
+        rig = end_to_end.gpu_rig()
+    e2e = plan.run("end_to_end", lambda deadline: end_to_end.run(
+        rig, deadline, save=lambda partial: save("end_to_end", partial)))
+    rows, results = [], {}
+    if args.dry_run:
+        for name in ("timings", "tile_sweep", "benchmarks"):
+            plan.skip(name, "dry run: needs a GPU")
+    else:
+        sizes = [1_000_000, 25_000_000] + ([] if args.quick else [350_000_000])
+
+        def timing_step(deadline):
+            nonlocal rows, results
+            rows, results = timings(sizes, args.quick, deadline)
+            return results
+        plan.run("timings", timing_step)
+        if args.quick:
+            plan.skip("tile_sweep", "--quick")
+        else:
+            plan.run("tile_sweep", lambda deadline: {
+                "rows": tile_sweep([25_000_000, 350_000_000], deadline)})
+
+        def bench_step(deadline):
+            os.environ["LABPAL_BENCH_SIZES"] = "1e6,25e6"
+            rc = run_pytest(["benchmarks/bench_triton.py", "--benchmark-enable",
+                             f"--benchmark-json={os.path.join(out, 'benchmark.json')}",
+                             "-k", "not 350M"], out, "benchmarks", seconds_to(deadline))
+            return {"rc": rc, "json": "benchmark.json"}
+        plan.run("benchmarks", bench_step)
+    summary = summary_text(rows, results, e2e, rcs)
+    print(summary)
+    with open(os.path.join(out, "summary.txt"), "w") as fh:
+        fh.write(summary)
+    with open(os.path.join(out, "summary.json"), "w") as fh:
+        json.dump(plan.results, fh, indent=1, default=str)
+    if args.dry_run:
+        return 0 if "optimizers" in e2e.get("resnet50", {}) else 1
+    return 0 if rcs.get("triton_tests") == 0 and rcs.get("cuda_tests") in (0, 5) else 1
+
+
+def summary_text(rows, results, e2e: dict, rcs: dict) -> str:
+    import end_to_end
     targets = []
     r25 = results.get("sizes", {}).get("25000000", {})
     r350 = results.get("sizes", {}).get("350000000", {})
@@ -263,16 +334,13 @@ def main() -> int:
         targets.append(f"line_move 350M: {100 * r350['line_move']['of_copy']:.0f}% of copy "
                        f"[target >= 85%]")
     if "measurement_25M_160" in results:
-        targets.append(f"measurement 25M/160: {results['measurement_25M_160']['speedup']:.1f}x "
-                       f"faster than eager [target >= 10x]")
-    summary = f"{text}\n\n" + "\n".join(targets) + \
-        f"\n\ntests: triton files rc={rc_tests}, cuda-marked rc={rc_cuda}\n"
-    print(summary)
-    with open(os.path.join(out, "summary.txt"), "w") as fh:
-        fh.write(summary)
-    with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump({"tests": {"triton": rc_tests, "cuda": rc_cuda}, **results}, fh, indent=1)
-    return 0 if rc_tests == 0 and rc_cuda in (0, 5) else 1
+        targets.append(f"measurement 25M/160, optimizer side: "
+                       f"{results['measurement_25M_160']['speedup']:.1f}x faster than eager")
+    parts = [table(rows) if rows else "kernel timings: not run",
+             "\n".join(targets),
+             end_to_end.table(e2e) if "settings" in e2e else f"end_to_end: {e2e}",
+             f"tests: {rcs or 'not run'}"]
+    return "\n\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":
