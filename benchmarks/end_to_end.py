@@ -39,7 +39,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -373,22 +373,32 @@ class Runner:
         return loss.detach()
 
 
-def timed_steps(rig: Rig, runner: Runner, n: int) -> List[Tuple[str, str, object, object]]:
-    """n steps, each between two clock marks: (phase before, phase after, mark, next mark)."""
-    marks, phases = [rig.now()], []
+def timed_steps(rig: Rig, runner: Runner, n: int) -> List[tuple]:
+    """n steps, each between two clock marks: (phase before, phase after, call index, mark,
+    next mark)."""
+    marks, steps = [rig.now()], []
     for _ in range(n):
-        before = runner.phase
+        before, index = runner.phase, runner.calls
         runner.step()
-        phases.append((before, runner.phase))
+        steps.append((before, runner.phase, index))
         marks.append(rig.now())
-    return [(b, a, marks[i], marks[i + 1]) for i, (b, a) in enumerate(phases)]
+    return [step + (marks[i], marks[i + 1]) for i, step in enumerate(steps)]
 
 
-def split(calls: List[Tuple[str, str, float]]) -> Tuple[List[float], List[List[float]]]:
-    """(TRAINING steps' values, one list per whole measurement) from (before, after, value)."""
+def abandoned(records: List[dict]) -> Set[int]:
+    """The calls at which measurements (`LABPAL.measurements()`) were abandoned: such one spans
+    m calls, not k·m, and at m = 1 the phases alone would take it for a TRAINING step."""
+    return {x["call"] for x in records if (x["reason"] or "").startswith("abandoned")}
+
+
+def split(calls, skip: Set[int] = frozenset()) -> Tuple[List[float], List[List[float]]]:
+    """(TRAINING steps' values, one list per whole measurement) from (phase before, phase after,
+    call index, value); measurements starting at a call in `skip` are left out."""
     train, spans, span = [], [], None
-    for before, after, value in calls:
-        if before == TRAINING and after == TRAINING:
+    for before, after, index, value in calls:
+        if index in skip:
+            span = None
+        elif before == TRAINING and after == TRAINING:
             train.append(value)
         elif before == TRAINING:
             span = [value]
@@ -472,7 +482,7 @@ def rounds(rig: Rig, runners: List[Runner], deadline: float, reserve: float) -> 
                 peaks[r.name].append((rig.peak() - before) / MiB)
         rig.wait()
         for r, steps in marked:
-            calls[r.name] += [[b, a, rig.ms(m0, m1)] for b, a, m0, m1 in steps]
+            calls[r.name] += [(b, a, i, rig.ms(m0, m1)) for b, a, i, m0, m1 in steps]
         done += 1
         if time.monotonic() + (time.monotonic() - t0) + reserve > deadline:
             break
@@ -490,24 +500,26 @@ def sync_check(rig: Rig, runner: Runner) -> dict:
             before, updates = runner.phase, runner.opt.updates
             strict = before == TRAINING and rate and since_end is not None \
                 and since_end < rig.reuse
+            index = runner.calls
             with rig.host_syncs(strict) as syncs:
                 runner.step()
-            calls.append((before, runner.phase, syncs.n))
+            calls.append((before, runner.phase, index, syncs.n))
             if before != TRAINING and runner.phase == TRAINING:  # a measurement ended
                 since_end, rate = 0, runner.opt.updates > updates
             elif since_end is not None:
                 since_end += 1
     except RuntimeError as exc:
         return {"error": f"{exc}"[:300], "calls": calls}
-    train, spans = split(calls)
+    train, spans = split(calls, abandoned(runner.opt.measurements()))
     return {"train_steps": len(train), "syncs_per_train_step": max(train, default=math.nan),
             "measurements": len(spans),
             "syncs_per_measurement": max((sum(s) for s in spans), default=math.nan)}
 
 
 def direct_nu(rig: Rig, task: Task, fwd_ms: float, m1: dict, deadline: float) -> dict:
-    """A measurement at m = ν timed directly (LABPAL NSGD, its own model copy): two
-    measurements with an update between, the second timed, then an update of m TRAINING steps."""
+    """A measurement at m = ν timed directly (LABPAL NSGD, its own model copy, a measurement
+    after every update): after a first measurement that gives a rate, an update of m TRAINING
+    steps and the next measurement are timed."""
     m = int(rig.nu)
     model = task.make()
     opt = LABPAL(model.parameters(), model=model, backend=rig.backend, mode="NSGD",
@@ -520,14 +532,19 @@ def direct_nu(rig: Rig, task: Task, fwd_ms: float, m1: dict, deadline: float) ->
         return {"skipped": f"out of time (about {estimate_s:.0f} s needed)"}
     runner = Runner("LABPAL NSGD", model, opt, model, task.batches,
                     functools.partial(loss_of, device_type=rig.device.type))
-    for _ in range(k * m + m):  # the first measurement and an update: warm
+    # warm: until a measurement gave a rate (after 3 without, LABPAL falls back to a safe step)
+    for _ in range(6 * (k * m + m)):
+        before, updates = runner.phase, opt.updates
         runner.step()
-    steps = timed_steps(rig, runner, k * m + m)
+        if before != TRAINING and runner.phase == TRAINING and opt.updates > updates:
+            break
+    steps = timed_steps(rig, runner, m + k * m)
     rig.wait()
-    train, spans = split([(b, a, rig.ms(m0, m1)) for b, a, m0, m1 in steps])
+    train, spans = split([(b, a, i, rig.ms(m0, m1)) for b, a, i, m0, m1 in steps],
+                         abandoned(opt.measurements()))
     if len(spans) != 1 or len(train) != m:
         return {"error": f"expected one measurement and {m} TRAINING steps, got {len(spans)} "
-                         f"and {len(train)}"}
+                         f"and {len(train)} (reasons: {[x['reason'] for x in opt.measurements()]})"}
     update = sum(train)
     measure = sum(spans[0]) - update
     floor = floor_passes(k, p, m) * fwd_ms
@@ -564,7 +581,9 @@ def compare(rig: Rig, task: Task, deadline: float, names=tuple(OPTIMIZERS),
     out["rounds"] = timed["rounds"]
     figures = {}
     for r in runners:
-        train, spans = split(timed["calls"][r.name])
+        made = timed["measurements"].get(r.name, [])
+        skip = abandoned(made)
+        train, spans = split(timed["calls"][r.name], skip)
         fig = {"train_ms": statistics.median(train), "steps_timed": len(train),
                "warmup_s": r.warmup_s}
         fig["optimizer_ms"] = fig["train_ms"] - fwd_bwd_ms
@@ -573,18 +592,14 @@ def compare(rig: Rig, task: Task, deadline: float, names=tuple(OPTIMIZERS),
         if r.channels_last is not None:
             fig["channels_last_params"] = r.channels_last
         if r.labpal:
-            made = timed["measurements"][r.name]
             k, p, m = rig.k, positions(r.opt), 1
             measures = [sum(s) - m * fig["train_ms"] for s in spans]
             floor = floor_passes(k, p, m) * fwd_ms
-            fig.update(measurements_timed=len(spans), valid=sum(x["valid"] for x in made),
+            fig.update(measurements_timed=len(spans), abandoned_timed=len(skip),
+                       valid=sum(x["valid"] for x in made),
                        reasons=sorted({x["reason"] for x in made if x["reason"]}),
                        measure_ms=statistics.median(measures) if measures else math.nan,
                        floor_passes=floor_passes(k, p, m), floor_ms=floor)
-            if len(made) != len(spans):
-                fig["warning"] = (f"{len(made)} measurements recorded, {len(spans)} whole ones "
-                                  "seen in the timed steps (an abandoned one at m = 1 looks like "
-                                  "a TRAINING step)")
             fig["measure_over_floor"] = fig["measure_ms"] / floor
             fig["share_m1"] = share(fig["measure_ms"], fig["train_ms"])
             # at ν: the forward passes scale with m, the measurement at the ratio found at m = 1
