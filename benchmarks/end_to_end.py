@@ -470,7 +470,7 @@ def rounds(rig: Rig, runners: List[Runner], deadline: float, reserve: float) -> 
     peaks = {r.name: [] for r in runners}
     records = {r.name: len(r.opt.measurements()) for r in runners if r.labpal}
     done = 0
-    for i in range(rig.rounds):
+    for _ in range(rig.rounds):
         t0 = time.monotonic()
         marked = []
         for r in runners:
@@ -490,16 +490,19 @@ def rounds(rig: Rig, runners: List[Runner], deadline: float, reserve: float) -> 
     return {"calls": calls, "peaks": peaks, "measurements": made, "rounds": done}
 
 
-def sync_check(rig: Rig, runner: Runner) -> dict:
-    """Host syncs per step over one cycle and a half: strict (a sync raises) in steps known to
-    be TRAINING (after a measurement that gave a rate, before the next is due), counted in the
-    others. Phases tell each step's kind afterwards."""
+def sync_check(rig: Rig, runner: Runner, model_syncs: Tuple[int, int]) -> dict:
+    """LABPAL's own host syncs per step over one cycle and a half, beyond the model's own
+    (`model_syncs`: per forward+backward, per forward without grad, counted alone): strict (a
+    sync raises) in steps known to be TRAINING (after a measurement that gave a rate, before the
+    next is due) when the model makes none, counted in the others. Phases and the measurements'
+    records tell each step's kind afterwards."""
     calls, since_end, rate = [], None, False
+    per_fwd_bwd, per_fwd = model_syncs
     try:
         for _ in range(rig.k + 2 * rig.reuse):
             before, updates = runner.phase, runner.opt.updates
             strict = before == TRAINING and rate and since_end is not None \
-                and since_end < rig.reuse
+                and since_end < rig.reuse and per_fwd_bwd == 0
             index = runner.calls
             with rig.host_syncs(strict) as syncs:
                 runner.step()
@@ -511,9 +514,13 @@ def sync_check(rig: Rig, runner: Runner) -> dict:
     except RuntimeError as exc:
         return {"error": f"{exc}"[:300], "calls": calls}
     train, spans = split(calls, abandoned(runner.opt.measurements()))
-    return {"train_steps": len(train), "syncs_per_train_step": max(train, default=math.nan),
+    model_in_measurement = per_fwd_bwd + floor_passes(rig.k, positions(runner.opt), 1) * per_fwd
+    return {"train_steps": len(train), "strict": per_fwd_bwd == 0,
+            "model_syncs_per_fwd_bwd": per_fwd_bwd, "model_syncs_per_fwd": per_fwd,
+            "syncs_per_train_step": max(train, default=math.nan) - per_fwd_bwd,
             "measurements": len(spans),
-            "syncs_per_measurement": max((sum(s) for s in spans), default=math.nan)}
+            "syncs_per_measurement": max((sum(s) for s in spans), default=math.nan)
+            - model_in_measurement}
 
 
 def direct_nu(rig: Rig, task: Task, fwd_ms: float, m1: dict, deadline: float) -> dict:
@@ -573,6 +580,11 @@ def compare(rig: Rig, task: Task, deadline: float, names=tuple(OPTIMIZERS),
         alone.zero_grad(set_to_none=True)
         loss(forward, task.batches[0]).backward()
     fwd_ms, fwd_bwd_ms = time_alone(rig, fwd, rig.reps), time_alone(rig, fwd_bwd, rig.reps)
+    with rig.host_syncs(strict=False) as in_fwd_bwd:
+        fwd_bwd()
+    with rig.host_syncs(strict=False) as in_fwd:
+        fwd()
+    model_syncs = (in_fwd_bwd.n, in_fwd.n)
     del alone, forward
     out = {"task": task.name, "parameters": sum(p.numel() for p in runners[0].model.parameters()),
            "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "build_s": build_s}
@@ -615,7 +627,7 @@ def compare(rig: Rig, task: Task, deadline: float, names=tuple(OPTIMIZERS),
     if syncs:
         for r in runners:
             if r.labpal:
-                figures[r.name]["syncs"] = sync_check(rig, r)
+                figures[r.name]["syncs"] = sync_check(rig, r, model_syncs)
     if nu and "LABPAL NSGD" in figures:
         del runners, r  # their memory, before another copy
         out["nu_direct"] = direct_nu(rig, task, fwd_ms, figures["LABPAL NSGD"], deadline)

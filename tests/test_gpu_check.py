@@ -91,6 +91,7 @@ def test_dry_run_figures(dry_run, part):
         assert f["floor_passes"] == rig.k * 3 - 1 + 1  # k·P·m − m + 1, P = 3 positions, m = 1
         syncs = f["syncs"]
         assert "error" not in syncs, syncs
+        assert syncs["strict"] is True and syncs["model_syncs_per_fwd_bwd"] == 0
         # TRAINING steps read nothing (strict: a read raised); a measurement reads at most 2
         assert syncs["train_steps"] >= rig.reuse and syncs["syncs_per_train_step"] == 0
         assert syncs["measurements"] >= 1 and 1 <= syncs["syncs_per_measurement"] <= 2
