@@ -217,7 +217,7 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def kernel_steps(plan: Plan, out: str, args) -> tuple:
+def kernel_steps(plan: Plan, out: str, args) -> dict:
     """build_ext and the tests, each within its step's deadline: {step: exit status}."""
     rcs = {}
 
@@ -243,7 +243,7 @@ def kernel_steps(plan: Plan, out: str, args) -> tuple:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results_dir", nargs="?", help="OUT, if neither --out nor $OUT gives it")
     ap.add_argument("--out", help="directory for the results (default: $OUT)")
     ap.add_argument("--quick", action="store_true", help="1M and 25M only, no measurement case, "
@@ -327,9 +327,10 @@ def summary_text(rows, results, e2e: dict, rcs: dict) -> str:
     r25 = results.get("sizes", {}).get("25000000", {})
     r350 = results.get("sizes", {}).get("350000000", {})
     if "train[SGD]/triton" in r25:
-        targets.append(f"TRAINING update (SGD) 25M: {r25['train[SGD]/triton']['over_sgd_fused']:.2f}x "
-                       f"SGD(fused) [target <= 1.10x]; "
-                       f"{r25['train[SGD]/triton']['over_sgd_fused_zero']:.2f}x SGD(fused)+zero_grad")
+        sgd = r25["train[SGD]/triton"]
+        targets.append(f"TRAINING update (SGD) 25M: {sgd['over_sgd_fused']:.2f}x SGD(fused) "
+                       f"[target <= 1.10x]; {sgd['over_sgd_fused_zero']:.2f}x "
+                       "SGD(fused)+zero_grad")
     if "line_move" in r350:
         targets.append(f"line_move 350M: {100 * r350['line_move']['of_copy']:.0f}% of copy "
                        f"[target >= 85%]")

@@ -40,7 +40,8 @@ class Plan:
         seconds = self.allowance(name)
         self.pending.remove(name)
         if seconds < self.minimum:
-            return self.skip(name, f"out of time ({seconds:.0f} s for it, {self.left():.0f} s left)")
+            return self.skip(name, f"out of time ({seconds:.0f} s for it, "
+                                   f"{self.left():.0f} s left)")
         t0 = time.monotonic()
         try:
             result = fn(t0 + seconds)
