@@ -21,8 +21,8 @@ round), each step between two clock marks (CUDA events on a GPU):
   of ImageNet-1k at batch 256 (estimated from m = 1, and measured directly when time is left);
 - peak memory per optimizer's block above what was allocated before it, and what the model
   copy with its optimizer keeps allocated between steps;
-- host syncs per TRAINING step (must be 0; a GPU raises on one, `set_sync_debug_mode("error")`)
-  and per measurement (at most 2 by design).
+- LABPAL's host syncs beyond the model's own: per TRAINING step (must be 0; on a GPU under
+  `set_sync_debug_mode("error")`, which raises on one) and per measurement (at most 2).
 A whole LABPAL step cannot be captured in a CUDA graph, by design: its phases are host-side
 counters, and a measurement reads two device values on the host. Only the model's forward and
 backward inside the closure can be.

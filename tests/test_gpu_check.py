@@ -135,7 +135,7 @@ def test_host_reads_counts_and_strict_raises():
 
 
 @pytest.mark.parametrize("m", [1, 2])
-def test_floor_counts_the_forward_passes_a_measurement_makes(m):
+def test_floor_counts_the_forward_passes_a_measurement_makes(m, backend):
     """k·P·m − m + 1 forward passes without grad, beyond m with grad: counted on the model."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -145,7 +145,7 @@ def test_floor_counts_the_forward_passes_a_measurement_makes(m):
         passes[torch.is_grad_enabled()] += 1
     model.register_forward_hook(count)
     k = 3
-    opt = LABPAL(model.parameters(), backend="eager", noise_factor=float(m),
+    opt = LABPAL(model.parameters(), noise_factor=float(m),
                  batch_size_schedule=((0, 1),), approximation_batches=k, warmup_updates=0,
                  reuse_updates=10, direction_norm_range=(0.0, math.inf))
     data = [(torch.randn(6, 5), torch.randint(0, 2, (6,))) for _ in range(k * m)]
