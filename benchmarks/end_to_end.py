@@ -773,8 +773,12 @@ def table(result: dict) -> str:
         nu = res.get("nu_direct", {})
         for name, f in res["optimizers"].items():
             s = f.get("syncs", {})
-            share_nu = nu.get("share") if name == "LABPAL NSGD" and "share" in nu \
-                else f.get("share_nu_estimated")
+            if name == "LABPAL NSGD" and "share" in nu:  # measured at ν
+                share_nu = cell(100 * nu["share"], "%.2f%%")
+            else:  # estimated from m = 1
+                share_nu = cell(None if "share_nu_estimated" not in f
+                                else 100 * f["share_nu_estimated"], "~%.2f%%")
+            syncs = "error" if "error" in s else cell(s.get("syncs_per_train_step"), "%d")
             lines.append(
                 f"{part:<17} {name:<13} {cell(f['train_ms'], '%.2f'):>8} "
                 f"{cell(f.get('over_AdamW(fused)'), '%.3f'):>7} "
@@ -782,9 +786,9 @@ def table(result: dict) -> str:
                 f"{cell(f.get('measure_ms'), '%.1f'):>8} "
                 f"{cell(f.get('measure_over_floor'), '%.2f'):>7} "
                 f"{cell(None if 'share_m1' not in f else 100 * f['share_m1'], '%.2f%%'):>9} "
-                f"{cell(None if share_nu is None else 100 * share_nu, '%.2f%%'):>8} "
-                f"{cell(f.get('peak_MiB'), '%.0f'):>9} "
-                f"{cell(s.get('syncs_per_train_step'), '%d'):>5}")
+                f"{share_nu:>8} {cell(f.get('peak_MiB'), '%.0f'):>9} {syncs:>5}")
+    lines.append("share ν: measured at m = ν (LABPAL NSGD, when time allowed), ~ estimated from "
+                 "m = 1; syncs: LABPAL's own per TRAINING step")
     probe = result.get("gpt2_cuda_graphs", {}).get("loss_in_graph")
     if probe:
         lines.append(f"loss inside the captured graph: {probe}")
