@@ -113,17 +113,13 @@ class LABPAL(torch.optim.Optimizer):
         trained = [p for p in self._params if p.requires_grad]
         if not trained:
             raise ValueError("params: LABPAL got no parameter that requires grad")
-        shards.refuse_fsdp1(trained, model)
-        placed = shards.fsdp_params(model)  # FSDP2: the flats become its sharded storage
-        shards.check_placed(trained, placed, model is not None)
-        self.ops = backends.resolve(backend, {p.device for p in trained})
+        place = shards.Placement(trained, model)  # FSDP2: the flats become its sharded storage
+        self.ops = place.ops(backends.resolve(backend, {p.device for p in trained}))
         self.backend = self.ops.name
-        self.ops = shards.sharded_ops(self.ops, model, placed, trained, trained[0].device)
         # the flats point p.data and p.grad into their buffers: put them back if anything fails
         # here, so a failed construction leaves the model as it was
-        saved = shards.bindings(trained, placed)
         try:
-            self.flats: List[Flat] = build_flats(self.param_groups, placed,
+            self.flats: List[Flat] = build_flats(self.param_groups, place.slot_of,
                                                  self.hyper.master_weights)
             self._device = self.flats[0].device
             self._cuda = cuda_indices(f.device for f in self.flats)
@@ -135,7 +131,7 @@ class LABPAL(torch.optim.Optimizer):
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
         except BaseException:
-            shards.restore_bindings(saved)
+            place.undo()
             raise
         for group in self.param_groups:
             group["lr"] = self.line.lr

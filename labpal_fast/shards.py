@@ -1,4 +1,8 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`): the flat buffers become FSDP2's sharded storage.
+"""FSDP2 support (`torch.distributed.fsdp.fully_shard`): the flat buffers become FSDP2's storage.
+
+One call at construction, `Placement(params, model)`, finds FSDP2's sharded parameters (and
+refuses FSDP1); it gives `flat.build_flats` a `ShardSlot` for each (how a local shard sits in a
+flat) and wraps the backend in `ShardedOps`.
 
 Under FSDP2 a parameter is a DTensor whose local shard lives in a padded 1-D tensor of its
 `FSDPParam` (`_sharded_param_data`). FSDP2 all-gathers from that tensor before a forward, and
@@ -27,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .layout import NPART
+from .slots import Slot
 
 _FSDP1 = (
     "LABPAL does not support FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel): it "
@@ -117,45 +122,6 @@ def shard_group(fp) -> Optional[Any]:
 
 
 # ------------------------------------------------------------------ one parameter in a Flat
-class Slot:
-    """A plain parameter in a flat: ``p.data`` and ``p.grad`` are views into its buffers."""
-    sharded = False
-
-    def __init__(self, p: torch.Tensor):
-        self.shape = p.shape
-        self.numel = p.numel()
-        self.size = self.numel  # elements it takes in the flat
-
-    def values(self, p: torch.Tensor) -> torch.Tensor:
-        return p.detach()
-
-    def grad_values(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        return p.grad
-
-    def bind(self, p: torch.Tensor, padded: torch.Tensor, view: torch.Tensor,
-             grad: torch.Tensor) -> None:
-        self.view, self.grad = view, grad
-        self._ptr = view.data_ptr()
-        p.data = view
-        p.grad = grad
-
-    def bound(self, p: torch.Tensor) -> bool:
-        return p.data_ptr() == self._ptr
-
-    def rebind(self, p: torch.Tensor) -> None:
-        p.data = self.view
-
-    def grad_bound(self, p: torch.Tensor) -> bool:
-        return p.grad is self.grad
-
-    def rebind_grad(self, p: torch.Tensor) -> None:
-        p.grad = self.grad
-
-    def wrap(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """A tensor of this parameter's local shape as the state entry it is saved as."""
-        return t
-
-
 class ShardSlot(Slot):
     """An FSDP2 parameter: the flat holds its padded local shard; FSDP2's storage, the
     DTensor's local tensor and the gradient's local tensor are views into the flat."""
@@ -204,32 +170,6 @@ class ShardSlot(Slot):
     def wrap(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # a DTensor like the parameter: torch.distributed.checkpoint saves each rank's shard
         return self.fp.to_sharded_dtensor(t)
-
-
-def slot_of(p: torch.Tensor, placed: Dict[int, Any]) -> Slot:
-    fp = placed.get(id(p))
-    return Slot(p) if fp is None else ShardSlot(p, fp)
-
-
-def bindings(params: Sequence[torch.Tensor], placed: Dict[int, Any]) -> list:
-    """What the flats will re-point, to put back if the optimizer's construction fails."""
-    out = []
-    for p in params:
-        fp = placed.get(id(p))
-        if fp is None:
-            out.append((p, None, p.data, p.grad))
-        else:
-            out.append((p, fp, (p._local_tensor, fp._sharded_param_data), p.grad))
-    return out
-
-
-def restore_bindings(saved: list) -> None:
-    for p, fp, data, grad in saved:
-        if fp is None:
-            p.data = data
-        else:
-            p._local_tensor, fp._sharded_param_data = data
-        p.grad = grad
 
 
 def reduce_group(placed: Dict[int, Any], params: Sequence[torch.Tensor]):
@@ -403,3 +343,40 @@ def sharded_ops(inner, model: Optional[torch.nn.Module], placed: Dict[int, Any],
 
 def _self_group():
     return torch.distributed.new_group([torch.distributed.get_rank()])
+
+
+# ------------------------------------------------------------------ the one call at construction
+class Placement:
+    """How the trained parameters sit, found once when the optimizer is made: FSDP1 refused,
+    FSDP2's sharded parameters found (through `model`) and checked. `ops` wraps the backend,
+    `slot_of` tells `flat.build_flats` how each parameter sits in a flat; `undo` puts back the
+    storage the flats re-pointed, so that a failed construction leaves the model as it was."""
+
+    def __init__(self, params: Sequence[torch.Tensor], model: Optional[torch.nn.Module]):
+        refuse_fsdp1(params, model)
+        self._params = list(params)
+        self._model = model
+        self._placed = fsdp_params(model)
+        check_placed(self._params, self._placed, model is not None)
+        self._saved = []  # what the flats will re-point
+        for p in self._params:
+            fp = self._placed.get(id(p))
+            data = p.data if fp is None else (p._local_tensor, fp._sharded_param_data)
+            self._saved.append((p, fp, data, p.grad))
+
+    def ops(self, inner):
+        """`inner` itself without FSDP2 parameters; else the `ShardedOps` over it."""
+        return sharded_ops(inner, self._model, self._placed, self._params,
+                           self._params[0].device)
+
+    def slot_of(self, p: torch.Tensor) -> Slot:
+        fp = self._placed.get(id(p))
+        return Slot(p) if fp is None else ShardSlot(p, fp)
+
+    def undo(self) -> None:
+        for p, fp, data, grad in self._saved:
+            if fp is None:
+                p.data = data
+            else:
+                p._local_tensor, fp._sharded_param_data = data
+            p.grad = grad
