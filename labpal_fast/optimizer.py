@@ -335,8 +335,7 @@ class LABPAL(torch.optim.Optimizer):
                         run(self.ops.accumulate, flat, first=c.acc == 1)
                 else:  # the m-th call: form d, move θ along it
                     run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
-                    self.ops.update(self.flats, self._decays(), self.line, m=m,
-                                    momentum=self.hyper.momentum, run=run)
+                    self.ops.update(self.flats, self._decays(), self.line, m=m, run=run)
                     self._publish(run)
                     c.acc = 0
                     c.updates += 1
@@ -417,8 +416,8 @@ class LABPAL(torch.optim.Optimizer):
         """Call m of a measurement: form d (the old one kept to restore); abandon or go on."""
         for flat in self.flats:
             run(self.ops.save_direction, flat)
-        self.ops.direction(self.flats, self._decays(), self.line, m=m,
-                           momentum=self.hyper.momentum, line_terms=True, run=run)
+        self.ops.direction(self.flats, self._decays(), self.line, m=m, line_terms=True,
+                           run=run)
         self._formed = True
         if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
             # the loss floor reads this rank's own samples: off across ranks (one factor for all)
