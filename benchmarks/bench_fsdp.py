@@ -53,7 +53,7 @@ class Setup:
         self.neg_coefs = [self.coef] * PIECES  # broadcast in addcmul (sign folded below)
 
     def storage(self) -> None:
-        self.ops.update([self.flat], [[WD]], self.line, m=1, momentum=MOMENTUM)
+        self.ops.update([self.flat], [[WD]], self.line, m=1)
 
     def copies(self) -> None:
         torch._foreach_copy_(self.grad_views, self.grads)

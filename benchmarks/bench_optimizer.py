@@ -84,8 +84,8 @@ def optimizer_sides() -> Dict[str, Callable[[], None]]:
             for p, q in zip(ps, params):
                 p.grad = q.grad.clone()
             flats = build_flats([{"params": ps}])
-            line = ops.make_line(Hyper(mode=mode, max_grad_norm=clip, sgd_rate=rate),
-                                 torch.device("cpu"))
+            line = ops.make_line(Hyper(mode=mode, max_grad_norm=clip, sgd_rate=rate,
+                                       momentum=0.9), torch.device("cpu"))
             line.eta.fill_(1e-3)  # a rate, as after a measurement
             line.s_upd.fill_(1e-3)
             decays = [[0.0] * len(f.segments) for f in flats]
@@ -93,7 +93,7 @@ def optimizer_sides() -> Dict[str, Callable[[], None]]:
             name = f"update {mode}" + (f", sgd_rate={rate}" if mode == "SGD" else "") + \
                 ("" if clip is None else f", max_grad_norm={clip:g}")
             steps[f"{name} ({backend})"] = (
-                lambda o=ops, f=flats, d=decays, ln=line: o.update(f, d, ln, m=1, momentum=0.9))
+                lambda o=ops, f=flats, d=decays, ln=line: o.update(f, d, ln, m=1))
     return steps
 
 

@@ -72,12 +72,12 @@ def training_update_cases(flat, backend: str) -> Dict[str, Tuple[Callable[[], No
     n, p, a = flat.numel, flat.param.element_size(), flat.direction.element_size()
     out = {}
     for mode in ("SGD", "NSGD"):
-        line = ops.make_line(Hyper(mode=mode), flat.device)
+        line = ops.make_line(Hyper(mode=mode, momentum=0.9), flat.device)
         line.eta.fill_(1e-6)
         line.s_upd.fill_(1e-6)
 
         def update(line=line):
-            ops.update([flat], [[0.0]], line, m=1, momentum=0.9)
+            ops.update([flat], [[0.0]], line, m=1)
         # direction: grad read + zeroed, d read + written; update: θ read + written, d read
         out[f"train[{mode}]"] = (update, n * (4 * p + 3 * a))
     return out

@@ -7,11 +7,11 @@ re-attached when a caller replaced them (``model.zero_grad()`` setting grads to 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .shards import Slot, slot_of
+from .slots import Slot
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -46,8 +46,8 @@ class Flat:
         self.dtype = torch.float32 if self.master else self.model_dtype
         self.acc_dtype = accumulation_dtype(self.dtype)
         self.params: List[torch.Tensor] = list(params)
-        # how each parameter sits in the buffers (shards.py: plain, or an FSDP2 local shard
-        # with its padding, which stays zero in every buffer)
+        # how each parameter sits in the buffers (slots.py: plain; shards.py: an FSDP2 local
+        # shard with its padding, which stays zero in every buffer)
         self.slots: List[Slot] = list(slots) if slots is not None else [Slot(p) for p in params]
         self.sharded = any(s.sharded for s in self.slots)
         self.numel = sum(s.size for s in self.slots)
@@ -196,14 +196,15 @@ class Flat:
             s.rebind_grad(p)
 
 
-def build_flats(param_groups: Sequence[dict], placed: Optional[Dict[int, Any]] = None,
+def build_flats(param_groups: Sequence[dict],
+                slot_of: Callable[[torch.Tensor], Slot] = Slot,
                 master: Optional[bool] = None) -> List[Flat]:
     """One Flat per (device, dtype), parameters in group order; frozen parameters are left out.
-    `placed` (shards.fsdp_params) maps FSDP2 parameters to their FSDPParam: sharded and
-    unsharded parameters go to separate flats (their partial sums are reduced differently).
-    `master` (master_weights): fp32 master weights for fp16 / bf16 flats; None: for those of
-    plain parameters (FSDP2's own mixed precision keeps fp32 shards), True: refused for FSDP2."""
-    placed = placed or {}
+    `slot_of` says how each parameter sits in a flat (`shards.Placement.slot_of` under FSDP2):
+    parameters whose partial sums are one shard's (`Slot.sharded`) go to flats of their own
+    (they are reduced differently). `master` (master_weights): fp32 master weights for
+    fp16 / bf16 flats; None: for those of plain parameters (FSDP2's own mixed precision keeps
+    fp32 shards), True: refused for parameters that are not plain (FSDP2's)."""
     buckets: Dict[tuple, Tuple[list, list, list]] = {}
     seen = set()
     for gi, group in enumerate(param_groups):
@@ -211,7 +212,7 @@ def build_flats(param_groups: Sequence[dict], placed: Optional[Dict[int, Any]] =
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            slot = slot_of(p, placed)
+            slot = slot_of(p)
             params, groups, slots = buckets.setdefault((p.device, p.dtype, slot.sharded),
                                                        ([], [], []))
             params.append(p)

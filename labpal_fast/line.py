@@ -115,15 +115,14 @@ class Line:
         return missed
 
     def set_partials(self, partials: torch.Tensor) -> None:
-        """The direction op's partial sums. Under loss scaling the op took ⟨ḡ, d⟩ with the
-        scaled gradient, S·ḡ_loss + wd·θ: its loss part is divided by S here (the weight-decay
-        part Σ wd·⟨θ, d⟩ is WD_TD itself), so the slope is the loss's own."""
+        """The direction op's partial sums over the model, as the op took them."""
         self.partials.copy_(partials)
-        if self.hyper.loss_scale is not None:
-            self.unscale_slope()
 
     def unscale_slope(self) -> None:
-        """⟨S·ḡ + wd·θ, d⟩ in the partials → ⟨ḡ + wd·θ, d⟩ (see `set_partials`)."""
+        """⟨S·ḡ + wd·θ, d⟩ in the partials → ⟨ḡ + wd·θ, d⟩. Under loss scaling the direction
+        op takes ⟨ḡ, d⟩ with the scaled gradient, S·ḡ_loss + wd·θ: its loss part is divided
+        by S here (the weight-decay part Σ wd·⟨θ, d⟩ is WD_TD itself), so the slope is the
+        loss's own."""
         gd, wtd = self.partials[Partial.GD], self.partials[Partial.WD_TD]
         gd.copy_((gd - wtd) / self.loss_scale + wtd)
 

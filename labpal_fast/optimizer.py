@@ -113,17 +113,13 @@ class LABPAL(torch.optim.Optimizer):
         trained = [p for p in self._params if p.requires_grad]
         if not trained:
             raise ValueError("params: LABPAL got no parameter that requires grad")
-        shards.refuse_fsdp1(trained, model)
-        placed = shards.fsdp_params(model)  # FSDP2: the flats become its sharded storage
-        shards.check_placed(trained, placed, model is not None)
-        self.ops = backends.resolve(backend, {p.device for p in trained})
+        place = shards.Placement(trained, model)  # FSDP2: the flats become its sharded storage
+        self.ops = place.ops(backends.resolve(backend, {p.device for p in trained}))
         self.backend = self.ops.name
-        self.ops = shards.sharded_ops(self.ops, model, placed, trained, trained[0].device)
         # the flats point p.data and p.grad into their buffers: put them back if anything fails
         # here, so a failed construction leaves the model as it was
-        saved = shards.bindings(trained, placed)
         try:
-            self.flats: List[Flat] = build_flats(self.param_groups, placed,
+            self.flats: List[Flat] = build_flats(self.param_groups, place.slot_of,
                                                  self.hyper.master_weights)
             self._device = self.flats[0].device
             self._cuda = cuda_indices(f.device for f in self.flats)
@@ -135,7 +131,7 @@ class LABPAL(torch.optim.Optimizer):
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
         except BaseException:
-            shards.restore_bindings(saved)
+            place.undo()
             raise
         for group in self.param_groups:
             group["lr"] = self.line.lr
@@ -339,8 +335,7 @@ class LABPAL(torch.optim.Optimizer):
                         run(self.ops.accumulate, flat, first=c.acc == 1)
                 else:  # the m-th call: form d, move θ along it
                     run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
-                    self.ops.update(self.flats, self._decays(), self.line, m=m,
-                                    momentum=self.hyper.momentum, run=run)
+                    self.ops.update(self.flats, self._decays(), self.line, m=m, run=run)
                     self._publish(run)
                     c.acc = 0
                     c.updates += 1
@@ -421,8 +416,8 @@ class LABPAL(torch.optim.Optimizer):
         """Call m of a measurement: form d (the old one kept to restore); abandon or go on."""
         for flat in self.flats:
             run(self.ops.save_direction, flat)
-        self.ops.direction(self.flats, self._decays(), self.line, m=m,
-                           momentum=self.hyper.momentum, line_terms=True, run=run)
+        self.ops.direction(self.flats, self._decays(), self.line, m=m, line_terms=True,
+                           run=run)
         self._formed = True
         if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
             # the loss floor reads this rank's own samples: off across ranks (one factor for all)

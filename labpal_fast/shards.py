@@ -1,4 +1,8 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`): the flat buffers become FSDP2's sharded storage.
+"""FSDP2 support (`torch.distributed.fsdp.fully_shard`): the flat buffers become FSDP2's storage.
+
+One call at construction, `Placement(params, model)`, finds FSDP2's sharded parameters (and
+refuses FSDP1); it gives `flat.build_flats` a `ShardSlot` for each (how a local shard sits in a
+flat) and wraps the backend in `ShardedOps`.
 
 Under FSDP2 a parameter is a DTensor whose local shard lives in a padded 1-D tensor of its
 `FSDPParam` (`_sharded_param_data`). FSDP2 all-gathers from that tensor before a forward, and
@@ -9,12 +13,13 @@ own `reset_sharded_param` re-points the same two attributes). The backends' ops 
 the flat buffers as without FSDP2: no copy in or out, one launch per op per flat
 (docs/algorithm.md, "FSDP2", has the measured alternative: copies of the shards).
 
-The partial sums of the direction (‖d‖², ⟨ḡ, d⟩, the weight-decay terms) of the sharded flats
-are per shard: `ShardedOps.direction` all-gathers them over FSDP2's shard group (HSDP: the
-shard dimension; one collective of a few fp64 numbers, on the device) and sums the rows in
-rank order, so every rank holds the same bits. Parameters that are not sharded (plain tensors
-outside every ``fully_shard``, FSDP2's ``replicate``) sit in flats of their own and are added
-once, locally.
+The partial sums of the direction (‖d‖², ⟨ḡ, d⟩, the weight-decay terms), and the norms of
+clipping and resolve_positions, of the sharded flats are per shard: `ShardSum`, the reduction
+the backends' one direction protocol calls under FSDP2, all-gathers them over FSDP2's shard
+group (HSDP: the shard dimension; one collective of a few fp64 numbers, on the device) and sums
+the rows in rank order, so every rank holds the same bits. Parameters that are not sharded
+(plain tensors outside every ``fully_shard``, FSDP2's ``replicate``) sit in flats of their own
+and are added once, locally.
 
 FSDP1 (`FullyShardedDataParallel`) flattens parameters into storage of its own that it
 re-points on every forward; LABPAL refuses it at construction (`refuse_fsdp1`).
@@ -22,11 +27,13 @@ re-points on every forward; LABPAL refuses it at construction (`refuse_fsdp1`).
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .layout import NPART
+from .ops.base import Backend, LocalSum, call
+from .slots import Slot
 
 _FSDP1 = (
     "LABPAL does not support FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel): it "
@@ -117,45 +124,6 @@ def shard_group(fp) -> Optional[Any]:
 
 
 # ------------------------------------------------------------------ one parameter in a Flat
-class Slot:
-    """A plain parameter in a flat: ``p.data`` and ``p.grad`` are views into its buffers."""
-    sharded = False
-
-    def __init__(self, p: torch.Tensor):
-        self.shape = p.shape
-        self.numel = p.numel()
-        self.size = self.numel  # elements it takes in the flat
-
-    def values(self, p: torch.Tensor) -> torch.Tensor:
-        return p.detach()
-
-    def grad_values(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        return p.grad
-
-    def bind(self, p: torch.Tensor, padded: torch.Tensor, view: torch.Tensor,
-             grad: torch.Tensor) -> None:
-        self.view, self.grad = view, grad
-        self._ptr = view.data_ptr()
-        p.data = view
-        p.grad = grad
-
-    def bound(self, p: torch.Tensor) -> bool:
-        return p.data_ptr() == self._ptr
-
-    def rebind(self, p: torch.Tensor) -> None:
-        p.data = self.view
-
-    def grad_bound(self, p: torch.Tensor) -> bool:
-        return p.grad is self.grad
-
-    def rebind_grad(self, p: torch.Tensor) -> None:
-        p.grad = self.grad
-
-    def wrap(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """A tensor of this parameter's local shape as the state entry it is saved as."""
-        return t
-
-
 class ShardSlot(Slot):
     """An FSDP2 parameter: the flat holds its padded local shard; FSDP2's storage, the
     DTensor's local tensor and the gradient's local tensor are views into the flat."""
@@ -206,32 +174,6 @@ class ShardSlot(Slot):
         return self.fp.to_sharded_dtensor(t)
 
 
-def slot_of(p: torch.Tensor, placed: Dict[int, Any]) -> Slot:
-    fp = placed.get(id(p))
-    return Slot(p) if fp is None else ShardSlot(p, fp)
-
-
-def bindings(params: Sequence[torch.Tensor], placed: Dict[int, Any]) -> list:
-    """What the flats will re-point, to put back if the optimizer's construction fails."""
-    out = []
-    for p in params:
-        fp = placed.get(id(p))
-        if fp is None:
-            out.append((p, None, p.data, p.grad))
-        else:
-            out.append((p, fp, (p._local_tensor, fp._sharded_param_data), p.grad))
-    return out
-
-
-def restore_bindings(saved: list) -> None:
-    for p, fp, data, grad in saved:
-        if fp is None:
-            p.data = data
-        else:
-            p._local_tensor, fp._sharded_param_data = data
-        p.grad = grad
-
-
 def reduce_group(placed: Dict[int, Any], params: Sequence[torch.Tensor]):
     """The one shard group of the trained FSDP2 parameters (None: nothing is sharded)."""
     groups = {}
@@ -247,79 +189,25 @@ def reduce_group(placed: Dict[int, Any], params: Sequence[torch.Tensor]):
 
 
 # ------------------------------------------------------------------ the backend, sharded
-class ShardedOps:
-    """The optimizer's backend under FSDP2: the inner backend's ops, with the direction's
-    partial sums reduced over the shard group, and FSDP2's modules resharded after every
-    write to the parameters (a module left unsharded, as FSDP2 leaves the root after a
-    forward, would compute the next forward from its stale all-gathered copy)."""
+class ShardSum(LocalSum):
+    """FSDP2's reduction strategy (`ops.base.LocalSum`'s contract): the sharded flats'
+    results (one shard's part of a sum over the model) are all-gathered over the shard group
+    (HSDP: the shard dimension; a few fp64 numbers, on the device) and added in rank order, so
+    every rank holds the same bits; the flats of parameters that are not sharded are added
+    once, locally."""
 
-    def __init__(self, inner, group, modules: List[torch.nn.Module],
-                 device: torch.device):
-        self.inner = inner
-        self.name = inner.name
+    def __init__(self, group, device: torch.device):
         self.group = group
         self.world = 1 if group is None else torch.distributed.get_world_size(group)
-        self.modules = modules
         f64 = dict(dtype=torch.float64, device=device)
         self._row = torch.zeros(NPART, **f64)
         self._table = torch.zeros(self.world * NPART, **f64)
         self._sum = torch.zeros(NPART, **f64)
 
-    def __getattr__(self, name: str) -> Any:  # every op not overridden below
-        return getattr(self.inner, name)
-
-    def reshard(self) -> None:
-        for module in self.modules:
-            module.reshard()
-
-    # -- partial sums -------------------------------------------------------------------
-    def direction(self, flats, decays, line, *, m: int, momentum: float, line_terms: bool,
-                  run=None) -> None:
-        """d on every flat; the sharded flats' partial sums summed over the shard group
-        (all-gathered and added in rank order), the others' added once."""
-        run = run or _plain
-        ops = self.inner
-        # clipping by ‖ḡ‖ over the whole model, then loss scaling: ḡ times c/S in the direction
-        # op, as in base.Backend.direction
-        scale = None
-        if line.hyper.max_grad_norm is not None:
-            squares = [(flat.sharded, run(ops.grad_sqnorm, flat, summed=m > 1, inv_m=1.0 / m))
-                       for flat in flats]
-            scale = run(line.clip_scale, self._model_sum(squares))
-        if line.hyper.loss_scale is not None:
-            scale = run(line.unscale, scale)
-        parts = [(flat.sharded, run(ops.form_direction, flat, summed=m > 1, inv_m=1.0 / m,
-                                    momentum=momentum, decays=wd, line_terms=line_terms,
-                                    grad_scale=None if scale is None else
-                                    scale.to(flat.device)))
-                 for flat, wd in zip(flats, decays)]
-        run(self._own_row, [p for sharded, p in parts if sharded])
-        # the collective is not retried by `run` (a second call would pair with the peers'
-        # next one); if it raises, the commit is left unfinished and says so
-        if self.group is None:
-            run(self._table.copy_, self._row)
-        else:
-            _all_gather(self._table, self._row, self.group)
-        run(self._total, line, [p for sharded, p in parts if not sharded])
-        run(line.update_loss_scale)
-
-    def resolution(self, flats, line, compute_eps: float = 0.0, loss_eps: float = 0.0,
-                   run=None) -> None:
-        """resolve_positions' factor from ‖ε·θ‖² over the whole model: the sharded flats'
-        sums all-gathered and added in rank order (every rank gets the same factor)."""
-        run = run or _plain
-        ops = self.inner
-        parts = [(flat.sharded, run(ops.ulp_sqnorm, flat, compute_eps)) for flat in flats]
-        count = sum(flat.param.numel() * (self.world if flat.sharded else 1) for flat in flats)
-        run(line.set_resolution, self._model_sum(parts), loss_eps, count)
-
-    def _model_sum(self, parts: List[Tuple[bool, torch.Tensor]]) -> torch.Tensor:
-        """A sum over the whole model from per-flat device scalars (sharded?, value): the
-        sharded flats' all-gathered over the shard group and added in rank order (every rank
-        gets the same bits), the others added once."""
+    def total(self, flats, values, line) -> torch.Tensor:
         row = torch.zeros(1, dtype=torch.float64, device=self._row.device)
-        for sharded, p in parts:
-            if sharded:
+        for flat, p in zip(flats, values):
+            if flat.sharded:
                 row += p.to(row.device)
         table = torch.zeros(self.world, dtype=torch.float64, device=row.device)
         if self.group is None:
@@ -327,10 +215,23 @@ class ShardedOps:
         else:
             _all_gather(table, row, self.group)
         total = table.sum()
-        for sharded, p in parts:
-            if not sharded:
+        for flat, p in zip(flats, values):
+            if not flat.sharded:
                 total = total + p.to(total.device)
         return total
+
+    def count(self, flats) -> int:
+        return sum(flat.param.numel() * (self.world if flat.sharded else 1) for flat in flats)
+
+    def set_partials(self, flats, parts, line, run) -> None:
+        run(self._own_row, [p for flat, p in zip(flats, parts) if flat.sharded])
+        # the collective is not retried by `run` (a second call would pair with the peers'
+        # next one); if it raises, the commit is left unfinished and says so
+        if self.group is None:
+            run(self._table.copy_, self._row)
+        else:
+            _all_gather(self._table, self._row, self.group)
+        run(self._total, line, [p for flat, p in zip(flats, parts) if not flat.sharded])
 
     def _own_row(self, parts: List[torch.Tensor]) -> None:
         self._row.zero_()
@@ -343,18 +244,47 @@ class ShardedOps:
             total.add_(p.to(total.device))
         line.set_partials(total)
 
-    def update(self, flats, decays, line, *, m: int, momentum: float, run=None) -> None:
-        from .ops.base import Backend
-        Backend.update(self, flats, decays, line, m=m, momentum=momentum, run=run or _plain)
+
+class ShardedOps:
+    """The optimizer's backend under FSDP2: the inner backend's ops, the composite steps of
+    every backend with the sums reduced over the shard group (`ShardSum`), and FSDP2's modules
+    resharded after every write to the parameters (a module left unsharded, as FSDP2 leaves
+    the root after a forward, would compute the next forward from its stale all-gathered
+    copy)."""
+
+    def __init__(self, inner, group, modules: List[torch.nn.Module],
+                 device: torch.device):
+        self.inner = inner
+        self.name = inner.name
+        self.modules = modules
+        self.sums = ShardSum(group, device)
+
+    def __getattr__(self, name: str) -> Any:  # every op not overridden below
+        return getattr(self.inner, name)
+
+    def reshard(self) -> None:
+        for module in self.modules:
+            module.reshard()
+
+    # -- the composite steps of every backend, with the shard group's reduction --------------
+    def _sums(self, flats, line) -> ShardSum:
+        return self.sums
+
+    direction = Backend.direction
+    _direction = Backend._direction
+    resolution = Backend.resolution
+
+    def update(self, flats, decays, line, *, m: int, run: Callable = call) -> None:
+        Backend.update(self, flats, decays, line, m=m, run=run)
         self.reshard()
 
     # -- writes to the parameters -----------------------------------------------------------
-    def move(self, flats, coef, run=None) -> None:
-        self.inner.move(flats, coef, run=run or _plain)
+    def move(self, flats, coef, run: Callable = call) -> None:
+        self.inner.move(flats, coef, run=run)
         self.reshard()
 
-    def finish(self, flats, line, averaged: bool, run=None):
-        record = self.inner.finish(flats, line, averaged, run=run or _plain)
+    def finish(self, flats, line, averaged: bool, run: Callable = call):
+        record = self.inner.finish(flats, line, averaged, run=run)
         self.reshard()
         return record
 
@@ -378,10 +308,6 @@ def fixed_layout(opt, state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return state_dict
 
 
-def _plain(op, *args, **kwargs):
-    return op(*args, **kwargs)
-
-
 def _all_gather(out: torch.Tensor, row: torch.Tensor, group) -> None:
     gather = getattr(torch.distributed, "all_gather_single", None) or \
         torch.distributed.all_gather_into_tensor
@@ -403,3 +329,40 @@ def sharded_ops(inner, model: Optional[torch.nn.Module], placed: Dict[int, Any],
 
 def _self_group():
     return torch.distributed.new_group([torch.distributed.get_rank()])
+
+
+# ------------------------------------------------------------------ the one call at construction
+class Placement:
+    """How the trained parameters sit, found once when the optimizer is made: FSDP1 refused,
+    FSDP2's sharded parameters found (through `model`) and checked. `ops` wraps the backend,
+    `slot_of` tells `flat.build_flats` how each parameter sits in a flat; `undo` puts back the
+    storage the flats re-pointed, so that a failed construction leaves the model as it was."""
+
+    def __init__(self, params: Sequence[torch.Tensor], model: Optional[torch.nn.Module]):
+        refuse_fsdp1(params, model)
+        self._params = list(params)
+        self._model = model
+        self._placed = fsdp_params(model)
+        check_placed(self._params, self._placed, model is not None)
+        self._saved = []  # what the flats will re-point
+        for p in self._params:
+            fp = self._placed.get(id(p))
+            data = p.data if fp is None else (p._local_tensor, fp._sharded_param_data)
+            self._saved.append((p, fp, data, p.grad))
+
+    def ops(self, inner):
+        """`inner` itself without FSDP2 parameters; else the `ShardedOps` over it."""
+        return sharded_ops(inner, self._model, self._placed, self._params,
+                           self._params[0].device)
+
+    def slot_of(self, p: torch.Tensor) -> Slot:
+        fp = self._placed.get(id(p))
+        return Slot(p) if fp is None else ShardSlot(p, fp)
+
+    def undo(self) -> None:
+        for p, fp, data, grad in self._saved:
+            if fp is None:
+                p.data = data
+            else:
+                p._local_tensor, fp._sharded_param_data = data
+            p.grad = grad

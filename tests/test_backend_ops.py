@@ -263,10 +263,11 @@ def test_update_skips_the_whole_line_bit_for_bit(name, mode, other, where, clip)
     bad = flats[where]
     bad.grad[bad.numel // 3] = float("inf")
     before = [f.param.clone() for f in flats]
-    line = backend.make_line(Hyper(mode=mode, max_grad_norm=clip), torch.device("cpu"))
+    line = backend.make_line(Hyper(mode=mode, max_grad_norm=clip, momentum=0.9),
+                             torch.device("cpu"))
     line.eta.fill_(0.05)
     line.s_upd.fill_(0.1)
-    backend.update(flats, [[0.01, 0.0, 1e-3], [0.0, 0.0, 0.0]], line, m=1, momentum=0.9)
+    backend.update(flats, [[0.01, 0.0, 1e-3], [0.0, 0.0, 0.0]], line, m=1)
     for f, b in zip(flats, before):
         assert torch.equal(f.param, b), f"{f.dtype} flat moved"
         assert (f.direction == 0).all()
@@ -286,11 +287,11 @@ def test_update_matches_eager(name, mode, rate, norm_mean):
     decays = [[0.01, 0.0, 1e-3], [0.0, 0.02, 0.0]]
     lines = []
     for b, fl in ((EAGER, refs), (backend, outs)):
-        line = b.make_line(Hyper(mode=mode, sgd_rate=rate), torch.device("cpu"))
+        line = b.make_line(Hyper(mode=mode, sgd_rate=rate, momentum=0.9), torch.device("cpu"))
         line.eta.fill_(0.05)
         line.s_upd.fill_(0.1)
         line.norm_mean.fill_(norm_mean)
-        b.update(fl, decays, line, m=2, momentum=0.9)
+        b.update(fl, decays, line, m=2)
         lines.append(line)
     for r, o in zip(refs, outs):
         compare(f"update[{mode}, {rate}]", r, o, name, skip=("grad_sum",))
@@ -321,10 +322,11 @@ def test_clipped_update_matches_eager(name, mode, other, max_norm, m):
     assert (exact > max_norm) == (max_norm == 0.5)
     lines = []
     for b, fl in ((EAGER, refs), (backend, outs)):
-        line = b.make_line(Hyper(mode=mode, max_grad_norm=max_norm), torch.device("cpu"))
+        line = b.make_line(Hyper(mode=mode, max_grad_norm=max_norm, momentum=0.9),
+                           torch.device("cpu"))
         line.eta.fill_(0.05)
         line.s_upd.fill_(0.1)
-        b.update(fl, decays, line, m=m, momentum=0.9)
+        b.update(fl, decays, line, m=m)
         lines.append(line)
     for r, o in zip(refs, outs):
         # the factor comes from ‖ḡ‖², summed in fp32 over the fp32 flat by every backend
@@ -349,8 +351,8 @@ def test_clipped_measurement_direction_matches_eager(name, other):
     decays = [[0.01, 0.0, 1e-3], [0.0, 0.02, 0.0]]
     lines = []
     for b, fl in ((EAGER, refs), (backend, outs)):
-        line = b.make_line(Hyper(max_grad_norm=0.25), torch.device("cpu"))
-        b.direction(fl, decays, line, m=2, momentum=0.5, line_terms=True)
+        line = b.make_line(Hyper(max_grad_norm=0.25, momentum=0.5), torch.device("cpu"))
+        b.direction(fl, decays, line, m=2, line_terms=True)
         lines.append(line)
     for r, o in zip(refs, outs):
         compare("clipped_direction", r, o, name, skip=("grad_sum",), tol=2e-6)

@@ -324,7 +324,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                     raise UsageError(f"--nproc {args.nproc} under a launcher that started "
                                      f"{world} ranks (WORLD_SIZE): leave --nproc out")
             else:
-                return parallel.launch(parallel.strip_nproc(
+                return parallel.launch(run, parallel.strip_nproc(
                     sys.argv[1:] if argv is None else list(argv)), args.nproc)
         if args.command == "report":
             result = rep.rebuild(args.dir)

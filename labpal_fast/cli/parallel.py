@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,19 +85,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(argv: List[str], rank: int, world: int, port: int) -> None:
+def _rank_main(entry: Callable[[List[str]], int], argv: List[str], rank: int, world: int,
+               port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from .command import run
-    raise SystemExit(run(argv))
+    raise SystemExit(entry(argv))
 
 
-def launch(argv: Sequence[str], nproc: int) -> int:
-    """Runs the command (argv without --nproc) on `nproc` local ranks, each in a spawned
-    process. Returns rank 0's exit code, or the first non-zero one of the others."""
+def launch(entry: Callable[[List[str]], int], argv: Sequence[str], nproc: int) -> int:
+    """Runs the command `entry` (a module-level function: the spawned processes import it) with
+    argv (without --nproc) on `nproc` local ranks, each in a spawned process. Returns rank 0's
+    exit code, or the first non-zero one of the others."""
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(list(argv), r, nproc, port))
+    procs = [ctx.Process(target=_rank_main, args=(entry, list(argv), r, nproc, port))
              for r in range(nproc)]
     for p in procs:
         p.start()

@@ -5,12 +5,17 @@ Basic ops (each one pass over a flat's memory, one launch per flat where the bac
   (`eager.EagerBackend` is the reference); the plain copies and fills below are torch's own
   single launches and rarely worth overriding.
 
-Composite steps (what `LABPAL` calls; defaults built from the basic ops, a backend may
-override one when it can fuse it): `direction`, `update`, `move`, `finish`. They take every
-flat at once, so a decision such as "this direction is not finite" is made once for the
-whole line, before any parameter is written. They call each op (and each `Line` method)
+Composite steps (what `LABPAL` calls; built from the basic ops): `direction`, `update`,
+`resolution`, `move`, `finish`. They take every flat at once, so a decision such as "this
+direction is not finite" is made once for the whole line, before any parameter is written.
+Their arguments are what changes from step to step (the flats, each group's weight decays, the
+micro-batches m); the hyper-parameters (momentum, max_grad_norm, loss_scale) come from
+`line.hyper`. The direction protocol (`Backend._direction`: clip, unscale, form, reduce, the
+slope unscaled, the loss scale updated) is written once; how results are added up over the
+model is a strategy it calls (`LocalSum` here; `shards.ShardSum` over FSDP2's shards;
+Triton's fused row buffer), chosen by `_sums`. They call each op (and each `Line` method)
 through `run`: plainly by default; the optimizer passes one that finishes a step whose op
-raised (`commit.Commit`), so an override must call through it each op or launch it fuses.
+raised (`commit.Commit`), so a strategy must call through it each op or launch it fuses.
 
 The line math (`Line`, pure device math on a few scalars) comes from `make_line`; a backend
 may return a subclass that does each small computation in fewer launches.
@@ -119,54 +124,54 @@ class Backend:
         return total * eps ** 2
 
     # ------------------------------------------------------------------ composite steps
+    def _sums(self, flats: Sequence[Flat], line: Line) -> "LocalSum":
+        """How this backend adds the flats' results up over the model (the strategy the
+        composite steps call); a fast backend may fuse, FSDP2 reduces over shards."""
+        return LOCAL_SUM
+
     def resolution(self, flats: Sequence[Flat], line: Line, compute_eps: float = 0.0,
                    loss_eps: float = 0.0, run: Callable = call) -> None:
         """resolve_positions: the factor of the measurement's positions, from ‖ε·θ‖² over every
         flat (`Line.set_resolution`); a device scalar, nothing read by the host."""
+        sums = self._sums(flats, line)
         squares = [run(self.ulp_sqnorm, flat, compute_eps) for flat in flats]
-        total = squares[0] if len(squares) == 1 else \
-            torch.stack([s.to(line.partials.device) for s in squares]).sum()
-        run(line.set_resolution, total, loss_eps, sum(flat.param.numel() for flat in flats))
-
-    def _clip_scale(self, flats: Sequence[Flat], line: Line, *, m: int,
-                    run: Callable = call) -> Optional[torch.Tensor]:
-        """The clipping factor of ḡ from its norm over every flat (`Line.clip_scale`), a
-        device scalar; None when max_grad_norm is None (nothing is launched then)."""
-        if line.hyper.max_grad_norm is None:
-            return None
-        squares = [run(self.grad_sqnorm, flat, summed=m > 1, inv_m=1.0 / m) for flat in flats]
-        total = squares[0] if len(squares) == 1 else \
-            torch.stack([s.to(line.partials.device) for s in squares]).sum()
-        return run(line.clip_scale, total)
+        run(line.set_resolution, sums.total(flats, squares, line), loss_eps, sums.count(flats))
 
     def direction(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *,
-                  m: int, momentum: float, line_terms: bool, run: Callable = call) -> None:
-        """d ← β·d + ḡ on every flat, ḡ clipped by its global norm when max_grad_norm is set
-        and divided by the loss scale S under loss_scale; the partial sums, added over the
-        flats, go to `line`, and a dynamic S is updated from them."""
-        scale = self._clip_scale(flats, line, m=m, run=run)
-        if line.hyper.loss_scale is not None:  # the gradients are of S·loss: ḡ = c/S·(...)
-            scale = run(line.unscale, scale)
-        parts = [run(self.form_direction, flat, summed=m > 1, inv_m=1.0 / m, momentum=momentum,
-                     decays=wd, line_terms=line_terms,
-                     grad_scale=None if scale is None else _on(scale, flat.device))
-                 for flat, wd in zip(flats, decays)]
-        if len(parts) == 1:
-            run(line.set_partials, parts[0])
-        else:
-            run(line.set_partials,
-                torch.stack([p.to(line.partials.device) for p in parts]).sum(0))
-        run(line.update_loss_scale)  # from this direction's ‖d‖: finite or an overflow
+                  m: int, line_terms: bool, run: Callable = call) -> None:
+        """d ← β·d + ḡ on every flat (β: line.hyper.momentum), the partial sums over the model
+        in `line` (`Partial`; all but ‖d‖² only with `line_terms`: a measurement)."""
+        self._direction(self._sums(flats, line), flats, decays, line, m=m,
+                        line_terms=line_terms, run=run)
+
+    def _direction(self, sums: "LocalSum", flats: Sequence[Flat], decays: Sequence[Decays],
+                   line: Line, *, m: int, line_terms: bool, run: Callable) -> None:
+        """The direction protocol, the one place of its policy: ḡ (the mean of m micro-batch
+        gradients) times the factor c/S, where c clips ḡ by its norm over the model when
+        max_grad_norm is set (1 otherwise) and S is the loss scale under loss_scale (the
+        gradients are of S·loss; 1 otherwise); d formed and its partial sums added up by
+        `sums`; then the slope made the loss's own again, and a dynamic S updated from ‖d‖
+        (finite or an overflow)."""
+        hyper = line.hyper
+        factor = None
+        if hyper.max_grad_norm is not None:
+            factor = sums.clip_factor(self, flats, line, m=m, run=run)
+        if hyper.loss_scale is not None:
+            factor = run(line.unscale, factor)
+        sums.form(self, flats, decays, line, factor, m=m, line_terms=line_terms, run=run)
+        if hyper.loss_scale is not None:
+            if line_terms:  # (in TRAINING the op leaves ⟨ḡ, d⟩ 0: nothing to unscale)
+                run(line.unscale_slope)
+            run(line.update_loss_scale)
 
     def update(self, flats: Sequence[Flat], decays: Sequence[Decays], line: Line, *, m: int,
-               momentum: float, run: Callable = call) -> None:
+               run: Callable = call) -> None:
         """A TRAINING update: d on every flat, then one decision for the whole line (a
         direction that is not finite anywhere moves no parameter and is cleared everywhere),
         then θ += coef·d."""
-        self.direction(flats, decays, line, m=m, momentum=momentum, line_terms=False, run=run)
-        coef, ok = run(line.train_coef)
-        for flat in flats:
-            run(self.train_update, flat, coef, ok)
+        sums = self._sums(flats, line)
+        self._direction(sums, flats, decays, line, m=m, line_terms=False, run=run)
+        sums.train(self, flats, line, run=run)
 
     def move(self, flats: Sequence[Flat], coef: torch.Tensor, run: Callable = call) -> None:
         """Every flat to θ₀ + coef·d."""
@@ -180,3 +185,55 @@ class Backend:
         record = run(line.fit, averaged)
         self.move(flats, run(line.target_coef), run=run)
         return record
+
+
+class LocalSum:
+    """The reduction strategy of one process: each flat's result (a device scalar, or the
+    partial sums of its direction) is added up on the line's device, in flat order. The
+    composite steps call it; `shards.ShardSum` reduces over FSDP2's shards instead, and
+    Triton's `_RowBuffer` fuses the flats' passes into one buffer of rows."""
+
+    def total(self, flats: Sequence[Flat], values: Sequence[torch.Tensor],
+              line: Line) -> torch.Tensor:
+        """Σ values (one device scalar per flat) over the model."""
+        if len(values) == 1:
+            return values[0]
+        return torch.stack([v.to(line.partials.device) for v in values]).sum()
+
+    def count(self, flats: Sequence[Flat]) -> int:
+        """The parameters of the model (elements)."""
+        return sum(flat.param.numel() for flat in flats)
+
+    def clip_factor(self, ops: Backend, flats: Sequence[Flat], line: Line, *, m: int,
+                    run: Callable) -> Any:
+        """The clipping factor c of ḡ from its norm over the model (`Line.clip_scale`)."""
+        squares = [run(ops.grad_sqnorm, flat, summed=m > 1, inv_m=1.0 / m) for flat in flats]
+        return run(line.clip_scale, self.total(flats, squares, line))
+
+    def form(self, ops: Backend, flats: Sequence[Flat], decays: Sequence[Decays], line: Line,
+             factor: Optional[torch.Tensor], *, m: int, line_terms: bool,
+             run: Callable) -> None:
+        """d on every flat (ḡ times `factor`, a device scalar, when there is one), the
+        partial sums of the model into `line`."""
+        parts = [run(ops.form_direction, flat, summed=m > 1, inv_m=1.0 / m,
+                     momentum=line.hyper.momentum, decays=wd, line_terms=line_terms,
+                     grad_scale=None if factor is None else _on(factor, flat.device))
+                 for flat, wd in zip(flats, decays)]
+        self.set_partials(flats, parts, line, run)
+
+    def set_partials(self, flats: Sequence[Flat], parts: Sequence[torch.Tensor], line: Line,
+                     run: Callable) -> None:
+        if len(parts) == 1:
+            run(line.set_partials, parts[0])
+        else:
+            run(line.set_partials,
+                torch.stack([p.to(line.partials.device) for p in parts]).sum(0))
+
+    def train(self, ops: Backend, flats: Sequence[Flat], line: Line, *, run: Callable) -> None:
+        """θ += coef·d on every flat, coef and the decision from the line (`Line.train_coef`)."""
+        coef, ok = run(line.train_coef)
+        for flat in flats:
+            run(ops.train_update, flat, coef, ok)
+
+
+LOCAL_SUM = LocalSum()

@@ -59,7 +59,7 @@ from ..hyper import Hyper
 from ..layout import NCONST, NPART, RECORD_SCALARS, REC_PARTIALS, REC_SUMS, Const, Partial, \
     record_size
 from ..line import CLIP_EPS, NORM_MEAN_UPDATES, STEP_CAP, Line
-from .base import call
+from .base import LOCAL_SUM, LocalSum, call
 from .eager import EagerBackend
 
 # decided when the kernels below are decorated: interpreted kernels run on CPU tensors
@@ -592,54 +592,55 @@ def _direction_rows(flat: Flat, buf: torch.Tensor, stride: int, row: int, *, sum
     return row
 
 
-def _line_rows(flats: Sequence[Flat], line: Line) -> Optional[Tuple[torch.Tensor, int]]:
-    """(rows buffer, stride) for the partial sums of all `flats` together, made once per line;
-    None when some flat is not on the kernels (fp64, empty, another device)."""
-    dev = line.partials.device
-    if not isinstance(line, TritonLine) or not all(_fast(f) and f.device == dev for f in flats):
-        return None
-    if line.hyper.loss_scale is not None and line.hyper.max_grad_norm is not None:
-        # loss scaling with clipping: the composite of base.Backend (the factor c/S from the
-        # line, one direction launch per flat with it)
-        return None
-    if line.rows is None:
-        stride = sum(MAX_PROGRAMS * len(_ws(f).launches) for f in flats)
-        line.rows = (torch.zeros(NPART * stride, dtype=torch.float32, device=dev), stride)
-        if line.hyper.max_grad_norm is not None:
-            line.clip_rows = torch.zeros(MAX_PROGRAMS * len(flats), dtype=torch.float32,
-                                         device=dev)
-    return line.rows
+class _RowBuffer(LocalSum):
+    """Triton's reduction when every flat runs on the kernels, on the line's device: the flats'
+    direction launches write their per-program partial sums as rows of one buffer (made once
+    per line), and one fixed-order launch reduces them all straight into line.partials (no
+    per-flat results to add up). With clipping, one ‖ḡ‖² pass per flat writes rows that the
+    direction launches sum themselves into the factor (mode 2: no launch of its own). The
+    TRAINING update's pass derives its coefficient from the line itself: per update one launch
+    per flat per pass plus one reduction (3 for one flat)."""
 
+    def __init__(self, flats: Sequence[Flat], line: "TritonLine"):
+        dev = line.partials.device
+        self.stride = sum(MAX_PROGRAMS * len(_ws(f).launches) for f in flats)
+        self.rows = torch.zeros(NPART * self.stride, dtype=torch.float32, device=dev)
+        self.clip_rows = torch.zeros(MAX_PROGRAMS * len(flats), dtype=torch.float32,
+                                     device=dev) if line.hyper.max_grad_norm is not None else None
 
-def _direction_into_line(rows: Tuple[torch.Tensor, int], flats, decays, line: Line, *, m: int,
-                         momentum: float, line_terms: bool, run: Callable) -> None:
-    """The direction pass over every flat into the rows of `_line_rows`, then one reduction
-    of all of them into line.partials. With clipping, first one ‖ḡ‖² pass per flat: the
-    direction launches derive the factor from its rows themselves."""
-    buf, stride = rows
-    clip = None
-    scaling = line.hyper.loss_scale is not None
-    if scaling:  # ḡ divided by the loss scale S: the kernel's device-scalar factor (mode 1)
-        clip = _Clip(1, run(line.unscale, None))
-    elif line.hyper.max_grad_norm is not None:
+    def clip_factor(self, ops, flats, line, *, m: int, run: Callable) -> _Clip:
         nclip = 0
         for flat in flats:
-            nclip = _sqnorm_rows(flat, line.clip_rows, nclip, summed=m > 1, inv_m=1.0 / m,
+            nclip = _sqnorm_rows(flat, self.clip_rows, nclip, summed=m > 1, inv_m=1.0 / m,
                                  run=run)
-        clip = _Clip(2, line.clip_rows, nclip, line.consts, line.clip, store=True)
-    row = 0
-    for flat, wd in zip(flats, decays):
-        row = _direction_rows(flat, buf, stride, row, summed=m > 1, inv_m=1.0 / m,
-                              momentum=momentum, decays=wd, line_terms=line_terms, clip=clip,
-                              run=run)
-        if clip is not None:
-            clip = clip._replace(store=False)  # ‖ḡ‖ is stored once (mode 2)
-    run(_launch, _reduce_kernel, (1,), buf, line.partials, row, stride,
-        K=NPART, RBLOCK=REDUCE_BLOCK, num_warps=4)
-    if scaling:  # what `Line.set_partials` and `base.Backend.direction` do after the sums
-        if line_terms:
-            run(line.unscale_slope)
-        run(line.update_loss_scale)
+        return _Clip(2, self.clip_rows, nclip, line.consts, line.clip, store=True)
+
+    def form(self, ops, flats, decays, line, factor, *, m: int, line_terms: bool,
+             run: Callable) -> None:
+        # ḡ times a device scalar (mode 1: c/S under loss scaling), or the factor the
+        # launches derive from the ‖ḡ‖² rows (mode 2: clipping)
+        clip = _Clip(1, factor) if isinstance(factor, torch.Tensor) else factor
+        row = 0
+        for flat, wd in zip(flats, decays):
+            row = _direction_rows(flat, self.rows, self.stride, row, summed=m > 1,
+                                  inv_m=1.0 / m, momentum=line.hyper.momentum, decays=wd,
+                                  line_terms=line_terms, clip=clip, run=run)
+            if clip is not None:
+                clip = clip._replace(store=False)  # ‖ḡ‖ is stored once (mode 2)
+        run(_launch, _reduce_kernel, (1,), self.rows, line.partials, row, self.stride,
+            K=NPART, RBLOCK=REDUCE_BLOCK, num_warps=4)
+
+    def train(self, ops, flats, line, *, run: Callable) -> None:
+        if line.robust_sgd:
+            # n̄ changes with each update: one program updates it (`train_coef`) before the
+            # update's programs read the rate, so none of them reads a half-updated n̄
+            return super().train(ops, flats, line, run=run)
+        for i, flat in enumerate(flats):
+            run(_launch, _train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
+                line.partials, line.partials, flat.numel, line.partials, line.consts,
+                line.s_upd, line.eta, line.lr, line.skipped_updates,
+                int(line.hyper.mode == "SGD"), int(i == 0),
+                FROM_LINE=True, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # ====================================================================== the contract
@@ -703,40 +704,19 @@ class TritonBackend(EagerBackend):
         return ws.out
 
     # -- composite steps, fused where every flat runs on the kernels ---------------------
-    def direction(self, flats, decays, line, *, m: int, momentum: float,
-                  line_terms: bool, run: Callable = call) -> None:
-        """Every flat's partial-sum rows into one buffer, then one fixed-order reduction
-        straight into the line (no per-flat results to add up)."""
-        rows = _line_rows(flats, line)
-        if rows is None:
-            return super().direction(flats, decays, line, m=m, momentum=momentum,
-                                     line_terms=line_terms, run=run)
-        _direction_into_line(rows, flats, decays, line, m=m, momentum=momentum,
-                             line_terms=line_terms, run=run)
-
-    def update(self, flats, decays, line, *, m: int, momentum: float,
-               run: Callable = call) -> None:
-        """The fused direction, then one update pass per flat that derives the step's
-        coefficient from the line itself: per update one launch per flat per pass, plus one
-        reduction."""
-        rows = _line_rows(flats, line)
-        if rows is None:
-            return super().update(flats, decays, line, m=m, momentum=momentum, run=run)
-        _direction_into_line(rows, flats, decays, line, m=m, momentum=momentum,
-                             line_terms=False, run=run)
-        if line.robust_sgd:
-            # n̄ changes with each update: one program updates it (`train_coef`) before the
-            # update's programs read the rate, so none of them reads a half-updated n̄
-            coef, ok = run(line.train_coef)
-            for flat in flats:
-                run(self.train_update, flat, coef, ok)
-            return
-        for i, flat in enumerate(flats):
-            run(_launch, _train_update_kernel, _grid(flat.numel), flat.param, flat.direction,
-                line.partials, line.partials, flat.numel, line.partials, line.consts,
-                line.s_upd, line.eta, line.lr, line.skipped_updates,
-                int(line.hyper.mode == "SGD"), int(i == 0),
-                FROM_LINE=True, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    def _sums(self, flats, line) -> LocalSum:
+        """`_RowBuffer` (made once per line) when every flat is on the kernels on the line's
+        device; else, or under loss scaling with clipping (c/S is one device scalar then), the
+        per-flat ops added up as by every backend."""
+        dev = line.partials.device
+        if not isinstance(line, TritonLine) or not all(_fast(f) and f.device == dev
+                                                       for f in flats):
+            return LOCAL_SUM
+        if line.hyper.loss_scale is not None and line.hyper.max_grad_norm is not None:
+            return LOCAL_SUM
+        if line.row_sums is None:
+            line.row_sums = _RowBuffer(flats, line)
+        return line.row_sums
 
     def train_update(self, flat: Flat, coef: torch.Tensor, ok: torch.Tensor) -> None:
         if not _fast(flat):
@@ -790,8 +770,7 @@ class TritonLine(Line):
         self._code = torch.zeros((), dtype=torch.int64, device=device)
         self._p_block = max(2, _next_pow2(self._npos))
         self._a_block = max(2, _next_pow2(hyper.averaging_window))
-        self.rows: Optional[Tuple[torch.Tensor, int]] = None  # the fused direction's rows
-        self.clip_rows: Optional[torch.Tensor] = None  # and those of ‖ḡ‖² (clipping)
+        self.row_sums: Optional[_RowBuffer] = None  # the fused direction's rows (made once)
 
     def record(self, j: int, loss: torch.Tensor) -> None:
         y = loss.detach().reshape(())
