@@ -17,6 +17,20 @@ from .hyper import Hyper
 from .layout import Partial
 from .replay import RngState
 
+# robust fits: after this many measurements in a row without a rate (none existing yet), train
+# on with a safe step instead of measuring again forever (`LABPAL._fall_back`)
+FAIL_LIMIT = 3
+# what to do about the reason of the last failed measurement (a substring of it -> the fix)
+_FALLBACK_FIXES = (
+    ("direction norm", "‖d‖ is outside direction_norm_range: widen it (e.g. "
+     "direction_norm_range=(0, float('inf'))), or return the unscaled loss from the closure (a "
+     "loss multiplied by a scale, as fp16 loss scaling does, multiplies ‖d‖ too)"),
+    ("directional derivative", "the loss does not decrease along its own gradient: the closure "
+     "must return the loss of the parameters being trained (not detached, nor a constant)"),
+    ("fit invalid", "the loss is not finite at the measured positions, or the fit has no finite "
+     "solution: check the loss for NaN/inf, or use smaller sample_positions"),
+)
+
 
 class Measurement:
     """The kept closures and the facts a measurement's later calls need (module doc)."""
@@ -62,6 +76,12 @@ def not_repeated(first: float, again: float, tolerance: float) -> str:
         "from torch, Python's random or numpy's global generator (they are replayed). The fit "
         "of this measurement was discarded; stepping may go on once the closure is fixed (or "
         "replay_tolerance raised, for kernels that are not deterministic).")
+
+
+def fallback_fix(reason: Optional[str]) -> str:
+    """What to do about the last of the failed measurements that made LABPAL fall back."""
+    return next((text for key, text in _FALLBACK_FIXES if key in (reason or "")),
+                "see opt.measurements() for each measurement's reason")
 
 
 def read(values: List[torch.Tensor]) -> List[float]:

@@ -12,7 +12,6 @@ stretch of user code after them, the line evaluations, ends the measurement on a
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,33 +22,19 @@ import torch
 from . import checkpoint, guards
 from . import ops as backends
 from . import shards
+from .closures import Closures
 from .commit import Commit
 from .distributed import ERRORS, Collectives
 from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper
 from .layout import ABANDON_REASONS, Abandon
 from .line import Line
-from .measurement import Measurement, not_repeated, read, record_to_python
+from .measurement import (FAIL_LIMIT, Measurement, fallback_fix, not_repeated, read,
+                          record_to_python)
 from .resolution import AutocastProbe
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
 TRAINING, MEASURING = "training", "measuring"
-
-# robust fits: after this many measurements in a row without a rate (none existing yet), train
-# on with a safe step instead of measuring again forever (`LABPAL._fall_back`)
-FAIL_LIMIT = 3
-# what to do about the reason of the last failed measurement (a substring of it -> the fix)
-_FALLBACK_FIXES = (
-    ("direction norm", "‖d‖ is outside direction_norm_range: widen it (e.g. "
-     "direction_norm_range=(0, float('inf'))), or return the unscaled loss from the closure (a "
-     "loss multiplied by a scale, as fp16 loss scaling does, multiplies ‖d‖ too)"),
-    ("directional derivative", "the loss does not decrease along its own gradient: the closure "
-     "must return the loss of the parameters being trained (not detached, nor a constant)"),
-    ("fit invalid", "the loss is not finite at the measured positions, or the fit has no finite "
-     "solution: check the loss for NaN/inf, or use smaller sample_positions"),
-)
-
-
 
 @dataclass
 class Counters:
@@ -189,18 +174,13 @@ class LABPAL(torch.optim.Optimizer):
             group["lr"] = self.line.lr
         # which parameters the flats hold: a change of requires_grad is refused at the next step
         self._requires_grad = tuple(p.requires_grad for p in self._params)
-        # set when gradients reach a parameter: tells whether a closure ran backward itself
-        self._backward_seen = _Flag()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._backward_seen.hook)
-                       for p in trained]
+        self._calls = Closures(self.flats, self.ops, self.line,
+                               self.hyper.loss_scale is not None, self._dist, trained)
         self.counters = Counters()
         self._measurement: Optional[Measurement] = None  # held exactly while one runs
         self._records: List[Dict[str, Any]] = []
         self._stepping = False     # step() is running (it is not re-entrant)
         self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
-        self._ranks = 1 if self._dist is None else self._dist.world
-        self._grads_reduced = False  # this call's gradients were averaged by LABPAL (DDP model=)
-        self._closure_scaled = False  # this call's closure ran backward on scale_loss(loss)
 
     # ------------------------------------------------------------------ public
     @property
@@ -241,7 +221,7 @@ class LABPAL(torch.optim.Optimizer):
             raise TypeError(f"scale_loss(loss): loss must be a tensor, got {type(loss).__name__}")
         if self.hyper.loss_scale is None:
             return loss
-        self._closure_scaled = True
+        self._calls.scaled = True
         return self.line.scaled(loss)
 
     # torch.amp.GradScaler.step then leaves the loss scaling to the optimizer: it sets
@@ -298,8 +278,9 @@ class LABPAL(torch.optim.Optimizer):
     def __del__(self):
         # vars(), not getattr: a wrapper that imitates LABPAL's class (Lightning's
         # LightningOptimizer) inherits __del__ and forwards getattr to the LABPAL it wraps
-        for hook in vars(self).get("_hooks", ()):
-            hook.remove()
+        calls = vars(self).get("_calls")
+        if calls is not None:
+            calls.remove_hooks()
 
     # ------------------------------------------------------------------ phases
     def _check_can_step(self) -> None:
@@ -315,7 +296,7 @@ class LABPAL(torch.optim.Optimizer):
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
         h, c = self.hyper, self.counters
-        m = h.multiplier_at(c.calls, self._ranks)
+        m = h.multiplier_at(c.calls, self._calls.ranks)
         trigger = (c.pending or c.calls == 0 or m != c.m
                    or (not c.warm_measured and c.updates >= h.warmup_updates)
                    or c.updates - c.last_end >= h.reuse_updates)
@@ -329,10 +310,9 @@ class LABPAL(torch.optim.Optimizer):
     def _train_call(self, closure: Callable, m: int) -> torch.Tensor:
         c = self.counters
         with self._dropped_on_fault():
-            with self._grad_sync(m, last=c.acc + 1 == m):
-                loss, _ = self._forward_backward(closure)
+            loss, _ = self._calls.gradient(closure, m, last=c.acc + 1 == m)
         with self._commit() as run:
-            self._take_reduced_grads(run)
+            self._calls.take_reduced(run)
             c.m = m
             c.calls += 1
             c.acc += 1
@@ -370,10 +350,9 @@ class LABPAL(torch.optim.Optimizer):
         # the first call tells the dtype the closure computes in (resolve_positions)
         probe = AutocastProbe() if j == 1 and self.hyper.resolving else None
         with self._dropped_on_fault():
-            with self._grad_sync(m, last=j == m), probe or contextlib.nullcontext():
-                loss, own = self._forward_backward(closure)
+            loss, own = self._calls.gradient(closure, m, last=j == m, watch=probe)
         with self._commit() as run:
-            self._take_reduced_grads(run)
+            self._calls.take_reduced(run)
             meas = self._measurement or self._start_measurement(
                 m, 0.0 if probe is None else probe.eps, run)
             self._keep_call(meas, closure, rng, own, loss, run)
@@ -390,7 +369,7 @@ class LABPAL(torch.optim.Optimizer):
         """Calls m+1..k·m: a loss sample at the line's origin (no gradient is needed)."""
         own = meas.own_backward[0]  # the measurement's first closure tells the convention
         with self._dropped_on_fault():
-            loss = self._sample(closure, own)
+            loss = self._calls.sample(closure, own)
         with self._commit() as run:
             self._keep_call(meas, closure, rng, own, loss, run)
             if meas.calls == meas.total:
@@ -477,7 +456,7 @@ class LABPAL(torch.optim.Optimizer):
     def _repeat(self, closure: Callable, rng, own_backward: bool) -> torch.Tensor:
         """A kept closure evaluated again, with the random state of its first call."""
         restore_rng(rng)
-        return self._sample(closure, own_backward)
+        return self._calls.sample(closure, own_backward)
 
     def _finish_line(self, meas: Measurement, again: Optional[torch.Tensor],
                      run: Commit) -> Optional[str]:
@@ -550,8 +529,7 @@ class LABPAL(torch.optim.Optimizer):
         if self._warned_fallback:
             return
         self._warned_fallback = True
-        fix = next((text for key, text in _FALLBACK_FIXES if key in (reason or "")),
-                   "see opt.measurements() for each measurement's reason")
+        fix = fallback_fix(reason)
         warnings.warn(
             f"LABPAL: {FAIL_LIMIT} measurements in a row gave no learning rate (last: {reason}); "
             "training goes on with the safe step s_upd = min(largest measured position, "
@@ -559,43 +537,6 @@ class LABPAL(torch.optim.Optimizer):
             RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ distributed
-    @contextmanager
-    def _grad_sync(self, m: int, last: bool) -> Iterator[None]:
-        """A backward of an update's m calls. With a DistributedDataParallel model= and m > 1,
-        every backward runs under no_sync and the last call averages the summed gradient once
-        (one all-reduce per flat, not m); with m = 1 DDP's own reduce (overlapping backward) is
-        the one. Without model=, a DDP model reduces in every backward (m all-reduces)."""
-        ddp = None if self._dist is None else self._dist.ddp
-        if ddp is None or m == 1:
-            yield
-            return
-        with ddp.no_sync():
-            yield
-        if last:
-            self._reduce_grads()
-
-    def _reduce_grads(self) -> None:
-        """The last call's backward is done: average Σ(earlier calls) + this call's gradient
-        across ranks into each flat's spare buffer, leaving grad_sum and grad untouched, so that
-        a failed collective drops the call like a failed backward (`_dropped_on_fault`)."""
-        with torch.no_grad():
-            for flat in self.flats:
-                flat.attach_grads()
-                scratch = flat.need_origin()
-                torch.add(flat.need_grad_sum(), flat.grad, out=scratch)
-                self._dist.sum_(scratch)
-        self._grads_reduced = True
-
-    def _take_reduced_grads(self, run: Commit) -> None:
-        """In the call's commit: the averaged sum becomes grad_sum (grad zero), which the
-        direction divides by m."""
-        if not self._grads_reduced:
-            return
-        self._grads_reduced = False
-        for flat in self.flats:
-            run(torch.div, flat.origin, self._ranks, out=flat.grad_sum)
-            run(self.ops.zero_grad, flat)
-
     def _reduce_line(self, meas: Measurement, again: Optional[torch.Tensor]) -> None:
         """After the line evaluations: the measurement's one collective (global samples). The
         first closure's repeat is checked here, on this rank's samples, and its verdict travels
@@ -693,52 +634,6 @@ class LABPAL(torch.optim.Optimizer):
             except Exception:
                 pass  # the original exception is the one to raise
 
-    # ------------------------------------------------------------------ closures
-    def _forward_backward(self, closure: Callable) -> Tuple[torch.Tensor, bool]:
-        """(loss, whether the closure ran backward itself). Gradients that reached a parameter
-        while the closure ran mean it did (torch's convention): backward is not run again."""
-        self._backward_seen.value = False
-        self._closure_scaled = False
-        with torch.enable_grad():
-            loss = _checked_loss(closure())
-            own = self._backward_seen.value
-            scaling = self.hyper.loss_scale is not None
-            if own and scaling and not self._closure_scaled:
-                raise RuntimeError(
-                    "loss_scale is set and the closure ran backward() on a loss LABPAL did not "
-                    "scale: LABPAL unscales the gradient in its update, so either return the "
-                    "loss without calling backward() (LABPAL runs it), or run backward on "
-                    "opt.scale_loss(loss) (Accelerate: accelerator.backward(opt.scale_loss(loss)); "
-                    "never GradScaler.scale). Lightning's LABPALCallback and LABPALTrainer do "
-                    "that themselves")
-            if not own:
-                if not loss.requires_grad:
-                    raise RuntimeError(
-                        "the closure's loss does not require grad and the closure did not run "
-                        "backward(): LABPAL needs a loss computed from the parameters with "
-                        "autograd enabled (it runs backward itself), or a closure that runs "
-                        "loss.backward() itself")
-                (self.line.scaled(loss) if scaling else loss).backward()
-        for flat in self.flats:
-            flat.attach_grads()
-            flat.pull_grads()  # fp32 master weights: the model's gradients into the flat's
-        return loss.detach(), own
-
-    def _sample(self, closure: Callable, own_backward: bool) -> torch.Tensor:
-        """A call that only gives a loss sample: forward only, without autograd, unless the
-        closure runs backward itself (torch's convention needs autograd); its gradient is
-        dropped then."""
-        if not own_backward:
-            with torch.no_grad():
-                return _checked_loss(closure()).detach()
-        with torch.enable_grad():
-            loss = _checked_loss(closure()).detach()
-        for flat in self.flats:
-            flat.attach_grads()
-            flat.clear_model_grads()
-            self.ops.zero_grad(flat)
-        return loss
-
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing (`Optimizer.__init__` adds the groups)."""
@@ -760,22 +655,3 @@ class LABPAL(torch.optim.Optimizer):
         ValueError naming the entry and leaves the optimizer and the parameters as they were.
         torch's load-state-dict hooks run as on any optimizer."""
         checkpoint.load_state_dict(self, state_dict)
-
-
-class _Flag:
-    """A bool the parameters' post-accumulate-grad hooks set (held by them, not the optimizer)."""
-    __slots__ = ("value",)
-
-    def __init__(self):
-        self.value = False
-
-    def hook(self, param: torch.Tensor) -> None:
-        self.value = True
-
-
-def _checked_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
-    return loss
