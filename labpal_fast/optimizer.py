@@ -1,10 +1,12 @@
 """LABPAL as a torch.optim.Optimizer: the phases as a small host-side state machine.
 
-The optimizer keeps integer counters only and decides with them; every value computed from
-tensors stays on the device (`line.Line`) and every pass over parameter memory is a step of
-the backend (`ops.base.Backend`). The host reads a device value exactly twice per
-measurement: whether to abandon it (after the direction is formed) and whether the fit gave
-a rate. The algorithm as implemented: docs/algorithm.md.
+The optimizer keeps integer counters only (`Counters`, and a `measurement.Measurement` while
+one runs) and decides with them; every value computed from tensors stays on the device
+(`line.Line`) and every pass over parameter memory is a step of the backend
+(`ops.base.Backend`). Calling the closure is `closures.Closures`', the checkpoint format
+`checkpoint`'s, what is refused and why `guards`'. The host reads a device value exactly
+twice per measurement: whether to abandon it (after the direction is formed) and whether the
+fit gave a rate. The algorithm as implemented: docs/algorithm.md.
 
 A step is atomic (docs/algorithm.md, "Faults"): the closure and backward run first and a fault
 there drops the call; the optimizer's writes then run together (`commit.Commit`); the one long
