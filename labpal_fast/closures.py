@@ -8,7 +8,6 @@ forward pass without autograd (unless the closure runs backward itself).
 """
 from __future__ import annotations
 
-import contextlib
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -36,8 +35,11 @@ class Closures:
                  watch: Any = None) -> Tuple[torch.Tensor, bool]:
         """(loss, whether the closure ran backward itself) of one of an update's m calls (`last`:
         the m-th); the gradient is in the flats' grad buffers. `watch`: a context around it."""
-        with self._grad_sync(m, last), watch or contextlib.nullcontext():
-            return self._forward_backward(closure)
+        with self._grad_sync(m, last):
+            if watch is None:
+                return self._forward_backward(closure)
+            with watch:
+                return self._forward_backward(closure)
 
     def _forward_backward(self, closure: Callable) -> Tuple[torch.Tensor, bool]:
         """Gradients that reached a parameter while the closure ran mean it ran backward itself
@@ -102,7 +104,7 @@ class Closures:
     def _reduce_grads(self) -> None:
         """The last call's backward is done: average Σ(earlier calls) + this call's gradient
         across ranks into each flat's spare buffer, leaving grad_sum and grad untouched, so that
-        a failed collective drops the call like a failed backward (`LABPAL._dropped_on_fault`)."""
+        a failed collective drops the call like a failed backward (`LABPAL._drop_call`)."""
         with torch.no_grad():
             for flat in self.flats:
                 flat.attach_grads()

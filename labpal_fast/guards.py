@@ -77,10 +77,10 @@ def check_groups(param_groups: List[dict], hyper_names: Sequence[str]) -> None:
     check_no_shared_storage(param_groups)
 
 
-def check_requires_grad(params: Sequence[torch.Tensor], built: Tuple[bool, ...]) -> None:
-    """At each step: the parameters require grad as they did when LABPAL was built (`built`)."""
-    if tuple(p.requires_grad for p in params) == built:
-        return
+def refuse_requires_grad_change(params: Sequence[torch.Tensor],
+                                built: Tuple[bool, ...]) -> None:
+    """At a step: the parameters do not require grad as they did when LABPAL was built
+    (`built`)."""
     changed = [i for i, (p, was) in enumerate(zip(params, built)) if p.requires_grad != was]
     raise RuntimeError(
         f"requires_grad of parameter(s) {changed} (in param_groups order) changed after "
@@ -90,16 +90,13 @@ def check_requires_grad(params: Sequence[torch.Tensor], built: Tuple[bool, ...])
         "LABPAL over the parameters to train.")
 
 
-def check_not_grad_scaled(opt) -> None:
-    """At each step: refuses a call from torch.amp.GradScaler.step, which sets `found_inf` (or
-    `grad_scale`) on the optimizer and calls step() (LABPAL declares
-    `_step_supports_amp_scaling` for that). GradScaler deletes them after step() returns: a
-    refused call must, so that a fixed loop steps again."""
-    state = vars(opt)
-    if "found_inf" in state or "grad_scale" in state:
-        state.pop("found_inf", None)
-        state.pop("grad_scale", None)
-        refuse_grad_scaler()
+def refuse_grad_scaled(opt) -> None:
+    """At a step called by torch.amp.GradScaler.step, which set `found_inf` (or `grad_scale`)
+    on the optimizer (LABPAL declares `_step_supports_amp_scaling` for that). GradScaler deletes
+    them after step() returns: a refused call must, so that a fixed loop steps again."""
+    vars(opt).pop("found_inf", None)
+    vars(opt).pop("grad_scale", None)
+    refuse_grad_scaler()
 
 
 def check_step_replacement(name: str, value: Any) -> None:
@@ -110,13 +107,12 @@ def check_step_replacement(name: str, value: Any) -> None:
         refuse_grad_scaler()
 
 
-def check_not_compiling() -> None:
-    """At each step: refuses torch.compile tracing step()."""
-    if torch.compiler.is_compiling():
-        # a plain raise would be a graph break, after which dynamo runs step() eagerly; a
-        # disabled function runs eagerly, so its error reaches the caller (fullgraph=True
-        # reports this line instead, hence the comment on it)
-        torch.compiler.disable(_refuse_compile)()  # compile the model, not LABPAL.step()
+def refuse_compile() -> None:
+    """At a step that torch.compile is tracing."""
+    # a plain raise would be a graph break, after which dynamo runs step() eagerly; a
+    # disabled function runs eagerly, so its error reaches the caller (fullgraph=True
+    # reports this line instead, hence the comment on it)
+    torch.compiler.disable(_refuse_compile)()  # compile the model, not LABPAL.step()
 
 
 def check_no_shared_storage(param_groups) -> None:

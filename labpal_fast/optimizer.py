@@ -219,7 +219,7 @@ class LABPAL(torch.optim.Optimizer):
         return self.line.scaled(loss)
 
     # torch.amp.GradScaler.step then leaves the loss scaling to the optimizer: it sets
-    # `found_inf` on it and calls step() directly, which refuses (`guards.check_not_grad_scaled`)
+    # `found_inf` on it and calls step() directly, which refuses (`guards.refuse_grad_scaled`)
     _step_supports_amp_scaling = True
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
@@ -227,14 +227,16 @@ class LABPAL(torch.optim.Optimizer):
 
         If it raises (in the closure, backward, an op, or on Ctrl-C), the parameters are bit
         for bit as before the call or as after it, and stepping can go on (docs/algorithm.md)."""
-        guards.check_not_grad_scaled(self)
+        if "found_inf" in vars(self) or "grad_scale" in vars(self):
+            guards.refuse_grad_scaled(self)
         if closure is None or not callable(closure):
             raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
                             "pass on its batch and returns the mean loss (LABPAL calls backward "
                             "itself, unless the closure does); it is called again during "
                             "measurements, so a loop of `loss.backward(); opt.step()` cannot "
                             "work: wrap the forward pass in a closure")
-        guards.check_not_compiling()
+        if torch.compiler.is_compiling():
+            guards.refuse_compile()
         self._check_can_step()
         self._stepping = True
         try:
@@ -284,7 +286,8 @@ class LABPAL(torch.optim.Optimizer):
                                "loss; call step() once per batch, outside the closure")
         if self._broken is not None:
             raise RuntimeError(self._broken)
-        guards.check_requires_grad(self._params, self._requires_grad)
+        if tuple(p.requires_grad for p in self._params) != self._requires_grad:
+            guards.refuse_requires_grad_change(self._params, self._requires_grad)
 
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
@@ -303,8 +306,11 @@ class LABPAL(torch.optim.Optimizer):
 
     def _train_call(self, closure: Callable, m: int) -> torch.Tensor:
         c = self.counters
-        with self._dropped_on_fault():
+        try:
             loss, _ = self._calls.gradient(closure, m, last=c.acc + 1 == m)
+        except BaseException:
+            self._drop_call()
+            raise
         with self._commit() as run:
             self._calls.take_reduced(run)
             c.m = m
@@ -343,8 +349,11 @@ class LABPAL(torch.optim.Optimizer):
         """Calls 1..m: forward and backward; the gradient is summed, call m forms d from it."""
         # the first call tells the dtype the closure computes in (resolve_positions)
         probe = AutocastProbe() if j == 1 and self.hyper.resolving else None
-        with self._dropped_on_fault():
+        try:
             loss, own = self._calls.gradient(closure, m, last=j == m, watch=probe)
+        except BaseException:
+            self._drop_call()
+            raise
         with self._commit() as run:
             self._calls.take_reduced(run)
             meas = self._measurement or self._start_measurement(
@@ -362,8 +371,11 @@ class LABPAL(torch.optim.Optimizer):
     def _sample_call(self, closure: Callable, meas: Measurement, rng) -> torch.Tensor:
         """Calls m+1..k·m: a loss sample at the line's origin (no gradient is needed)."""
         own = meas.own_backward[0]  # the measurement's first closure tells the convention
-        with self._dropped_on_fault():
+        try:
             loss = self._calls.sample(closure, own)
+        except BaseException:
+            self._drop_call()
+            raise
         with self._commit() as run:
             self._keep_call(meas, closure, rng, own, loss, run)
             if meas.calls == meas.total:
@@ -582,19 +594,14 @@ class LABPAL(torch.optim.Optimizer):
                     "is undefined. Build a new LABPAL (and load a state_dict saved before).")
                 raise
 
-    @contextmanager
-    def _dropped_on_fault(self) -> Iterator[None]:
-        """A call's closure and backward: a fault there drops the call, i.e. the gradient its
-        backward may have added (the earlier micro-batches' sum is in grad_sum, untouched)."""
-        try:
-            yield
-        except BaseException:
-            with self._commit() as run:
-                for flat in self.flats:
-                    flat.attach_grads()
-                    run(flat.clear_model_grads)
-                    run(self.ops.zero_grad, flat)
-            raise
+    def _drop_call(self) -> None:
+        """A fault in a call's closure or backward drops the call: the gradient its backward
+        may have added goes (the earlier micro-batches' sum is in grad_sum, untouched)."""
+        with self._commit() as run:
+            for flat in self.flats:
+                flat.attach_grads()
+                run(flat.clear_model_grads)
+                run(self.ops.zero_grad, flat)
 
     @contextmanager
     def _line_faults(self) -> Iterator[None]:
