@@ -206,8 +206,10 @@ def _run(kind, monkeypatch, device="cpu"):
         assert opt._broken is None and not opt._stepping, (at, where)
         assert opt.phase in ("training", "measuring")
         if opt.phase == "measuring":
-            meas = opt._measurement
-            assert 0 < meas.calls < K * M and len(meas.closures) == meas.calls
+            meas = opt._measurement  # a closure (and its random state) kept per call made
+            made = opt.counters.calls - opt.counters.measure_start_call
+            assert 0 < meas.calls < K * M and meas.calls == made
+            assert len(meas.rngs) == len(meas.own_backward) == made
         else:
             assert 0 <= opt.counters.acc < M and opt._measurement is None
         updates = opt.updates
