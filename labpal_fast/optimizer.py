@@ -63,7 +63,9 @@ class LABPAL(torch.optim.Optimizer):
     error). LABPAL runs ``backward()`` itself, unless the closure does (torch's convention:
     ``zero_grad(); loss.backward(); return loss``), which is accepted as well.
 
-    Args (all but ``params`` keyword-only; README "Hyper-parameters" gives the bounds):
+    Every argument but ``params`` is keyword-only; README "Hyper-parameters" gives the bounds.
+
+    Args:
         params: the parameters, or parameter groups (dicts); per group only ``weight_decay``
             may be set.
         backend: "auto", "eager", "ext" or "triton" (README "Backends").
