@@ -137,12 +137,7 @@ class LABPAL(torch.optim.Optimizer):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         super().__init__(params, {"weight_decay": weight_decay})
-        self.param_groups = [guards.Group(group) for group in self.param_groups]
-        guards.check_groups(self.param_groups, NAMES)
-        self._params = [p for group in self.param_groups for p in group["params"]]
-        trained = [p for p in self._params if p.requires_grad]
-        if not trained:
-            raise ValueError("params: LABPAL got no parameter that requires grad")
+        trained = self._checked_groups()
         shards.refuse_fsdp1(trained, model)
         placed = shards.fsdp_params(model)  # FSDP2: the flats become its sharded storage
         shards.check_placed(trained, placed, model is not None)
@@ -159,8 +154,6 @@ class LABPAL(torch.optim.Optimizer):
             self._cuda = cuda_indices(f.device for f in self.flats)
             self.line: Line = self.ops.make_line(self.hyper, self._device)
             self._buffers = BufferSnapshot(model)
-            self._failures = 0  # measurements in a row that gave no rate while none exists
-            self._warned_fallback = False
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
         except BaseException:
@@ -177,6 +170,19 @@ class LABPAL(torch.optim.Optimizer):
         self._records: List[Dict[str, Any]] = []
         self._stepping = False     # step() is running (it is not re-entrant)
         self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
+        self._failures = 0  # measurements in a row that gave no rate while none exists
+        self._warned_fallback = False
+
+    def _checked_groups(self) -> List[torch.Tensor]:
+        """The groups torch made, checked, their 'lr' kept from schedulers (`guards.Group`);
+        returns the parameters to train (those that require grad)."""
+        self.param_groups = [guards.Group(group) for group in self.param_groups]
+        guards.check_groups(self.param_groups, NAMES)
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        trained = [p for p in self._params if p.requires_grad]
+        if not trained:
+            raise ValueError("params: LABPAL got no parameter that requires grad")
+        return trained
 
     # ------------------------------------------------------------------ public
     @property
