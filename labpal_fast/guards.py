@@ -99,14 +99,6 @@ def refuse_grad_scaled(opt) -> None:
     refuse_grad_scaler()
 
 
-def check_step_replacement(name: str, value: Any) -> None:
-    """On setting an attribute: Accelerate's fp16 wrapper (AcceleratedOptimizer with a
-    GradScaler) replaces step() right before scaler.step(opt, closure), which would fail on a
-    GradScaler that never scaled a loss: say what is wrong and the fix instead."""
-    if name == "step" and getattr(value, "__module__", "").startswith("accelerate"):
-        refuse_grad_scaler()
-
-
 def refuse_compile() -> None:
     """At a step that torch.compile is tracing."""
     # a plain raise would be a graph break, after which dynamo runs step() eagerly; a
@@ -144,6 +136,9 @@ def check_no_shared_storage(param_groups) -> None:
 
 
 def refuse_grad_scaler() -> None:
+    """A GradScaler drives step(): scaler.step(opt, closure) (`refuse_grad_scaled`), or
+    Accelerate's fp16 wrapper replacing step() right before it (`LABPAL.__setattr__`), which
+    would fail on a GradScaler that never scaled a loss."""
     raise RuntimeError(
         "LABPAL.step() was called by a torch.amp.GradScaler (scaler.step(opt, closure), or "
         "Accelerate's fp16 mixed precision): GradScaler cannot work with LABPAL, which calls the "

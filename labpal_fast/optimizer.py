@@ -261,7 +261,10 @@ class LABPAL(torch.optim.Optimizer):
             self._stepping = False
 
     def __setattr__(self, name: str, value: Any) -> None:
-        guards.check_step_replacement(name, value)
+        # Accelerate's fp16 wrapper (AcceleratedOptimizer with a GradScaler) replaces step()
+        # right before scaler.step(opt, closure): refused here with the fix
+        if name == "step" and getattr(value, "__module__", "").startswith("accelerate"):
+            guards.refuse_grad_scaler()
         super().__setattr__(name, value)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
