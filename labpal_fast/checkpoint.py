@@ -1,11 +1,15 @@
-"""Checking a LABPAL state dict completely before any of it is loaded (`LABPAL.load_state_dict`).
+"""LABPAL's checkpoint format: `LABPAL.state_dict` and `load_state_dict`, and the check of a state.
+
+`state_dict` / `load_state_dict` are LABPAL's, with torch's state-dict hooks run as
+`torch.optim.Optimizer` runs them; `save` writes the format, `load` writes a state back into
+the optimizer once `check` has passed all of it.
 
 `check` reads the whole state and returns it in the form it will be written in; the optimizer
 writes only after that, so a damaged or foreign state changes nothing. Every error is a
 ValueError that names the entry by its path (``state_dict['labpal']['line']['s_upd'] is nan``)
 and says what was expected.
 
-The format (version 3; versions 1 and 2 load too) is what `LABPAL.state_dict` writes.
+The format (version 3; versions 1 and 2 load too) is what `save` writes.
 Containers are read as mappings and sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
 tensors load too; what could corrupt training (a wrong shape that would broadcast, a non-finite
 rate, a counter that breaks the state machine) is refused.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -22,7 +26,7 @@ import torch
 from .hyper import MAX_LOSS_SCALE, MAX_MULTIPLIER
 from .layout import NPART, RECORD_SCALARS
 from .line import Line
-from .shards import is_dtensor
+from .shards import fixed_layout, is_dtensor
 
 VERSION = 3
 # version 1 lacked the line's s_base / eta_base (no lr_multiplier_schedule then: factor 1)
@@ -81,6 +85,113 @@ def check(opt, state_dict: Any) -> Checked:
     line = _check_line(opt, extra["line"], f"{path}['line']", version, dynamic)
     records = _check_records(opt, extra["records"], f"{path}['records']")
     return Checked(directions, grad_sums, masters, weight_decays, counters, line, records)
+
+# ---------------------------------------------------------------------------- save and load
+def state_dict(opt) -> Dict[str, Any]:
+    """`LABPAL.state_dict`: torch's state-dict pre-hooks, the state (`save`), then the post-hooks,
+    each of which may return a state_dict that replaces it (as `torch.optim.Optimizer` does)."""
+    for hook in opt._optimizer_state_dict_pre_hooks.values():
+        hook(opt)
+    saved = save(opt)
+    for hook in opt._optimizer_state_dict_post_hooks.values():
+        result = hook(opt, saved)
+        if result is not None:
+            saved = result
+    return saved
+
+
+def load_state_dict(opt, state_dict: Any) -> None:
+    """`LABPAL.load_state_dict`: torch's load-state-dict pre-hooks on a shallow copy (one that
+    returns a state_dict replaces it), the state (`load`), then the post-hooks, as
+    `torch.optim.Optimizer` does."""
+    if isinstance(state_dict, dict):
+        state_dict = state_dict.copy()
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    load(opt, state_dict)
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)
+
+
+def save(opt) -> Dict[str, Any]:
+    """The state of `opt` (a LABPAL) in this format. A measurement that is collecting its
+    batches is saved as not yet started: its closures cannot be saved."""
+    index: Dict[int, int] = {}
+    groups = []
+    for group in opt.param_groups:
+        ids = []
+        for p in group["params"]:
+            index.setdefault(id(p), len(index))
+            ids.append(index[id(p)])
+        # the learning rate is part of the line state below, not of the groups
+        groups.append({"params": ids, "weight_decay": group["weight_decay"]})
+    meas = opt._measurement
+    # an unfinished update's gradient sum is this rank's own until its last call averages it
+    # (DDP model= with m > 1): not saved; the update starts over at load, on every rank alike
+    local_sum = opt._dist is not None and opt._dist.ddp is not None and opt.counters.m > 1
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for flat in opt.flats:
+            direction = flat.origin if meas is not None and meas.formed else flat.direction
+            sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and meas is None \
+                and opt.counters.acc > 0 and not local_sum else [None] * len(flat.params)
+            masters = flat.slices(flat.param) if flat.master else [None] * len(flat.params)
+            for i, (p, d, s, w) in enumerate(zip(flat.params, flat.slices(direction), sums,
+                                                 masters)):
+                entry = {"direction": flat.saved(i, d)}
+                if w is not None:  # fp32 master weights: the model holds them rounded
+                    entry["master"] = flat.saved(i, w)
+                if s is not None:
+                    entry["grad_sum"] = flat.saved(i, s)
+                state[index[id(p)]] = entry
+    counters = asdict(opt.counters)
+    if meas is not None:  # resume by starting this measurement over, parameters untouched
+        counters.update(acc=0, pending=True)
+    elif local_sum:
+        counters.update(acc=0)
+    return fixed_layout(opt, {
+        "state": state,
+        "param_groups": groups,
+        "labpal": {
+            "version": VERSION,
+            "hyper": opt.hyper.as_dict(),
+            "shapes": {index[id(p)]: (tuple(p.shape), str(p.dtype))
+                       for f in opt.flats for p in f.params},
+            "counters": counters,
+            "line": {name: getattr(opt.line, name).clone() for name in Line.STATE},
+            "records": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in r.items()}
+                        for r in opt._records],
+        },
+    })
+
+
+def load(opt, state_dict: Any) -> None:
+    """Writes a state into `opt` after checking all of it (`check`); a running measurement is
+    dropped (the saved state says whether one starts at the next call)."""
+    new = check(opt, state_dict)
+    with torch.no_grad():
+        for flat, directions, sums, masters in zip(opt.flats, new.directions,
+                                                    new.grad_sums, new.masters):
+            for d, saved in zip(flat.slices(flat.direction), directions):
+                d.copy_(saved)
+            if flat.master:  # where the model's parameters are their rounding (README)
+                for i, (w, saved) in enumerate(zip(flat.slices(flat.param), masters)):
+                    flat.take_master(w if saved is None else saved, i)
+            if sums is not None:
+                for s, saved in zip(flat.slices(flat.need_grad_sum()), sums):
+                    s.copy_(saved)
+            opt.ops.zero_grad(flat)
+        for name, value in new.line.items():
+            getattr(opt.line, name).copy_(value)
+    opt.line.multiplier = None  # s_upd = s_base·factor is made again at the next update
+    for group, weight_decay in zip(opt.param_groups, new.weight_decays):
+        group["weight_decay"] = weight_decay
+        group["lr"] = opt.line.lr
+    opt.counters = type(opt.counters)(**new.counters)
+    opt._measurement = None
+    opt._records = new.records
 
 
 # ---------------------------------------------------------------------------- the parts

@@ -1,10 +1,12 @@
 """LABPAL as a torch.optim.Optimizer: the phases as a small host-side state machine.
 
-The optimizer keeps integer counters only and decides with them; every value computed from
-tensors stays on the device (`line.Line`) and every pass over parameter memory is a step of
-the backend (`ops.base.Backend`). The host reads a device value exactly twice per
-measurement: whether to abandon it (after the direction is formed) and whether the fit gave
-a rate. The algorithm as implemented: docs/algorithm.md.
+The optimizer keeps integer counters only (`Counters`, and a `measurement.Measurement` while
+one runs) and decides with them; every value computed from tensors stays on the device
+(`line.Line`) and every pass over parameter memory is a step of the backend
+(`ops.base.Backend`). Calling the closure is `closures.Closures`', the checkpoint format
+`checkpoint`'s, what is refused and why `guards`'. The host reads a device value exactly
+twice per measurement: whether to abandon it (after the direction is formed) and whether the
+fit gave a rate. The algorithm as implemented: docs/algorithm.md.
 
 A step is atomic (docs/algorithm.md, "Faults"): the closure and backward run first and a fault
 there drops the call; the optimizer's writes then run together (`commit.Commit`); the one long
@@ -12,55 +14,29 @@ stretch of user code after them, the line evaluations, ends the measurement on a
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, guards
 from . import ops as backends
 from . import shards
+from .closures import Closures
 from .commit import Commit
 from .distributed import ERRORS, Collectives
 from .flat import Flat, build_flats
-from .hyper import NAMES, Hyper, number
-from .layout import ABANDON_REASONS, Abandon, Partial
+from .hyper import NAMES, Hyper
+from .layout import ABANDON_REASONS, Abandon
 from .line import Line
+from .measurement import (FAIL_LIMIT, Measurement, fallback_fix, not_repeated, read,
+                          record_to_python)
 from .resolution import AutocastProbe
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
 TRAINING, MEASURING = "training", "measuring"
-
-# robust fits: after this many measurements in a row without a rate (none existing yet), train
-# on with a safe step instead of measuring again forever (`LABPAL._fall_back`)
-FAIL_LIMIT = 3
-# what to do about the reason of the last failed measurement (a substring of it -> the fix)
-_FALLBACK_FIXES = (
-    ("direction norm", "‖d‖ is outside direction_norm_range: widen it (e.g. "
-     "direction_norm_range=(0, float('inf'))), or return the unscaled loss from the closure (a "
-     "loss multiplied by a scale, as fp16 loss scaling does, multiplies ‖d‖ too)"),
-    ("directional derivative", "the loss does not decrease along its own gradient: the closure "
-     "must return the loss of the parameters being trained (not detached, nor a constant)"),
-    ("fit invalid", "the loss is not finite at the measured positions, or the fit has no finite "
-     "solution: check the loss for NaN/inf, or use smaller sample_positions"),
-)
-
-# where a step is when an exception leaves it (what `_fault` makes of it)
-_CLOSURE = "closure"    # the closure or backward: nothing written but this call's gradient
-_COMMIT = "commit"      # the optimizer's writes (a Commit): finished, or the optimizer is broken
-_LINE = "line"          # the line evaluations: the measurement ends, θ back at its origin
-_DONE = "done"          # everything written: only a held Ctrl-C or a retried op error is left
-
-_NOT_COPYABLE = (
-    "LABPAL cannot be copied or pickled: the parameters are views into its flat buffers "
-    "(p.data points into them), so a copy would either share the model's memory or train "
-    "tensors no model uses. Save opt.state_dict() and load_state_dict() it into a LABPAL built "
-    "over the (copied) model's parameters.")
-
 
 @dataclass
 class Counters:
@@ -87,32 +63,81 @@ class LABPAL(torch.optim.Optimizer):
     error). LABPAL runs ``backward()`` itself, unless the closure does (torch's convention:
     ``zero_grad(); loss.backward(); return loss``), which is accepted as well.
 
-    Hyper-parameters are keyword-only, named as in docs/algorithm.md. Per parameter group only
-    ``weight_decay`` (L2, part of the objective the line measures) may be set. ``model=``
-    lets repeated evaluations leave the model's buffers (BatchNorm statistics) untouched.
+    Every argument but ``params`` is keyword-only; README "Hyper-parameters" gives the bounds.
 
-    Under torch.distributed (README, "Distributed training") the line's samples are global:
-    ``process_group=`` (default: the DDP ``model=``'s group, else the default group when one is
-    initialized; a group of one rank opts out) is the set of ranks that measure together.
+    Args:
+        params: the parameters, or parameter groups (dicts); per group only ``weight_decay``
+            may be set.
+        backend: "auto", "eager", "ext" or "triton" (README "Backends").
+        model: the module trained: repeated evaluations leave its buffers (BatchNorm
+            statistics) untouched; a DistributedDataParallel model's gradients are averaged
+            once per update.
+        process_group: the ranks that measure together under torch.distributed (default: the
+            DDP ``model``'s group, else the default group when one is initialized; a group of
+            one rank opts out).
+        weight_decay: L2 weight decay, part of the objective the line measures.
+        mode: "NSGD" (θ ← θ − s_upd·d/‖d‖) or "SGD" (θ ← θ − η·d, η from ``sgd_rate``).
+        momentum: β in d ← β·d + ḡ.
+        dataset_size: N, for the noise factor ν = (128/batch_size)·(N/40000).
+        batch_size: b, the batch of one closure call, for ν.
+        noise_factor: ν set directly (None: from dataset_size and batch_size).
+        batch_size_schedule: (closure call, multiplier) pairs: from that call on,
+            m = max(⌊multiplier·ν⌋, 1) closure calls are averaged per update.
+        approximation_batches: k: a measurement takes k·m closure calls.
+        reuse_updates: updates between two measurements.
+        warmup_updates: measurements before this many updates are not averaged.
+        averaging_window: after the warm-up, s_upd and η are the mean of this many
+            measurements.
+        sample_positions: the line positions measured (0 and at least two more).
+        update_step_adaptation: α in s_upd = α·min(s_min, max_step_size).
+        max_step_size: the clamp on the parabola's minimum.
+        direction_norm_range: (low, high): a measurement is abandoned when ‖d‖ is outside.
+        epsilon: the floor of s_upd, η and of ‖d‖ in divisions.
+        replay_tolerance: the relative difference allowed when a measurement's first closure
+            is evaluated again (None: no check).
+        lr_multiplier_schedule: (update, factor) points of a factor on the measured rate,
+            linear between them.
+        max_grad_norm: clips ḡ by its global L2 norm before it enters d (None: no clipping).
+        line_fit: "robust", "gradient" or "paper": how the line is fitted, and when a fit is
+            refused.
+        resolve_positions: scale the positions to what the parameters' dtype and the loss
+            resolve (None: on unless line_fit="paper").
+        sgd_rate: SGD mode's η: "robust" (a running mean of ‖d‖) or "paper".
+        loss_scale: None, "dynamic" or a fixed scale S: the loss is multiplied by S before
+            backward and the gradient divided by it (fp16).
+        master_weights: fp32 master copies of fp16 / bf16 parameters (None: on for them, off
+            for FSDP2 shards).
     """
 
     def __init__(self, params, *, backend: str = "auto", model: Optional[torch.nn.Module] = None,
-                 process_group: Any = None, weight_decay: float = 0.0, **hyper: Any):
-        unknown = sorted(set(hyper) - set(NAMES))
+                 process_group: Any = None, weight_decay: float = 0.0,
+                 mode: str = "NSGD", momentum: float = 0.0,
+                 dataset_size: int = 40000, batch_size: int = 128,
+                 noise_factor: Optional[float] = None,
+                 batch_size_schedule: Tuple[Tuple[int, float], ...] = (
+                     (0, 1), (75000, 2), (112500, 4)),
+                 approximation_batches: int = 10, reuse_updates: int = 1000,
+                 warmup_updates: int = 400, averaging_window: int = 25,
+                 sample_positions: Tuple[float, ...] = (0.0, 1.77e-4, 0.01),
+                 update_step_adaptation: float = 3.6, max_step_size: float = 0.5,
+                 direction_norm_range: Tuple[float, float] = (1e-3, 100.0),
+                 epsilon: float = 1e-6, replay_tolerance: Optional[float] = 1e-3,
+                 lr_multiplier_schedule: Tuple[Tuple[int, float], ...] = ((0, 1.0),),
+                 max_grad_norm: Optional[float] = None, line_fit: str = "robust",
+                 resolve_positions: Optional[bool] = None, sgd_rate: str = "robust",
+                 loss_scale: Union[None, str, float] = None,
+                 master_weights: Optional[bool] = None,
+                 **unknown: Any):
+        arguments = locals()  # the hyper-parameters: `Hyper` checks them (tests/test_signature.py)
         if unknown:
-            raise TypeError(f"LABPAL got unknown hyper-parameter(s) {unknown}; "
+            raise TypeError(f"LABPAL got unknown hyper-parameter(s) {sorted(unknown)}; "
                             f"known: {', '.join(NAMES)}")
-        self.hyper = Hyper(**hyper)
-        weight_decay = _weight_decay(weight_decay, "weight_decay")
+        self.hyper = Hyper(**{name: arguments[name] for name in NAMES})
+        weight_decay = guards.weight_decay(weight_decay, "weight_decay")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         super().__init__(params, {"weight_decay": weight_decay})
-        self.param_groups = [_Group(group) for group in self.param_groups]
-        self._check_groups()
-        self._params = [p for group in self.param_groups for p in group["params"]]
-        trained = [p for p in self._params if p.requires_grad]
-        if not trained:
-            raise ValueError("params: LABPAL got no parameter that requires grad")
+        trained = self._checked_groups()
         place = shards.Placement(trained, model)  # FSDP2: the flats become its sharded storage
         self.ops = place.ops(backends.resolve(backend, {p.device for p in trained}))
         self.backend = self.ops.name
@@ -125,9 +150,6 @@ class LABPAL(torch.optim.Optimizer):
             self._cuda = cuda_indices(f.device for f in self.flats)
             self.line: Line = self.ops.make_line(self.hyper, self._device)
             self._buffers = BufferSnapshot(model)
-            self._compute_eps = 0.0  # autocast's epsilon seen in a measurement's first call
-            self._failures = 0  # measurements in a row that gave no rate while none exists
-            self._warned_fallback = False
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
         except BaseException:
@@ -137,33 +159,32 @@ class LABPAL(torch.optim.Optimizer):
             group["lr"] = self.line.lr
         # which parameters the flats hold: a change of requires_grad is refused at the next step
         self._requires_grad = tuple(p.requires_grad for p in self._params)
-        # set when gradients reach a parameter: tells whether a closure ran backward itself
-        self._backward_seen = _Flag()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._backward_seen.hook)
-                       for p in trained]
+        self._calls = Closures(self.flats, self.ops, self.line,
+                               self.hyper.loss_scale is not None, self._dist, trained)
         self.counters = Counters()
-        self._phase = TRAINING
-        self._mcall = 0            # calls made in the current measurement
-        self._formed = False       # the measurement's direction is formed (old d in origin)
-        self._closures: List[Callable] = []
-        self._rngs: list = []
-        self._own_backward: List[bool] = []  # per kept closure: it runs backward() itself
-        self._first_loss: Optional[torch.Tensor] = None  # the measurement's first loss sample
+        self._measurement: Optional[Measurement] = None  # held exactly while one runs
         self._records: List[Dict[str, Any]] = []
         self._stepping = False     # step() is running (it is not re-entrant)
-        self._repeating = False    # kept closures are being evaluated again
         self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
-        self._ranks = 1 if self._dist is None else self._dist.world
-        self._grads_reduced = False  # this call's gradients were averaged by LABPAL (DDP model=)
-        self._line_reduced = False   # the measurement's collective was entered
-        self._again: Optional[torch.Tensor] = None  # the first closure's repeated loss
-        self._closure_scaled = False  # this call's closure ran backward on scale_loss(loss)
+        self._failures = 0  # measurements in a row that gave no rate while none exists
+        self._warned_fallback = False
+
+    def _checked_groups(self) -> List[torch.Tensor]:
+        """The groups torch made, checked, their 'lr' kept from schedulers (`guards.Group`);
+        returns the parameters to train (those that require grad)."""
+        self.param_groups = [guards.Group(group) for group in self.param_groups]
+        guards.check_groups(self.param_groups, NAMES)
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        trained = [p for p in self._params if p.requires_grad]
+        if not trained:
+            raise ValueError("params: LABPAL got no parameter that requires grad")
+        return trained
 
     # ------------------------------------------------------------------ public
     @property
     def phase(self) -> str:
         """"training" or "measuring" (a measurement is collecting its batches)."""
-        return self._phase
+        return TRAINING if self._measurement is None else MEASURING
 
     @property
     def updates(self) -> int:
@@ -173,7 +194,7 @@ class LABPAL(torch.optim.Optimizer):
     def repeating(self) -> bool:
         """True while a measurement evaluates its kept closures again (at other line positions,
         or at the origin to check they repeat): code in a closure can skip logging then."""
-        return self._repeating
+        return self._measurement is not None and self._measurement.repeating
 
     @property
     def multiplier(self) -> int:
@@ -198,11 +219,11 @@ class LABPAL(torch.optim.Optimizer):
             raise TypeError(f"scale_loss(loss): loss must be a tensor, got {type(loss).__name__}")
         if self.hyper.loss_scale is None:
             return loss
-        self._closure_scaled = True
+        self._calls.scaled = True
         return self.line.scaled(loss)
 
     # torch.amp.GradScaler.step then leaves the loss scaling to the optimizer: it sets
-    # `found_inf` on it and calls step() directly, which refuses (`_refuse_grad_scaler`)
+    # `found_inf` on it and calls step() directly, which refuses (`guards.refuse_grad_scaled`)
     _step_supports_amp_scaling = True
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
@@ -211,11 +232,7 @@ class LABPAL(torch.optim.Optimizer):
         If it raises (in the closure, backward, an op, or on Ctrl-C), the parameters are bit
         for bit as before the call or as after it, and stepping can go on (docs/algorithm.md)."""
         if "found_inf" in vars(self) or "grad_scale" in vars(self):
-            # GradScaler deletes them after step() returns: a refused call must, so that a
-            # fixed loop steps again
-            vars(self).pop("found_inf", None)
-            vars(self).pop("grad_scale", None)
-            _refuse_grad_scaler()
+            guards.refuse_grad_scaled(self)
         if closure is None or not callable(closure):
             raise TypeError("LABPAL.step() needs a closure: a function that runs the forward "
                             "pass on its batch and returns the mean loss (LABPAL calls backward "
@@ -223,31 +240,27 @@ class LABPAL(torch.optim.Optimizer):
                             "measurements, so a loop of `loss.backward(); opt.step()` cannot "
                             "work: wrap the forward pass in a closure")
         if torch.compiler.is_compiling():
-            # a plain raise would be a graph break, after which dynamo runs step() eagerly; a
-            # disabled function runs eagerly, so its error reaches the caller (fullgraph=True
-            # reports this line instead, hence the comment on it)
-            torch.compiler.disable(_refuse_compile)()  # compile the model, not LABPAL.step()
+            guards.refuse_compile()
         self._check_can_step()
         self._stepping = True
         try:
             for flat in self.flats:
                 flat.attach_params()
             c = self.counters
-            if self._phase == MEASURING:
-                return self._measure_call(closure, c.m, start=False)
+            if self._measurement is not None:
+                return self._measure_call(closure, c.m)
             m, start = self._boundary() if c.acc == 0 else (c.m, False)
             if start:
-                return self._measure_call(closure, m, start=True)
+                return self._measure_call(closure, m)
             return self._train_call(closure, m)
         finally:
             self._stepping = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Accelerate's fp16 wrapper (AcceleratedOptimizer with a GradScaler) replaces step()
-        # right before scaler.step(opt, closure), which would fail on a GradScaler that never
-        # scaled a loss: say what is wrong and the fix instead
+        # right before scaler.step(opt, closure): refused here with the fix
         if name == "step" and getattr(value, "__module__", "").startswith("accelerate"):
-            _refuse_grad_scaler()
+            guards.refuse_grad_scaler()
         super().__setattr__(name, value)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -260,16 +273,17 @@ class LABPAL(torch.optim.Optimizer):
 
     def measurements(self) -> List[Dict[str, Any]]:
         """One record per measurement, as Python numbers (this reads device values)."""
-        return [_record_to_python(r, self.hyper) for r in self._records]
+        return [record_to_python(r, self.hyper) for r in self._records]
 
     def __getstate__(self):  # what pickle, copy.copy and copy.deepcopy ask for
-        raise TypeError(_NOT_COPYABLE)
+        raise TypeError(guards.NOT_COPYABLE)
 
     def __del__(self):
         # vars(), not getattr: a wrapper that imitates LABPAL's class (Lightning's
         # LightningOptimizer) inherits __del__ and forwards getattr to the LABPAL it wraps
-        for hook in vars(self).get("_hooks", ()):
-            hook.remove()
+        calls = vars(self).get("_calls")
+        if calls is not None:
+            calls.remove_hooks()
 
     # ------------------------------------------------------------------ phases
     def _check_can_step(self) -> None:
@@ -280,38 +294,17 @@ class LABPAL(torch.optim.Optimizer):
         if self._broken is not None:
             raise RuntimeError(self._broken)
         if tuple(p.requires_grad for p in self._params) != self._requires_grad:
-            changed = [i for i, (p, was) in enumerate(zip(self._params, self._requires_grad))
-                       if p.requires_grad != was]
-            raise RuntimeError(
-                f"requires_grad of parameter(s) {changed} (in param_groups order) changed after "
-                "LABPAL was built: its flat buffers, direction and line hold exactly the "
-                "parameters that required grad then (a frozen one would keep moving with "
-                "momentum and weight decay, an unfrozen one would never train). Build a new "
-                "LABPAL over the parameters to train.")
+            guards.refuse_requires_grad_change(self._params, self._requires_grad)
 
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
         h, c = self.hyper, self.counters
-        m = h.multiplier_at(c.calls, self._ranks)
+        m = h.multiplier_at(c.calls, self._calls.ranks)
         trigger = (c.pending or c.calls == 0 or m != c.m
                    or (not c.warm_measured and c.updates >= h.warmup_updates)
                    or c.updates - c.last_end >= h.reuse_updates)
         return m, trigger
-
-    def _start_measurement(self, m: int, run: Commit) -> None:
-        c = self.counters
-        self._phase = MEASURING
-        c.m = m
-        c.pending = False
-        self._mcall = 0
-        self._formed = False
-        c.measure_start_call = c.calls
-        c.measure_start_update = c.updates
-        if c.updates >= self.hyper.warmup_updates:
-            c.warm_measured = True
-        run(self.line.reset_samples)
-        self._closures, self._rngs, self._own_backward = [], [], []
 
     def _decays(self) -> List[List[float]]:
         """Per flat, the weight decay of each of its segments (as the groups say now)."""
@@ -320,122 +313,148 @@ class LABPAL(torch.optim.Optimizer):
 
     def _train_call(self, closure: Callable, m: int) -> torch.Tensor:
         c = self.counters
-        stage = _CLOSURE
         try:
-            with self._grad_sync(m, last=c.acc + 1 == m):
-                loss, _ = self._forward_backward(closure)
-            with self._commit() as run:
-                stage = _COMMIT
-                self._take_reduced_grads(run)
-                c.m = m
-                c.calls += 1
-                c.acc += 1
-                if c.acc < m:
-                    for flat in self.flats:
-                        run(self.ops.accumulate, flat, first=c.acc == 1)
-                else:  # the m-th call: form d, move θ along it
-                    run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
-                    self.ops.update(self.flats, self._decays(), self.line, m=m, run=run)
-                    self._publish(run)
-                    c.acc = 0
-                    c.updates += 1
-                stage = _DONE
-        except BaseException as exc:
-            self._fault(stage, exc)
+            loss, _ = self._calls.gradient(closure, m, last=c.acc + 1 == m)
+        except BaseException:
+            self._drop_call()
             raise
+        with self._commit() as run:
+            self._calls.take_reduced(run)
+            c.m = m
+            c.calls += 1
+            c.acc += 1
+            if c.acc < m:
+                for flat in self.flats:
+                    run(self.ops.accumulate, flat, first=c.acc == 1)
+            else:  # the m-th call: form d, move θ along it
+                run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
+                self.ops.update(self.flats, self._decays(), self.line, m=m, run=run)
+                self._publish(run)
+                c.acc = 0
+                c.updates += 1
         return loss
 
-    def _measure_call(self, closure: Callable, m: int, start: bool) -> torch.Tensor:
-        c = self.counters
-        j = 1 if start else self._mcall + 1
-        total = self.hyper.approximation_batches * m
+    # ------------------------------------------------------------------ measurements
+    def _measure_call(self, closure: Callable, m: int) -> torch.Tensor:
+        """A call of a measurement (the first starts it): calls 1..m give gradients, the others
+        loss samples only; call k·m saves the line's origin, and the line is closed."""
+        meas = self._measurement
+        j = 1 if meas is None else meas.calls + 1
         rng = capture_rng(self._cuda)
-        rng_after = None
-        stage = _CLOSURE
-        try:
+        with self._line_faults():
             if j <= m:
-                # the first call tells the dtype the closure computes in (resolve_positions)
-                probe = AutocastProbe() if j == 1 and self.hyper.resolving else None
-                with self._grad_sync(m, last=j == m), probe or contextlib.nullcontext():
-                    loss, own = self._forward_backward(closure)
-                if probe is not None:
-                    self._compute_eps = probe.eps
-            else:  # the measurement's first closure tells the convention
-                own = self._own_backward[0]
-                loss = self._sample(closure, own)
-            with self._commit() as run:
-                stage = _COMMIT
-                self._take_reduced_grads(run)
-                if start:
-                    self._start_measurement(m, run)
-                c.calls += 1
-                self._mcall = j
-                self._closures.append(closure)
-                self._rngs.append(rng)
-                self._own_backward.append(own)
-                if j == 1:
-                    self._first_loss = loss
-                run(self.line.record, 0, loss)
-                if j < m:
-                    for flat in self.flats:
-                        run(self.ops.accumulate, flat, first=j == 1)
-                elif j == m:
-                    self._form_direction(m, run)
-                if self._phase == MEASURING and j == total:
-                    # the line's origin, the buffers and the RNG, to come back to
-                    for flat in self.flats:
-                        run(self.ops.save_origin, flat)
-                    self._buffers.save()
-                    rng_after = capture_rng(self._cuda)
-                    self._line_reduced = False
-                    stage = _LINE  # from here (a held Ctrl-C included) a fault ends the measurement
-                else:
-                    stage = _DONE
-            if stage == _LINE:
-                try:
-                    self._repeating = True
-                    with torch.no_grad():
-                        again = self._evaluate_line()
-                finally:
-                    self._repeating = False
-                again = self._reduce_line(again)
-                with self._commit() as run:
-                    stage = _COMMIT
-                    self._buffers.restore()
-                    restore_rng(rng_after)
-                    failed = self._finish_line(again, run)
-                    stage = _DONE
-                if failed:
-                    raise RuntimeError(failed)
-        except BaseException as exc:
-            self._fault(stage, exc, rng_after)
-            raise
+                loss = self._gradient_call(closure, m, j, rng)
+            else:
+                loss = self._sample_call(closure, meas, rng)
+            meas = self._measurement
+            if meas is not None and meas.line_rng is not None:
+                self._close_line(meas)
         return loss
 
-    def _form_direction(self, m: int, run: Commit) -> None:
+    def _gradient_call(self, closure: Callable, m: int, j: int, rng) -> torch.Tensor:
+        """Calls 1..m: forward and backward; the gradient is summed, call m forms d from it."""
+        # the first call tells the dtype the closure computes in (resolve_positions)
+        probe = AutocastProbe() if j == 1 and self.hyper.resolving else None
+        try:
+            loss, own = self._calls.gradient(closure, m, last=j == m, watch=probe)
+        except BaseException:
+            self._drop_call()
+            raise
+        with self._commit() as run:
+            self._calls.take_reduced(run)
+            meas = self._measurement or self._start_measurement(
+                m, 0.0 if probe is None else probe.eps, run)
+            self._keep_call(meas, closure, rng, own, loss, run)
+            if j < m:
+                for flat in self.flats:
+                    run(self.ops.accumulate, flat, first=j == 1)
+            else:
+                self._form_direction(meas, m, run)
+            if self._measurement is meas and meas.calls == meas.total:
+                self._save_origin(meas, run)
+        return loss
+
+    def _sample_call(self, closure: Callable, meas: Measurement, rng) -> torch.Tensor:
+        """Calls m+1..k·m: a loss sample at the line's origin (no gradient is needed)."""
+        own = meas.own_backward[0]  # the measurement's first closure tells the convention
+        try:
+            loss = self._calls.sample(closure, own)
+        except BaseException:
+            self._drop_call()
+            raise
+        with self._commit() as run:
+            self._keep_call(meas, closure, rng, own, loss, run)
+            if meas.calls == meas.total:
+                self._save_origin(meas, run)
+        return loss
+
+    def _start_measurement(self, m: int, compute_eps: float, run: Commit) -> Measurement:
+        c = self.counters
+        c.m = m
+        c.pending = False
+        c.measure_start_call = c.calls
+        c.measure_start_update = c.updates
+        if c.updates >= self.hyper.warmup_updates:
+            c.warm_measured = True
+        run(self.line.reset_samples)
+        self._measurement = Measurement(self.hyper.approximation_batches * m, compute_eps)
+        return self._measurement
+
+    def _keep_call(self, meas: Measurement, closure: Callable, rng, own: bool,
+                   loss: torch.Tensor, run: Commit) -> None:
+        self.counters.calls += 1
+        meas.keep(closure, rng, own, loss)
+        run(self.line.record, 0, loss)
+
+    def _save_origin(self, meas: Measurement, run: Commit) -> None:
+        """Call k·m: the line's origin, the buffers and the RNG, to come back to. From here (a
+        held Ctrl-C included) a fault ends the measurement there (`_line_faults`)."""
+        for flat in self.flats:
+            run(self.ops.save_origin, flat)
+        self._buffers.save()
+        meas.line_rng = capture_rng(self._cuda)
+
+    def _form_direction(self, meas: Measurement, m: int, run: Commit) -> None:
         """Call m of a measurement: form d (the old one kept to restore); abandon or go on."""
         for flat in self.flats:
             run(self.ops.save_direction, flat)
         self.ops.direction(self.flats, self._decays(), self.line, m=m, line_terms=True,
                            run=run)
-        self._formed = True
+        meas.formed = True
         if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
             # the loss floor reads this rank's own samples: off across ranks (one factor for all)
-            dtype = self._first_loss.dtype
+            dtype = meas.first_loss.dtype
             loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point and \
                 self._dist is None else 0.0
-            self.ops.resolution(self.flats, self.line, self._compute_eps, loss_eps, run=run)
+            self.ops.resolution(self.flats, self.line, meas.compute_eps, loss_eps, run=run)
         code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
         if code:
             for flat in self.flats:
                 run(self.ops.restore_direction, flat)
             self._end_measurement(ABANDON_REASONS[code], run)
 
-    def _evaluate_line(self) -> Optional[torch.Tensor]:
-        """Call k·m: evaluate every kept closure at the other positions (user code: Ctrl-C is
-        not held back here; a fault ends the measurement, `_fault`). First, at θ₀ still, the
-        first closure runs again: its loss (returned) must be its first one (`_finish_line`)."""
-        kept = list(zip(self._closures, self._rngs, self._own_backward))
+    def _close_line(self, meas: Measurement) -> None:
+        """After call k·m: every kept closure evaluated at the other positions (user code), the
+        measurement's collective, then fit, step rule and the move to s_upd in one commit."""
+        try:
+            meas.repeating = True
+            with torch.no_grad():
+                again = self._evaluate_line(meas)
+        finally:
+            meas.repeating = False
+        self._reduce_line(meas, again)
+        with self._commit() as run:
+            self._buffers.restore()
+            restore_rng(meas.line_rng)
+            failed = self._finish_line(meas, again, run)
+        if failed:
+            raise RuntimeError(failed)
+
+    def _evaluate_line(self, meas: Measurement) -> Optional[torch.Tensor]:
+        """Every kept closure at the other positions (user code: Ctrl-C is not held back here;
+        a fault ends the measurement, `_line_faults`). First, at θ₀ still, the first closure
+        runs again: its loss (returned) must be its first one (`_finish_line`)."""
+        kept = list(zip(meas.closures, meas.rngs, meas.own_backward))
         again = None
         if self.hyper.replay_tolerance is not None and len(kept) > 1:
             again = self._repeat(*kept[0])
@@ -449,40 +468,39 @@ class LABPAL(torch.optim.Optimizer):
     def _repeat(self, closure: Callable, rng, own_backward: bool) -> torch.Tensor:
         """A kept closure evaluated again, with the random state of its first call."""
         restore_rng(rng)
-        return self._sample(closure, own_backward)
+        return self._calls.sample(closure, own_backward)
 
-    def _finish_line(self, again: Optional[torch.Tensor], run: Commit) -> Optional[str]:
+    def _finish_line(self, meas: Measurement, again: Optional[torch.Tensor],
+                     run: Commit) -> Optional[str]:
         """Fit, step rule and the move to s_upd, on the device; without any rate yet s_upd is 0
         and the move lands on θ₀ itself. A first closure that did not repeat its loss makes the
         fit invalid (its samples are not of one line); then the error to raise is returned."""
-        h = self.hyper
-        averaged = self.counters.measure_start_update >= h.warmup_updates
-        first = self._first_loss
-        if again is not None:
-            mismatch = run(self.line.drop_unless_repeated, first, again, h.replay_tolerance)
-        run(self.line.set_multiplier, h.lr_multiplier_at(self.counters.updates))
-        record = self.ops.finish(self.flats, self.line, averaged, run=run)
+        h, c = self.hyper, self.counters
+        mismatch = None
+        if again is not None and self._dist is None:  # across ranks: checked in _reduce_line
+            mismatch = run(self.line.drop_unless_repeated, meas.first_loss, again,
+                           h.replay_tolerance)
+        run(self.line.set_multiplier, h.lr_multiplier_at(c.updates))
+        record = self.ops.finish(self.flats, self.line, c.measure_start_update >= h.warmup_updates,
+                                 run=run)
         self._publish(run)
-        if self._dist is not None:  # the repeat check went into the collective (_reduce_line)
-            code = int(run(self._dist.code, record["valid"]).item())  # host sync 2 of 2
-            if code & ERRORS:
-                return self._fail_across_ranks(code, run)
-            valid, failed = bool(code & 1), None
-        elif again is None:
-            valid, failed = bool(record["valid"].item()), None  # host sync 2 of 2
-        else:
-            flags = torch.stack([record["valid"].double(), mismatch.double(),
-                                 first.double().to(mismatch.device),
-                                 again.double().to(mismatch.device)]).tolist()  # sync 2 of 2
-            valid = bool(flags[0])
-            failed = _not_repeated(flags[2], flags[3], h.replay_tolerance) if flags[1] else None
-        self.counters.has_rate |= valid
-        if self.counters.has_rate:
-            self.counters.updates += 1
+        # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
+        verdict = record["valid"] if self._dist is None else run(self._dist.code, record["valid"])
+        flags = read([verdict] if mismatch is None else
+                     [verdict, mismatch, meas.first_loss, again])  # host sync 2 of 2
+        code = int(flags[0])
+        if self._dist is not None and code & ERRORS:
+            return self._fail_across_ranks(meas, again, code, run)
+        valid = bool(code & 1)
+        failed = None
         reason = None if valid else "fit invalid"
-        if failed:
+        if mismatch is not None and flags[1]:
+            failed = not_repeated(flags[2], flags[3], h.replay_tolerance)
             reason = (f"closure not repeatable: loss {flags[2]:.6g} at its first call, "
                       f"{flags[3]:.6g} again")
+        c.has_rate |= valid
+        if c.has_rate:
+            c.updates += 1
         self._end_measurement(reason, run, record)
         return failed
 
@@ -496,11 +514,8 @@ class LABPAL(torch.optim.Optimizer):
                       partials=self.line.partials.clone(), sums=self.line.sums.clone(),
                       counts=self.line.counts.clone())
         self._records.append(record)
-        self._closures, self._rngs, self._own_backward = [], [], []
-        self._first_loss = None
-        self._phase = TRAINING
+        self._measurement = None
         c.acc = 0
-        self._formed = False
         c.last_end = c.updates
         if not c.has_rate:
             # an interruption (an exception, raised to the caller) is not the line's failure,
@@ -526,8 +541,7 @@ class LABPAL(torch.optim.Optimizer):
         if self._warned_fallback:
             return
         self._warned_fallback = True
-        fix = next((text for key, text in _FALLBACK_FIXES if key in (reason or "")),
-                   "see opt.measurements() for each measurement's reason")
+        fix = fallback_fix(reason)
         warnings.warn(
             f"LABPAL: {FAIL_LIMIT} measurements in a row gave no learning rate (last: {reason}); "
             "training goes on with the safe step s_upd = min(largest measured position, "
@@ -535,61 +549,22 @@ class LABPAL(torch.optim.Optimizer):
             RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ distributed
-    @contextmanager
-    def _grad_sync(self, m: int, last: bool) -> Iterator[None]:
-        """A backward of an update's m calls. With a DistributedDataParallel model= and m > 1,
-        every backward runs under no_sync and the last call averages the summed gradient once
-        (one all-reduce per flat, not m); with m = 1 DDP's own reduce (overlapping backward) is
-        the one. Without model=, a DDP model reduces in every backward (m all-reduces)."""
-        ddp = None if self._dist is None else self._dist.ddp
-        if ddp is None or m == 1:
-            yield
-            return
-        with ddp.no_sync():
-            yield
-        if last:
-            self._reduce_grads()
-
-    def _reduce_grads(self) -> None:
-        """The last call's backward is done: average Σ(earlier calls) + this call's gradient
-        across ranks into each flat's spare buffer, leaving grad_sum and grad untouched, so that
-        a failed collective drops the call like a failed backward (`_fault`)."""
-        with torch.no_grad():
-            for flat in self.flats:
-                flat.attach_grads()
-                scratch = flat.need_origin()
-                torch.add(flat.need_grad_sum(), flat.grad, out=scratch)
-                self._dist.sum_(scratch)
-        self._grads_reduced = True
-
-    def _take_reduced_grads(self, run: Commit) -> None:
-        """In the call's commit: the averaged sum becomes grad_sum (grad zero), which the
-        direction divides by m."""
-        if not self._grads_reduced:
-            return
-        self._grads_reduced = False
-        for flat in self.flats:
-            run(torch.div, flat.origin, self._ranks, out=flat.grad_sum)
-            run(self.ops.zero_grad, flat)
-
-    def _reduce_line(self, again: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _reduce_line(self, meas: Measurement, again: Optional[torch.Tensor]) -> None:
         """After the line evaluations: the measurement's one collective (global samples). The
         first closure's repeat is checked here, on this rank's samples, and its verdict travels
-        with them (a closure that does not repeat on one rank fails the measurement on all);
-        returns what `_finish_line` still has to check (nothing, under torch.distributed)."""
+        with them (a closure that does not repeat on one rank fails the measurement on all)."""
         if self._dist is None:
-            return again
+            return
         missed = None
         if again is not None:
-            missed = self.line.drop_unless_repeated(self._first_loss, again,
+            missed = self.line.drop_unless_repeated(meas.first_loss, again,
                                                     self.hyper.replay_tolerance)
-            self._again = again
-        self._line_reduced = True
+        meas.reduced = True
         self._dist.reduce_line(self.line, self.counters.measure_start_call,
                                self.counters.measure_start_update, missed=missed)
-        return None
 
-    def _fail_across_ranks(self, code: int, run: Commit) -> str:
+    def _fail_across_ranks(self, meas: Measurement, again: Optional[torch.Tensor], code: int,
+                           run: Commit) -> str:
         """Every rank saw the same failed collective: all end the measurement at the line's
         origin (as a rank whose evaluations raised did). Returns the error to raise."""
         for flat in self.flats:
@@ -598,9 +573,9 @@ class LABPAL(torch.optim.Optimizer):
         run(self._dist.restore_rate, self.line)
         error = self._dist.explain(code)
         if self._dist.missed_here():  # this rank's closure did not repeat: say how to fix it
-            first, again = torch.stack([self._first_loss.double().reshape(()),
-                                        self._again.double().reshape(())]).tolist()
-            error += " On this rank: " + _not_repeated(first, again, self.hyper.replay_tolerance)
+            first, again = torch.stack([meas.first_loss.double().reshape(()),
+                                        again.double().reshape(())]).tolist()
+            error += " On this rank: " + not_repeated(first, again, self.hyper.replay_tolerance)
         self._end_measurement("interrupted: failed across ranks", run)
         return error
 
@@ -625,103 +600,48 @@ class LABPAL(torch.optim.Optimizer):
                     "is undefined. Build a new LABPAL (and load a state_dict saved before).")
                 raise
 
-    def _fault(self, stage: str, exc: BaseException, rng_after=None) -> None:
-        """An exception is leaving the step at `stage`: leave a state the next step goes on from."""
-        if stage == _CLOSURE:
-            # the call did not happen: drop the gradient its backward may have added (the
-            # earlier micro-batches' sum is in grad_sum, untouched)
-            with self._commit() as run:
-                for flat in self.flats:
-                    flat.attach_grads()
-                    run(flat.clear_model_grads)
-                    run(self.ops.zero_grad, flat)
-        elif stage == _LINE:
-            # θ back at the line's origin (as before the call), buffers and RNG as after it
-            with self._commit() as run:
-                for flat in self.flats:
-                    run(self.ops.restore_origin, flat)
-                self._publish(run)
-                self._buffers.restore()
-                restore_rng(rng_after)
-                self._end_measurement(
-                    f"interrupted: {type(exc).__name__} during the line evaluations", run)
-            if self._dist is not None and not self._line_reduced:
-                # the other ranks are on their way to the measurement's collective: join it with
-                # the error flag up, so they end the measurement too instead of timing out
-                self._line_reduced = True
-                try:
-                    self._dist.join_failed(self.line, self.counters.measure_start_call,
-                                           self.counters.measure_start_update)
-                except Exception:
-                    pass  # the original exception is the one to raise
-        # _COMMIT: the writes were finished or the optimizer is broken (_commit); _DONE: nothing
+    def _drop_call(self) -> None:
+        """A fault in a call's closure or backward drops the call: the gradient its backward
+        may have added goes (the earlier micro-batches' sum is in grad_sum, untouched)."""
+        with self._commit() as run:
+            for flat in self.flats:
+                flat.attach_grads()
+                run(flat.clear_model_grads)
+                run(self.ops.zero_grad, flat)
 
-    # ------------------------------------------------------------------ closures
-    def _forward_backward(self, closure: Callable) -> Tuple[torch.Tensor, bool]:
-        """(loss, whether the closure ran backward itself). Gradients that reached a parameter
-        while the closure ran mean it did (torch's convention): backward is not run again."""
-        self._backward_seen.value = False
-        self._closure_scaled = False
-        with torch.enable_grad():
-            loss = _checked_loss(closure())
-            own = self._backward_seen.value
-            scaling = self.hyper.loss_scale is not None
-            if own and scaling and not self._closure_scaled:
-                raise RuntimeError(
-                    "loss_scale is set and the closure ran backward() on a loss LABPAL did not "
-                    "scale: LABPAL unscales the gradient in its update, so either return the "
-                    "loss without calling backward() (LABPAL runs it), or run backward on "
-                    "opt.scale_loss(loss) (Accelerate: accelerator.backward(opt.scale_loss(loss)); "
-                    "never GradScaler.scale). Lightning's LABPALCallback and LABPALTrainer do "
-                    "that themselves")
-            if not own:
-                if not loss.requires_grad:
-                    raise RuntimeError(
-                        "the closure's loss does not require grad and the closure did not run "
-                        "backward(): LABPAL needs a loss computed from the parameters with "
-                        "autograd enabled (it runs backward itself), or a closure that runs "
-                        "loss.backward() itself")
-                (self.line.scaled(loss) if scaling else loss).backward()
-        for flat in self.flats:
-            flat.attach_grads()
-            flat.pull_grads()  # fp32 master weights: the model's gradients into the flat's
-        return loss.detach(), own
+    @contextmanager
+    def _line_faults(self) -> Iterator[None]:
+        """A measurement's call: a fault after its line's origin was saved (call k·m's commit
+        done, the fit's not yet begun) ends the measurement with θ back at the origin. A commit
+        that raised in its writes has broken the optimizer instead (`_commit`)."""
+        try:
+            yield
+        except BaseException as exc:
+            meas = self._measurement
+            if meas is not None and meas.line_rng is not None and self._broken is None:
+                self._abort_line(meas, exc)
+            raise
 
-    def _sample(self, closure: Callable, own_backward: bool) -> torch.Tensor:
-        """A call that only gives a loss sample: forward only, without autograd, unless the
-        closure runs backward itself (torch's convention needs autograd); its gradient is
-        dropped then."""
-        if not own_backward:
-            with torch.no_grad():
-                return _checked_loss(closure()).detach()
-        with torch.enable_grad():
-            loss = _checked_loss(closure()).detach()
-        for flat in self.flats:
-            flat.attach_grads()
-            flat.clear_model_grads()
-            self.ops.zero_grad(flat)
-        return loss
+    def _abort_line(self, meas: Measurement, exc: BaseException) -> None:
+        """θ back at the line's origin (as before the call), buffers and RNG as after it."""
+        with self._commit() as run:
+            for flat in self.flats:
+                run(self.ops.restore_origin, flat)
+            self._publish(run)
+            self._buffers.restore()
+            restore_rng(meas.line_rng)
+            self._end_measurement(
+                f"interrupted: {type(exc).__name__} during the line evaluations", run)
+        if self._dist is not None and not meas.reduced:
+            # the other ranks are on their way to the measurement's collective: join it with
+            # the error flag up, so they end the measurement too instead of timing out
+            try:
+                self._dist.join_failed(self.line, self.counters.measure_start_call,
+                                       self.counters.measure_start_update)
+            except Exception:
+                pass  # the original exception is the one to raise
 
     # ------------------------------------------------------------------ groups and state
-    def _check_groups(self) -> None:
-        hyper_names = set(NAMES) | {"lr", "backend", "model", "process_group"}
-        for i, group in enumerate(self.param_groups):
-            bad = sorted(set(group) & hyper_names)
-            if bad:
-                raise ValueError(f"param_groups[{i}] sets {bad}: LABPAL measures one line across "
-                                 "all groups, so only 'weight_decay' may differ per group")
-            group["weight_decay"] = _weight_decay(group["weight_decay"],
-                                                  f"param_groups[{i}]['weight_decay']")
-            devices = {p.device for p in group["params"] if p.requires_grad}
-            if len(devices) > 1:
-                raise ValueError(f"param_groups[{i}] has parameters on several devices "
-                                 f"{sorted(map(str, devices))}; put each group on one device")
-            for p in group["params"]:
-                if p.requires_grad and not p.is_floating_point():
-                    raise ValueError(f"param_groups[{i}] has a parameter of dtype {p.dtype}; "
-                                     "LABPAL needs floating-point parameters")
-        _check_no_shared_storage(self.param_groups)
-
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing (`Optimizer.__init__` adds the groups)."""
         if getattr(self, "flats", None) is not None:
@@ -730,235 +650,15 @@ class LABPAL(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue bit for bit. Saved while a measurement collects its
-        batches (closures cannot be saved), the state resumes by starting that measurement over."""
-        index = {}
-        groups = []
-        for group in self.param_groups:
-            ids = []
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-                ids.append(index[id(p)])
-            # the learning rate is part of the line state below, not of the groups
-            groups.append({"params": ids, "weight_decay": group["weight_decay"]})
-        measuring = self._phase == MEASURING
-        # an unfinished update's gradient sum is this rank's own until its last call averages it
-        # (DDP model= with m > 1): not saved; the update starts over at load, on every rank alike
-        local_sum = self._dist is not None and self._dist.ddp is not None and self.counters.m > 1
-        state: Dict[int, Dict[str, torch.Tensor]] = {}
-        with torch.no_grad():
-            for flat in self.flats:
-                direction = flat.origin if measuring and self._formed else flat.direction
-                sums = flat.slices(flat.grad_sum) if flat.grad_sum is not None and not measuring \
-                    and self.counters.acc > 0 and not local_sum else [None] * len(flat.params)
-                masters = flat.slices(flat.param) if flat.master else [None] * len(flat.params)
-                for i, (p, d, s, w) in enumerate(zip(flat.params, flat.slices(direction), sums,
-                                                     masters)):
-                    entry = {"direction": flat.saved(i, d)}
-                    if w is not None:  # fp32 master weights: the model holds them rounded
-                        entry["master"] = flat.saved(i, w)
-                    if s is not None:
-                        entry["grad_sum"] = flat.saved(i, s)
-                    state[index[id(p)]] = entry
-        counters = asdict(self.counters)
-        if measuring:  # resume by starting this measurement over, parameters untouched
-            counters.update(acc=0, pending=True)
-        elif local_sum:
-            counters.update(acc=0)
-        return shards.fixed_layout(self, {
-            "state": state,
-            "param_groups": groups,
-            "labpal": {
-                "version": checkpoint.VERSION,
-                "hyper": self.hyper.as_dict(),
-                "shapes": {index[id(p)]: (tuple(p.shape), str(p.dtype))
-                           for f in self.flats for p in f.params},
-                "counters": counters,
-                "line": {name: getattr(self.line, name).clone() for name in Line.STATE},
-                "records": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in r.items()}
-                            for r in self._records],
-            },
-        })
+        """Everything needed to continue bit for bit (`checkpoint.state_dict`). Saved while a
+        measurement collects its batches (closures cannot be saved), the state resumes by
+        starting that measurement over. torch's state-dict hooks run as on any optimizer."""
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restores a state saved by `state_dict` from an optimizer over the same parameters.
 
         The whole state is checked first (`checkpoint.check`): a damaged or foreign one raises
-        ValueError naming the entry and leaves the optimizer and the parameters as they were."""
-        new = checkpoint.check(self, state_dict)
-        with torch.no_grad():
-            for flat, directions, sums, masters in zip(self.flats, new.directions,
-                                                        new.grad_sums, new.masters):
-                for d, saved in zip(flat.slices(flat.direction), directions):
-                    d.copy_(saved)
-                if flat.master:  # where the model's parameters are their rounding (README)
-                    for i, (w, saved) in enumerate(zip(flat.slices(flat.param), masters)):
-                        flat.take_master(w if saved is None else saved, i)
-                if sums is not None:
-                    for s, saved in zip(flat.slices(flat.need_grad_sum()), sums):
-                        s.copy_(saved)
-                self.ops.zero_grad(flat)
-            for name, value in new.line.items():
-                getattr(self.line, name).copy_(value)
-        self.line.multiplier = None  # s_upd = s_base·factor is made again at the next update
-        for group, weight_decay in zip(self.param_groups, new.weight_decays):
-            group["weight_decay"] = weight_decay
-            group["lr"] = self.line.lr
-        self.counters = Counters(**new.counters)
-        self._phase, self._mcall, self._formed = TRAINING, 0, False
-        self._closures, self._rngs = [], []
-        self._records = new.records
-
-
-_NO_SCHEDULER = (
-    "LABPAL measures its learning rate: param_groups[i]['lr'] shows the rate in use and cannot "
-    "be set, so torch LR schedulers (and assigning 'lr') cannot drive it. To scale the measured "
-    "rate over training, pass lr_multiplier_schedule=((update, factor), ...) to LABPAL: the "
-    "factor runs linearly between the points, e.g. ((0, 1.0), (10000, 0.1)) decays it to a "
-    "tenth over 10000 updates (README, 'Learning-rate schedules').")
-
-
-class _Group(dict):
-    """A parameter group whose 'lr' is LABPAL's measured rate (a device tensor, updated in
-    place): a torch LR scheduler (it records 'initial_lr') or an assignment to 'lr' is refused,
-    rather than change what is shown but not what is used."""
-
-    def __setitem__(self, key, value):
-        if key == "initial_lr" or (key == "lr" and "lr" in self and value is not self["lr"]):
-            raise RuntimeError(_NO_SCHEDULER)
-        super().__setitem__(key, value)
-
-    def setdefault(self, key, default=None):
-        if key == "initial_lr":
-            raise RuntimeError(_NO_SCHEDULER)
-        return super().setdefault(key, default)
-
-    def __contains__(self, key):  # a scheduler resuming (last_epoch >= 0) asks first
-        if key == "initial_lr":
-            raise RuntimeError(_NO_SCHEDULER)
-        return super().__contains__(key)
-
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-
-class _Flag:
-    """A bool the parameters' post-accumulate-grad hooks set (held by them, not the optimizer)."""
-    __slots__ = ("value",)
-
-    def __init__(self):
-        self.value = False
-
-    def hook(self, param: torch.Tensor) -> None:
-        self.value = True
-
-
-def _not_repeated(first: float, again: float, tolerance: float) -> str:
-    return (
-        f"the closure did not repeat its loss: evaluated again at the same parameters and with "
-        f"the same random state, the first closure of this measurement gave {again:.6g}, not "
-        f"{first:.6g} (relative tolerance replay_tolerance={tolerance:g}). A measurement "
-        "evaluates each closure again, so each must compute the loss of its own batch: bind the "
-        "batch when the closure is made (`def closure(x=x, y=y): ...` or functools.partial; a "
-        "closure reading the loop's x, y sees the latest batch), and draw random numbers only "
-        "from torch, Python's random or numpy's global generator (they are replayed). The fit "
-        "of this measurement was discarded; stepping may go on once the closure is fixed (or "
-        "replay_tolerance raised, for kernels that are not deterministic).")
-
-
-def _check_no_shared_storage(param_groups) -> None:
-    """Distinct parameters over the same memory (one a view of another) would be untied: each
-    gets its own place in a flat buffer. (One Parameter object listed twice is held once; views
-    of disjoint parts of one tensor, as a previous LABPAL's flat buffer holds them, are fine.)"""
-    spans: Dict[Tuple[Any, int], List[Tuple[int, int, int]]] = {}
-    position = 0
-    for group in param_groups:
-        for p in group["params"]:
-            position += 1
-            # FSDP1's parameters are views of its flat storage: refused for what they are
-            shards.refuse_fsdp1([p], None)
-            local = shards.local_tensor(p)  # an FSDP2 parameter: its shard's own storage
-            if not p.requires_grad or local.numel() == 0:
-                continue
-            last = sum((n - 1) * st for n, st in zip(local.shape, local.stride()))
-            start = local.storage_offset()
-            key = (p.device, local.untyped_storage().data_ptr())
-            for other_start, other_last, other_id in spans.get(key, ()):
-                if other_id != id(p) and start <= other_last and other_start <= start + last:
-                    raise ValueError(
-                        f"params: parameter {position - 1} (in param_groups order) shares "
-                        "memory with an earlier one (one is a view of the other): LABPAL gives "
-                        "each parameter its own place in a flat buffer, which would untie "
-                        "them. Tie weights by using one Parameter object in both places "
-                        "(b.weight = a.weight), or .clone() one if they should not be tied")
-            spans.setdefault(key, []).append((start, start + last, id(p)))
-
-
-def _refuse_grad_scaler() -> None:
-    raise RuntimeError(
-        "LABPAL.step() was called by a torch.amp.GradScaler (scaler.step(opt, closure), or "
-        "Accelerate's fp16 mixed precision): GradScaler cannot work with LABPAL, which calls the "
-        "closure again at other parameters and needs the loss and gradients of each call "
-        "unscaled. LABPAL scales the loss itself: build it with loss_scale='dynamic' (or a fixed "
-        "number), return the plain loss from the closure (no scaler.scale, no backward) and call "
-        "opt.step(closure) without a scaler (README, 'Mixed precision'). With Accelerate use "
-        "mixed_precision='no' or 'bf16'.")
-
-
-def _refuse_compile() -> None:
-    raise RuntimeError(
-        "LABPAL.step() cannot be compiled (torch.compile is tracing it): its phases are host-side "
-        "counters that a compiled graph would freeze. Compile the model instead and call it in "
-        "the closure: cmodel = torch.compile(model); opt.step(lambda: loss_fn(cmodel(x), y)).")
-
-
-def _weight_decay(value: Any, name: str) -> float:
-    """L2 weight decay as a Python float in [0, 10] (Python or numpy numbers): far above any
-    useful value, low enough that wd·θ cannot overflow fp16 for |θ| < 6000."""
-    return number(name, value, 0.0, 10.0)
-
-
-def _checked_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
-    return loss
-
-
-def _record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
-    """A measurement record with device tensors turned into Python numbers."""
-    def num(name):
-        return float(r[name]) if name in r else float("nan")
-
-    counts = r["counts"].tolist()
-    sums = r["sums"].tolist()
-    partials = r["partials"].tolist()
-    dd = partials[Partial.DD]
-    reason = r["reason"]
-    if reason == "fit invalid":
-        if min(counts) == 0:
-            reason = "fit invalid: a position has no finite loss sample"
-        elif not (math.isfinite(num("a")) and math.isfinite(num("b"))):
-            reason = "fit invalid: the normal equations have no finite solution"
-        elif num("a") <= 0 and hyper.line_fit == "paper":  # robust fits take max_step_size
-            reason = "fit invalid: curvature a <= 0"
-        else:
-            reason = "fit invalid: slope b >= 0"
-    return {
-        "call": r["call"], "update": r["update"], "m": r["m"], "averaged": r["averaged"],
-        # as moved to (resolve_positions), else as given
-        "positions": (r["positions"].tolist() if "positions" in r
-                      else list(hyper.line_positions)),
-        "mean_losses": [s / c if c else float("nan") for s, c in zip(sums, counts)],
-        "counts": [int(c) for c in counts],
-        "a": num("a"), "b": num("b"), "c": num("c"), "s_min": num("s_min"),
-        "s_upd": num("s_upd"), "eta": num("eta"),
-        "s_new": num("s_new"), "eta_new": num("eta_new"),
-        "direction_norm": math.sqrt(dd) if dd >= 0 else float("nan"),
-        "directional_derivative": (-partials[Partial.GD] / max(math.sqrt(dd), hyper.epsilon)
-                                   if dd >= 0 else float("nan")),
-        "valid": reason is None,
-        "reason": reason,
-    }
+        ValueError naming the entry and leaves the optimizer and the parameters as they were.
+        torch's load-state-dict hooks run as on any optimizer."""
+        checkpoint.load_state_dict(self, state_dict)

@@ -140,7 +140,13 @@ def _state(net, opt):
             "grad_sums": [None if f.grad_sum is None else f.grad_sum.clone() for f in opt.flats],
             "line": [getattr(opt.line, name).clone() for name in Line.STATE],
             "counters": asdict(opt.counters),
-            "phase": (opt.phase, opt._mcall, len(opt._closures))}
+            "phase": (opt.phase, *_measurement_calls(opt))}
+
+
+def _measurement_calls(opt):
+    """The running measurement's calls and kept closures (0, 0 when none runs)."""
+    meas = opt._measurement
+    return (0, 0) if meas is None else (meas.calls, len(meas.closures))
 
 
 def _diff(a, b, where="state"):
@@ -200,9 +206,12 @@ def _run(kind, monkeypatch, device="cpu"):
         assert opt._broken is None and not opt._stepping, (at, where)
         assert opt.phase in ("training", "measuring")
         if opt.phase == "measuring":
-            assert 0 < opt._mcall < K * M and len(opt._closures) == opt._mcall
+            meas = opt._measurement  # a closure (and its random state) kept per call made
+            made = opt.counters.calls - opt.counters.measure_start_call
+            assert 0 < meas.calls < K * M and meas.calls == made
+            assert len(meas.rngs) == len(meas.own_backward) == made
         else:
-            assert 0 <= opt.counters.acc < M and not opt._closures
+            assert 0 <= opt.counters.acc < M and opt._measurement is None
         updates = opt.updates
         first = call if outcome == "before" else call + 1  # "before": the call is repeated
         for i in range(first, first + MORE):

@@ -76,7 +76,8 @@ def snapshot(opt):
         "views": [(p.data_ptr(), p.grad.data_ptr()) for f in opt.flats for p in f.params],
         "line": {name: bits(getattr(opt.line, name)) for name in Line.STATE},
         "counters": asdict(opt.counters),
-        "phase": (opt.phase, opt._mcall, opt._formed),
+        "phase": (opt.phase, None if opt._measurement is None else
+                  (opt._measurement.calls, opt._measurement.formed)),
         "groups": [(g["weight_decay"], g["lr"] is opt.line.lr, [id(p) for p in g["params"]],
                     sorted(g)) for g in opt.param_groups],
         "records": (len(opt._records), repr(opt.measurements())),

@@ -1,0 +1,147 @@
+"""Calling the user's closure: the loss and the gradient of one call, by either convention.
+
+LABPAL runs ``backward()`` itself, unless the closure does (torch's convention), which the
+parameters' post-accumulate-grad hooks tell; the gradient lands in the flats. Under a
+DistributedDataParallel ``model=`` with m > 1, backward runs under ``no_sync`` and the last call
+of an update averages the summed gradient once. A call that only gives a loss sample runs the
+forward pass without autograd (unless the closure runs backward itself).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .commit import Commit
+from .flat import Flat
+
+
+class Closures:
+    """Runs closures against the flats (module doc); `LABPAL` holds one."""
+
+    def __init__(self, flats: List[Flat], ops, line, scaling: bool, dist: Optional[Any],
+                 trained: Sequence[torch.Tensor]):
+        self.flats, self.ops, self.line, self.scaling, self.dist = flats, ops, line, scaling, dist
+        self.ranks = 1 if dist is None else dist.world
+        # set when gradients reach a parameter: tells whether a closure ran backward itself
+        self.backward_seen = _Flag()
+        self.hooks = [p.register_post_accumulate_grad_hook(self.backward_seen.hook)
+                      for p in trained]
+        self.scaled = False   # this call's closure ran backward on LABPAL.scale_loss(loss)
+        self.reduced = False  # this call's gradients were averaged by LABPAL (DDP model=)
+
+    def gradient(self, closure: Callable, m: int, last: bool,
+                 watch: Any = None) -> Tuple[torch.Tensor, bool]:
+        """(loss, whether the closure ran backward itself) of one of an update's m calls (`last`:
+        the m-th); the gradient is in the flats' grad buffers. `watch`: a context around it."""
+        with self._grad_sync(m, last):
+            if watch is None:
+                return self._forward_backward(closure)
+            with watch:
+                return self._forward_backward(closure)
+
+    def _forward_backward(self, closure: Callable) -> Tuple[torch.Tensor, bool]:
+        """Gradients that reached a parameter while the closure ran mean it ran backward itself
+        (torch's convention): backward is not run again."""
+        self.backward_seen.value = False
+        self.scaled = False
+        with torch.enable_grad():
+            loss = checked_loss(closure())
+            own = self.backward_seen.value
+            if own and self.scaling and not self.scaled:
+                raise RuntimeError(
+                    "loss_scale is set and the closure ran backward() on a loss LABPAL did not "
+                    "scale: LABPAL unscales the gradient in its update, so either return the "
+                    "loss without calling backward() (LABPAL runs it), or run backward on "
+                    "opt.scale_loss(loss) (Accelerate: accelerator.backward(opt.scale_loss(loss)); "
+                    "never GradScaler.scale). Lightning's LABPALCallback and LABPALTrainer do "
+                    "that themselves")
+            if not own:
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        "the closure's loss does not require grad and the closure did not run "
+                        "backward(): LABPAL needs a loss computed from the parameters with "
+                        "autograd enabled (it runs backward itself), or a closure that runs "
+                        "loss.backward() itself")
+                (self.line.scaled(loss) if self.scaling else loss).backward()
+        for flat in self.flats:
+            flat.attach_grads()
+            flat.pull_grads()  # fp32 master weights: the model's gradients into the flat's
+        return loss.detach(), own
+
+    def sample(self, closure: Callable, own_backward: bool) -> torch.Tensor:
+        """A call that only gives a loss sample: forward only, without autograd, unless the
+        closure runs backward itself (torch's convention needs autograd); its gradient is
+        dropped then."""
+        if not own_backward:
+            with torch.no_grad():
+                return checked_loss(closure()).detach()
+        with torch.enable_grad():
+            loss = checked_loss(closure()).detach()
+        for flat in self.flats:
+            flat.attach_grads()
+            flat.clear_model_grads()
+            self.ops.zero_grad(flat)
+        return loss
+
+    # ------------------------------------------------------------------ DDP model=
+    @contextmanager
+    def _grad_sync(self, m: int, last: bool) -> Iterator[None]:
+        """A backward of an update's m calls. With a DistributedDataParallel model= and m > 1,
+        every backward runs under no_sync and the last call averages the summed gradient once
+        (one all-reduce per flat, not m); with m = 1 DDP's own reduce (overlapping backward) is
+        the one. Without model=, a DDP model reduces in every backward (m all-reduces)."""
+        ddp = None if self.dist is None else self.dist.ddp
+        if ddp is None or m == 1:
+            yield
+            return
+        with ddp.no_sync():
+            yield
+        if last:
+            self._reduce_grads()
+
+    def _reduce_grads(self) -> None:
+        """The last call's backward is done: average Σ(earlier calls) + this call's gradient
+        across ranks into each flat's spare buffer, leaving grad_sum and grad untouched, so that
+        a failed collective drops the call like a failed backward (`LABPAL._drop_call`)."""
+        with torch.no_grad():
+            for flat in self.flats:
+                flat.attach_grads()
+                scratch = flat.need_origin()
+                torch.add(flat.need_grad_sum(), flat.grad, out=scratch)
+                self.dist.sum_(scratch)
+        self.reduced = True
+
+    def take_reduced(self, run: Commit) -> None:
+        """In the call's commit: the averaged sum becomes grad_sum (grad zero), which the
+        direction divides by m."""
+        if not self.reduced:
+            return
+        self.reduced = False
+        for flat in self.flats:
+            run(torch.div, flat.origin, self.ranks, out=flat.grad_sum)
+            run(self.ops.zero_grad, flat)
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+class _Flag:
+    """A bool the parameters' post-accumulate-grad hooks set (held by them, not the optimizer)."""
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = False
+
+    def hook(self, param: torch.Tensor) -> None:
+        self.value = True
+
+
+def checked_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
+    return loss
