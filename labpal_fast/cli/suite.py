@@ -137,6 +137,7 @@ def run_job(job: Job) -> Dict[str, Any]:
     row: Dict[str, Any] = dict(task=job.task, optimizer=job.optimizer, seed=job.seed, steps=steps,
                                batch_size=t.defaults.batch_size, metric=t.metric,
                                fingerprint=fingerprint(t, steps), error=None)
+    cpu = time.process_time()
     try:
         run, = _make_runs([cfg.spec], t, args, torch.device("cpu"))
         row["initial_train_loss"] = initial = t.on("train").evaluate(run.model)[0]
@@ -146,6 +147,7 @@ def run_job(job: Job) -> Dict[str, Any]:
     except (RuntimeError, ValueError, FloatingPointError) as e:   # a failure of the optimizer
         row.update(error=f"{type(e).__name__}: {e}", figure=math.nan, val_figure=math.nan,
                    diverged=True)
+    row["cpu_s"] = time.process_time() - cpu     # this process's CPU time: the load aside
     return row
 
 
@@ -302,19 +304,20 @@ def execute(tasks, optimizers, seeds, steps, known, results_path, workers, quiet
           "thread", flush=True)
     bar = None if quiet else tqdm(total=len(todo) + len(later), unit="job", dynamic_ncols=True,
                                   file=sys.stderr)
-    pool = None if workers == 0 else multiprocessing.get_context("spawn").Pool(
-        workers, initializer=_worker_init)
     pending: Dict[tuple, Any] = {}
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    pool = None
+    old, threads = signal.signal(signal.SIGTERM, _on_sigterm), torch.get_num_threads()
     try:
+        if workers:
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        else:
+            torch.set_num_threads(1)       # as in a worker: the same figures either way
         while True:
             jobs, _ = plan(tasks, optimizers, seeds, steps, known)
             # tuned SGD's grid first (its other seeds wait for it), then the longest jobs
             new = sorted((j for j in jobs if j.key not in known and j.key not in pending),
                          key=lambda j: ("@" not in j.optimizer, -job_cost(j)))
-            if pool is None and new:
-                finished = [(new[0].key, run_job(new[0]))]
-            else:
+            if workers:
                 for j in new:
                     pending[j.key] = pool.apply_async(run_job, (j,))
                 if not pending:
@@ -323,7 +326,9 @@ def execute(tasks, optimizers, seeds, steps, known, results_path, workers, quiet
                 if not finished:
                     time.sleep(0.2)
                     continue
-            if not finished:
+            elif new:
+                finished = [(new[0].key, run_job(new[0]))]
+            else:
                 break
             for key, row in finished:
                 pending.pop(key, None)
@@ -338,6 +343,7 @@ def execute(tasks, optimizers, seeds, steps, known, results_path, workers, quiet
                                         f"{row['figure']:.4g}", refresh=False)
     finally:
         signal.signal(signal.SIGTERM, old)
+        torch.set_num_threads(threads)
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -145,11 +145,16 @@ def _label(name: str, res: TaskResults) -> str:
     return config(name).label
 
 
+def _steps(res: TaskResults) -> str:
+    return ", ".join(map(str, sorted({r["steps"] for per in res.runs.values()
+                                      for r in per.values()}))) or "?"
+
+
 def task_table(res: TaskResults) -> List[str]:
     t = res.task
     counts = res.counts()
     lines = [f"### {t.name}", "",
-             f"{t.description}; {t.defaults.steps} steps. {UNITS[t.metric]}; trivial predictor "
+             f"{t.description}; {_steps(res)} steps. {UNITS[t.metric]}; trivial predictor "
              f"{t.trivial:.4g}; counts: {'—' if counts is None else 'yes' if counts else 'no'}."
              + (f" {t.note}." if t.note else ""), "",
              "| optimizer | mean ± std | seeds | Δ vs Adam | Δ vs tuned SGD | diverged |",
@@ -170,13 +175,13 @@ def task_table(res: TaskResults) -> List[str]:
     if all(r is not None for _, r in grid):
         lines += ["", f"SGD's rates on seed {res.seeds[0]} (final validation figure): " + ", ".join(
             f"{lr:g}: {_fmt(r.get('val_figure'), '.4g')}" for lr, r in grid)]
-    labpal = [(n, r) for n in LABPAL for r in res.runs.get(n, {}).values() if r.get("labpal")]
-    if labpal:
-        n, r = labpal[0]
-        info = r["labpal"]
-        lines += ["", f"{config(n).label}, seed {r['seed']}: {info['updates']} updates, "
-                  f"{info['measurements']} measurements ({info['averaged']} after the warm-up, "
-                  f"averaged), m = {', '.join(map(str, info['m']))}."]
+    first = [(n, res.runs[n].get(res.seeds[0])) for n in LABPAL if n in res.runs]
+    described = [f"{config(n).label} {r['labpal']['updates']} updates, "
+                 f"{r['labpal']['measurements']} measurements ({r['labpal']['averaged']} "
+                 f"averaged after the warm-up), m = {', '.join(map(str, r['labpal']['m']))}"
+                 for n, r in first if r and r.get("labpal")]
+    if described:
+        lines += ["", f"Seed {res.seeds[0]}: " + "; ".join(described) + "."]
     return lines + [""]
 
 
@@ -248,6 +253,21 @@ def targets(results: List[TaskResults]) -> List[str]:
     return lines + [""]
 
 
+def cpu_time(rows: List[Dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int]) -> List[str]:
+    """The budget's check: CPU seconds of all tasks for one (optimizer, seed), at 1 thread (the
+    process's CPU time, so other load on the machine does not count)."""
+    per: Dict[tuple, float] = {}
+    for r in rows:
+        if r["task"] in tasks and r["seed"] in seeds and r.get("cpu_s") is not None:
+            per[(r["optimizer"], r["seed"])] = per.get((r["optimizer"], r["seed"]), 0.0) + r["cpu_s"]
+    if not per:
+        return []
+    slowest = max(per, key=per.get)
+    return [f"CPU time of all {len(tasks)} tasks for one (optimizer, seed): "
+            f"{min(per.values()):.0f}–{per[slowest]:.0f} s (the most: {slowest[0]}, seed "
+            f"{slowest[1]}).", ""]
+
+
 # ---------------------------------------------------------------------------- plots
 def plot(res: TaskResults, path: str) -> None:
     import matplotlib
@@ -295,6 +315,7 @@ def write(rows: List[Dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int]
              f"{info.get('workers')} worker(s) × 1 thread on {info.get('machine')}; torch "
              f"{v.get('torch')}, labpal_fast {v.get('labpal_fast')}.", ""]
     lines += targets(results)
+    lines += cpu_time(rows, tasks, seeds)
     lines += ["## Per task", "", "Δ: the mean over seeds of the per-seed difference (same "
               "initialization and batch order), in the task's unit.", ""]
     for res in results:

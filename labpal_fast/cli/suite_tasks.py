@@ -231,7 +231,7 @@ def friedman_long() -> SuiteTask:
     from sklearn.datasets import make_friedman1
     x, y = make_friedman1(2000, 10, noise=1.0, random_state=3)
     return _regression("friedman-long", "make_friedman1 regression (squared loss), MLP "
-                       "10-32-32-1, batch 32, 20 000 steps", x, y, _mlp(10, 32, 32, 1),
+                       "10-32-32-1, batch 32", x, y, _mlp(10, 32, 32, 1),
                        steps=20000, batch_size=32, ms_per_step=0.4,
                        note="long: warm-up averaging and reuse; m = 1 throughout")
 
@@ -240,7 +240,7 @@ def wine_long() -> SuiteTask:
     from sklearn.datasets import load_wine
     d = load_wine()
     split = _split3(len(d.target))
-    return _task("wine-long", "wine, MLP 13-32-32-3, batch 16, weight decay 1e-3, 20 000 steps",
+    return _task("wine-long", "wine, MLP 13-32-32-3, batch 16, weight decay 1e-3",
                  _standardize(d.data, split[0]), d.target.astype(np.int64),
                  _mlp(13, 32, 32, 3), steps=20000, batch_size=16, split=split,
                  weight_decay=1e-3, ms_per_step=0.4,
