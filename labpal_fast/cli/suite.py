@@ -97,10 +97,9 @@ class Job:
 def fingerprint(task: suite_tasks.SuiteTask, steps: int) -> str:
     """What a result depends on besides optimizer and seed: a baseline made for other task
     settings is stale."""
-    params = sum(p.numel() for p in task.make_model().parameters())
-    text = (f"{task.name}|{task.description}|{steps}|{task.defaults.batch_size}|"
+    text = (f"{task.name}|{task.make_model()!r}|{steps}|{task.defaults.batch_size}|"
             f"{task.weight_decay}|{task.sgd_lrs}|{task.train_size}/{task.x_val.shape[0]}/"
-            f"{task.x_test.shape[0]}|{params}")
+            f"{task.x_test.shape[0]}|{float(task.x_train.double().sum()):.6g}")
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -314,9 +313,10 @@ def execute(tasks, optimizers, seeds, steps, known, results_path, workers, quiet
             torch.set_num_threads(1)       # as in a worker: the same figures either way
         while True:
             jobs, _ = plan(tasks, optimizers, seeds, steps, known)
-            # tuned SGD's grid first (its other seeds wait for it), then the longest jobs
+            # seed by seed (a partial run has whole seeds), tuned SGD's grid first (its other
+            # seeds wait for it), then the longest jobs
             new = sorted((j for j in jobs if j.key not in known and j.key not in pending),
-                         key=lambda j: ("@" not in j.optimizer, -job_cost(j)))
+                         key=lambda j: (j.seed, "@" not in j.optimizer, -job_cost(j)))
             if workers:
                 for j in new:
                     pending[j.key] = pool.apply_async(run_job, (j,))

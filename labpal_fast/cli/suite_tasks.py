@@ -140,7 +140,7 @@ def digits_mlp() -> SuiteTask:
     x = (d.data / 16.0).astype(np.float32)
     return _task("digits-mlp", "digits, MLP 64-64-64-10 (ReLU, no normalization), batch 64",
                  x, d.target.astype(np.int64), _mlp(64, 64, 64, 10), steps=1000,
-                 batch_size=64, ms_per_step=0.5)
+                 batch_size=64, ms_per_step=1.0)
 
 
 def digits_cnn_bn() -> SuiteTask:
@@ -150,7 +150,7 @@ def digits_cnn_bn() -> SuiteTask:
     return _task("digits-cnn-bn", "digits, CNN with BatchNorm (width 16), batch 32, "
                  "weight decay 5e-4", x[:, None], d.target.astype(np.int64),
                  lambda: DigitsCNN(width=16), steps=800, batch_size=32, weight_decay=5e-4,
-                 ms_per_step=2.0)
+                 ms_per_step=3.0)
 
 
 class SmallCNN(nn.Module):
@@ -173,7 +173,7 @@ def digits_cnn_dropout() -> SuiteTask:
     x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
     return _task("digits-cnn-dropout", "digits, CNN without normalization, dropout 0.25, "
                  "batch 128", x[:, None], d.target.astype(np.int64), SmallCNN, steps=600,
-                 batch_size=128, ms_per_step=2.5)
+                 batch_size=128, ms_per_step=4.0)
 
 
 class RowGRU(nn.Module):
@@ -194,7 +194,7 @@ def digits_gru() -> SuiteTask:
     x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
     return _task("digits-gru", "digits read row by row, GRU (width 48), batch 64",
                  x, d.target.astype(np.int64), RowGRU, steps=1000, batch_size=64,
-                 sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=1.5)
+                 sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=2.5)
 
 
 def noisy_labels() -> SuiteTask:
@@ -207,7 +207,7 @@ def noisy_labels() -> SuiteTask:
     return _task("noisy-labels-b8", "make_classification (20 features, 4 classes), 10% of the "
                  "training labels wrong, MLP 20-64-64-4 with dropout 0.1, batch 8",
                  _standardize(x, split[0]), y, _mlp(20, 64, 64, 4, dropout=0.1), steps=3000,
-                 batch_size=8, split=split, sgd_lrs=(0.1, 0.03, 0.01, 0.003), ms_per_step=0.6)
+                 batch_size=8, split=split, sgd_lrs=(0.1, 0.03, 0.01, 0.003), ms_per_step=0.8)
 
 
 def _regression(name, description, x, y, model, **kw) -> SuiteTask:
@@ -224,7 +224,7 @@ def diabetes() -> SuiteTask:
     return _regression("diabetes-b16", "diabetes regression (squared loss, standardized "
                        "target), MLP 10-64-64-1, batch 16, weight decay 1e-4", d.data, d.target,
                        _mlp(10, 64, 64, 1), steps=1500, batch_size=16, weight_decay=1e-4,
-                       ms_per_step=0.5)
+                       ms_per_step=0.8)
 
 
 def friedman_long() -> SuiteTask:
@@ -232,7 +232,7 @@ def friedman_long() -> SuiteTask:
     x, y = make_friedman1(2000, 10, noise=1.0, random_state=3)
     return _regression("friedman-long", "make_friedman1 regression (squared loss), MLP "
                        "10-32-32-1, batch 32", x, y, _mlp(10, 32, 32, 1),
-                       steps=20000, batch_size=32, ms_per_step=0.4,
+                       steps=20000, batch_size=32, ms_per_step=0.75,
                        note="long: warm-up averaging and reuse; m = 1 throughout")
 
 
@@ -243,7 +243,7 @@ def wine_long() -> SuiteTask:
     return _task("wine-long", "wine, MLP 13-32-32-3, batch 16, weight decay 1e-3",
                  _standardize(d.data, split[0]), d.target.astype(np.int64),
                  _mlp(13, 32, 32, 3), steps=20000, batch_size=16, split=split,
-                 weight_decay=1e-3, ms_per_step=0.4,
+                 weight_decay=1e-3, ms_per_step=0.75,
                  note="long: warm-up averaging and reuse; m = 1 throughout")
 
 
@@ -254,13 +254,13 @@ def breast_cancer() -> SuiteTask:
     return _task("breast-cancer-b256", "breast cancer, MLP 30-64-2, batch 256, weight decay "
                  "1e-4", _standardize(d.data, split[0]), d.target.astype(np.int64),
                  _mlp(30, 64, 2), steps=500, batch_size=256, split=split, weight_decay=1e-4,
-                 ms_per_step=0.6)
+                 ms_per_step=1.0)
 
 
 def spirals() -> SuiteTask:
     x, y = make_spirals(3000, 3, seed=1234)
     return _task("spirals-b256", "three noisy spirals, MLP 2-64-64-3, batch 256", x, y,
-                 _mlp(2, 64, 64, 3), steps=1500, batch_size=256, ms_per_step=0.8)
+                 _mlp(2, 64, 64, 3), steps=1500, batch_size=256, ms_per_step=1.0)
 
 
 def text_transformer(context: int = 32) -> SuiteTask:
@@ -284,7 +284,7 @@ def text_transformer(context: int = 32) -> SuiteTask:
         _t(xt), _t(yt), _t(xv), _t(yv), model,
         TaskDefaults(steps=1000, batch_size=32, eval_every=50, sgd_lr=0.3, target_loss=0.0),
         sequence=True, x_test=_t(xs), y_test=_t(ys), metric="bits",
-        sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=3.0)
+        sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=4.0)
 
 
 SUITE: Dict[str, Callable[[], SuiteTask]] = {
