@@ -153,3 +153,13 @@ def test_unknown_names_are_refused_with_the_known_ones(tmp_path, capsys):
     assert "digits-mlp" in capsys.readouterr().err
     assert command.run(["suite", "--optimizers", "lion", "--out", str(tmp_path)]) == 2
     assert "unknown suite optimizer 'lion'" in capsys.readouterr().err
+
+
+def test_the_labpal_tier_without_baselines_says_how_to_make_them(tmp_path, capsys):
+    empty = tmp_path / "baselines.jsonl"
+    empty.write_text("")
+    code = command.run(["suite", "--labpal", "--tasks", "digits-mlp", "--baselines", str(empty),
+                        "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--regenerate-baselines" in err and str(empty) in err
