@@ -34,7 +34,7 @@ class SuiteTask(Task):
     metric: str = "accuracy"          # accuracy (%, higher is better), mse or bits (lower)
     weight_decay: float = 0.0         # every optimizer gets it through its own argument
     sgd_lrs: Tuple[float, ...] = (0.3, 0.1, 0.03, 0.01)   # tuned SGD's grid
-    ms_per_step: float = 1.0          # measured at 1 thread (Adam): the time estimate's basis
+    ms_per_step: float = 1.0          # CPU ms per Adam step at 1 thread: the time estimate's basis
     note: str = ""
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ def digits_mlp() -> SuiteTask:
     x = (d.data / 16.0).astype(np.float32)
     return _task("digits-mlp", "digits, MLP 64-64-64-10 (ReLU, no normalization), batch 64",
                  x, d.target.astype(np.int64), _mlp(64, 64, 64, 10), steps=1000,
-                 batch_size=64, ms_per_step=1.0)
+                 batch_size=64, ms_per_step=0.8)
 
 
 def digits_cnn_bn() -> SuiteTask:
@@ -150,7 +150,7 @@ def digits_cnn_bn() -> SuiteTask:
     return _task("digits-cnn-bn", "digits, CNN with BatchNorm (width 16), batch 32, "
                  "weight decay 5e-4", x[:, None], d.target.astype(np.int64),
                  lambda: DigitsCNN(width=16), steps=800, batch_size=32, weight_decay=5e-4,
-                 ms_per_step=3.0)
+                 ms_per_step=5.0)
 
 
 class SmallCNN(nn.Module):
@@ -173,7 +173,7 @@ def digits_cnn_dropout() -> SuiteTask:
     x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
     return _task("digits-cnn-dropout", "digits, CNN without normalization, dropout 0.25, "
                  "batch 128", x[:, None], d.target.astype(np.int64), SmallCNN, steps=600,
-                 batch_size=128, ms_per_step=4.0)
+                 batch_size=128, ms_per_step=4.3)
 
 
 class RowGRU(nn.Module):
@@ -194,7 +194,7 @@ def digits_gru() -> SuiteTask:
     x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
     return _task("digits-gru", "digits read row by row, GRU (width 48), batch 64",
                  x, d.target.astype(np.int64), RowGRU, steps=1000, batch_size=64,
-                 sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=2.5)
+                 sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=4.8)
 
 
 def noisy_labels() -> SuiteTask:
@@ -224,7 +224,7 @@ def diabetes() -> SuiteTask:
     return _regression("diabetes-b16", "diabetes regression (squared loss, standardized "
                        "target), MLP 10-64-64-1, batch 16, weight decay 1e-4", d.data, d.target,
                        _mlp(10, 64, 64, 1), steps=1500, batch_size=16, weight_decay=1e-4,
-                       ms_per_step=0.8)
+                       ms_per_step=0.7)
 
 
 def friedman_long() -> SuiteTask:
@@ -232,7 +232,7 @@ def friedman_long() -> SuiteTask:
     x, y = make_friedman1(2000, 10, noise=1.0, random_state=3)
     return _regression("friedman-long", "make_friedman1 regression (squared loss), MLP "
                        "10-32-32-1, batch 32", x, y, _mlp(10, 32, 32, 1),
-                       steps=20000, batch_size=32, ms_per_step=0.75,
+                       steps=20000, batch_size=32, ms_per_step=0.7,
                        note="long: warm-up averaging and reuse; m = 1 throughout")
 
 
@@ -243,7 +243,7 @@ def wine_long() -> SuiteTask:
     return _task("wine-long", "wine, MLP 13-32-32-3, batch 16, weight decay 1e-3",
                  _standardize(d.data, split[0]), d.target.astype(np.int64),
                  _mlp(13, 32, 32, 3), steps=20000, batch_size=16, split=split,
-                 weight_decay=1e-3, ms_per_step=0.75,
+                 weight_decay=1e-3, ms_per_step=0.7,
                  note="long: warm-up averaging and reuse; m = 1 throughout")
 
 
@@ -260,7 +260,7 @@ def breast_cancer() -> SuiteTask:
 def spirals() -> SuiteTask:
     x, y = make_spirals(3000, 3, seed=1234)
     return _task("spirals-b256", "three noisy spirals, MLP 2-64-64-3, batch 256", x, y,
-                 _mlp(2, 64, 64, 3), steps=1500, batch_size=256, ms_per_step=1.0)
+                 _mlp(2, 64, 64, 3), steps=1500, batch_size=256, ms_per_step=0.9)
 
 
 def text_transformer(context: int = 32) -> SuiteTask:
@@ -284,7 +284,7 @@ def text_transformer(context: int = 32) -> SuiteTask:
         _t(xt), _t(yt), _t(xv), _t(yv), model,
         TaskDefaults(steps=1000, batch_size=32, eval_every=50, sgd_lr=0.3, target_loss=0.0),
         sequence=True, x_test=_t(xs), y_test=_t(ys), metric="bits",
-        sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=4.0)
+        sgd_lrs=(1.0, 0.3, 0.1, 0.03), ms_per_step=8.0)
 
 
 SUITE: Dict[str, Callable[[], SuiteTask]] = {
