@@ -163,3 +163,20 @@ def test_the_labpal_tier_without_baselines_says_how_to_make_them(tmp_path, capsy
     assert code == 2
     err = capsys.readouterr().err
     assert "--regenerate-baselines" in err and str(empty) in err
+
+
+def test_regenerating_some_tasks_keeps_the_other_tasks_baselines(tmp_path):
+    path = str(tmp_path / "baselines.jsonl")
+    other = dict(task="wine-long", optimizer="adam", seed=0, figure=90.0, fingerprint="x")
+    with open(path, "w") as f:
+        f.write(json.dumps({"header": {"date": "old"}}) + "\n" + json.dumps(other) + "\n")
+    assert command.run(["suite", "--tasks", "digits-mlp", "--optimizers", "adam,labpal",
+                        "--seeds", "0", "--steps", "5", "--regenerate-baselines", "--baselines",
+                        path, "--workers", "0", "--no-plots", "--quiet",
+                        "--out", str(tmp_path / "out")]) == 0
+    with open(path) as f:
+        head = json.loads(f.readline())
+    assert head["header"]["date"] != "old" and "torch" in head["header"]["versions"]
+    rows = suite.read_rows(path)
+    assert rows[0] == other
+    assert [(r["task"], r["optimizer"]) for r in rows[1:]] == [("digits-mlp", "adam")]
