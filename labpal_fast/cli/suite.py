@@ -276,7 +276,7 @@ def baselines(path: str, tasks: Sequence[str], seeds: Sequence[int], steps: Opti
         raise SuiteError(
             f"{path} lacks {len(missing) + len(later)} baseline run(s) for these tasks, seeds and "
             f"settings (e.g. {example}): regenerate it with `labpal-fast suite "
-            "--regenerate-baselines` (about 30 min), or run `--full`")
+            "--regenerate-baselines` (about 13 min on 2 idle cores), or run `--full`")
     return known
 
 
