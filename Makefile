@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 TORCH  ?= $(shell grep '^torch==' $(CONSTRAINTS))
 
-.PHONY: setup demo test bench gpu-verify clean
+.PHONY: setup demo test bench gpu-verify clean suite suite-quick suite-labpal suite-baselines
 
 # csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
@@ -22,6 +22,25 @@ setup: $(VENV)/.installed
 # the first thing to run: LABPAL against SGD, Adam, ... on scikit-learn's digits (CPU, minutes)
 demo: $(VENV)/.installed
 	$(VENV)/bin/labpal-fast compare --task digits --out runs/digits-demo
+
+# the quality suite (docs/quality.md): LABPAL's configurations against Adam, AdamW, tuned SGD and
+# the untuned peers (the [suite] extra) on 11 small tasks; resumable, results in runs/suite*
+$(VENV)/.suite: $(VENV)/.installed
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[suite]'
+	touch $@
+
+SUITE_ARGS ?=
+suite: $(VENV)/.suite          # everything trained afresh, 3 seeds (~60 min on 2 cores)
+	$(VENV)/bin/labpal-fast suite --full --out runs/suite $(SUITE_ARGS)
+
+suite-labpal: $(VENV)/.suite   # the 4 LABPAL configurations against the committed baselines (~15 min)
+	$(VENV)/bin/labpal-fast suite --labpal --out runs/suite-labpal $(SUITE_ARGS)
+
+suite-quick: $(VENV)/.suite    # seed 0, the 4 LABPAL configurations and Adam (~5 min)
+	$(VENV)/bin/labpal-fast suite --quick --out runs/suite-quick $(SUITE_ARGS)
+
+suite-baselines: $(VENV)/.suite  # rewrites benchmarks/suite/baselines.jsonl (~30 min)
+	$(VENV)/bin/labpal-fast suite --labpal --regenerate-baselines --out runs/suite-baselines $(SUITE_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..hyper import NAMES, Hyper
-from . import parallel, registry
+from . import parallel, registry, suite
 from . import report as rep
 from .tasks import TASK_HELP, TASKS, BatchStream, DataError, Task, load_task
 from .training import Run, train_runs
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="labpal-fast",
         description="Train with LABPAL, compare it with other optimizers, and plot the result.")
     parser.add_argument("--version", action="version", version=f"labpal-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,report,suite}")
     sub.required = True
     p = sub.add_parser("train", help="one optimizer on one task")
     p.add_argument("--optimizer", default="labpal", choices=list(registry.SPECS),
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, compare=True)
     p = sub.add_parser("report", help="rebuild plots and table from a finished run's files")
     p.add_argument("dir")
+    p = sub.add_parser("suite", help="the quality suite: LABPAL's configurations against the "
+                       "baselines on many small tasks and seeds (docs/quality.md)")
+    suite.add_arguments(p)
     return parser
 
 
@@ -314,6 +317,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     """The command itself; `labpal_fast.cli.main` checks its dependencies first."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "suite":
+        return suite.main(args)
     try:
         if args.command != "report" and args.nproc < 1:
             raise UsageError("--nproc must be at least 1")

@@ -1,7 +1,8 @@
 """The optimizers `labpal-fast` can train with, and how each is built.
 
 Built in: LABPAL (NSGD and SGD mode, each also as the paper's algorithm), SGD with momentum 0.9 and a piecewise-constant
-schedule (÷10 at 50% and 75% of the steps) at the task's usual rate, and Adam at 1e-3.
+schedule (÷10 at 50% and 75% of the steps) at the task's usual rate, Adam at 1e-3 and AdamW at
+its default rate (AdamW joins `compare` when asked for).
 Others join `compare` automatically when their package is installed, each at the default
 its documentation gives: schedule-free SGD / AdamW (`schedulefree`), Prodigy (`prodigyopt`),
 D-Adaptation Adam (`dadaptation`) and DoG (`dog-optimizer`).
@@ -69,6 +70,11 @@ def _adam(params, *, weight_decay, **_):
     return Built(opt, settings=dict(lr=1e-3, weight_decay=weight_decay))
 
 
+def _adamw(params, *, weight_decay, **_):
+    opt = torch.optim.AdamW(params, weight_decay=weight_decay)
+    return Built(opt, settings=dict(lr=opt.defaults["lr"], weight_decay=weight_decay))
+
+
 def _schedulefree(cls_name: str):
     def build(params, *, weight_decay, **_):
         cls = getattr(importlib.import_module("schedulefree"), cls_name)
@@ -96,6 +102,8 @@ SPECS: Dict[str, Spec] = {s.name: s for s in [
     Spec("sgd", "SGD+momentum", None, _sgd,
          "momentum 0.9, the task's usual rate, ÷10 at 50% and 75% of the steps"),
     Spec("adam", "Adam", None, _adam, "lr 1e-3"),
+    Spec("adamw", "AdamW", None, _adamw, "torch.optim.AdamW at its default lr (1e-3), the "
+         "given weight decay (decoupled)"),
     Spec("sf-sgd", "Schedule-free SGD", "schedulefree", _schedulefree("SGDScheduleFree"),
          "schedulefree.SGDScheduleFree at its defaults (lr 1.0, momentum 0.9)"),
     Spec("sf-adamw", "Schedule-free AdamW", "schedulefree", _schedulefree("AdamWScheduleFree"),
