@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -25,8 +25,9 @@ from .. import __version__
 from ..hyper import NAMES, Hyper
 from . import parallel, registry, suite
 from . import report as rep
-from .tasks import TASK_HELP, TASKS, BatchStream, DataError, Task, load_task
-from .training import Run, train_runs
+from .tasks import TASK_HELP, TASKS, DataError, Task, load_task
+from .runs import _UNSET, _make_runs, _versions, labpal_hyper
+from .training import train_runs
 
 EXIT_INTERRUPTED = 130
 
@@ -87,8 +88,6 @@ _HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
                 "lr_multiplier_schedule": (_schedule, "UPDATE:FACTOR,..."),
                 "sample_positions": (_floats, "S0,S1,..."),
                 "direction_norm_range": (_floats, "LOW,HIGH")}
-# a flag not given (None is a value: "--max-grad-norm none" turns clipping off)
-_UNSET = object()
 # set elsewhere: mode comes from the optimizer's name, batch_size is --batch-size
 _HYPER_SKIP = ("mode", "batch_size")
 
@@ -161,11 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def labpal_hyper(args) -> Dict[str, Any]:
-    return {name[3:]: v for name, v in vars(args).items()
-            if name.startswith("hp_") and name != "hp_mode" and v is not _UNSET}
-
-
 # ---------------------------------------------------------------------------- the command
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -176,19 +170,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _versions() -> Dict[str, Optional[str]]:
-    import importlib.metadata as md
-    out: Dict[str, Optional[str]] = {"python": platform.python_version(),
-                                     "labpal_fast": __version__, "torch": torch.__version__}
-    for dist in ("numpy", "scikit-learn", "matplotlib", "tqdm", "schedulefree", "prodigyopt",
-                 "dadaptation", "dog-optimizer", "triton"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _device_info(device: torch.device) -> Dict[str, Any]:
     info: Dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(),
                             "platform": platform.platform(), "cpu": platform.processor() or
@@ -196,36 +177,6 @@ def _device_info(device: torch.device) -> Dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _make_runs(names: Sequence[str], task: Task, args, device: torch.device,
-               ranks: parallel.Ranks = parallel.Ranks()) -> List[Run]:
-    runs = []
-    hyper = labpal_hyper(args)
-    for name in names:
-        spec = registry.SPECS[name]
-        torch.manual_seed(args.seed)                 # same initial weights for everyone
-        model = task.make_model().to(device)
-        model.train()
-        forward = ranks.wrap(model)
-        build = spec.build
-        if name in ("labpal", "labpal-sgd") and getattr(args, "hp_mode", None):
-            build = registry._labpal(args.hp_mode)
-        built = build([p for p in model.parameters() if p.requires_grad], model=forward,
-                      task_size=task.train_size, batch_size=args.batch_size // ranks.world,
-                      steps=args.steps,
-                      sgd_lr=args.sgd_lr, weight_decay=args.weight_decay, labpal_hyper=hyper,
-                      backend=args.backend)
-        if built.schedule_free:
-            built.optimizer.train()
-        label = spec.label
-        if built.labpal and getattr(args, "hp_mode", None):
-            label = f"LABPAL ({args.hp_mode})"
-        runs.append(Run(name, label, task, model, built,
-                        BatchStream(task.train_size, args.batch_size, args.seed),
-                        torch.Generator().manual_seed(args.seed + 1), device,
-                        forward=forward, ranks=ranks))
-    return runs
 
 
 def _resolve_defaults(args, task: Task) -> None:

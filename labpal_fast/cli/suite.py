@@ -7,7 +7,7 @@ would otherwise pick, on the tasks of cli/suite_tasks.py, several seeds (docs/qu
     labpal-fast suite --full      seeds 0-2: everything, the paper's variants and every
                                   baseline trained afresh                                (~60 min)
 
-One job is one (task, optimizer, seed): a `Run` of the command's harness (`command._make_runs`,
+One job is one (task, optimizer, seed): a `Run` of the command's harness (`runs._make_runs`,
 `training.train_runs`), the same weights and batch order for every optimizer of a seed. Jobs run
 in worker processes (1 thread each); each finished job is appended to OUT/results.jsonl, so a
 rerun with the same OUT skips what is done. Tuned SGD: SGD+momentum 0.9 with its step schedule
@@ -27,13 +27,15 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import suite_tasks
+from .suite_configs import LABPAL, PAPER, TUNED_SGD, UNTUNED, config, sgd_name  # noqa: F401
 from .report import running_mean
+from .runs import _make_runs, _versions
 from .training import _recompute_batchnorm, train_runs
 
 EXIT_INTERRUPTED = 130
@@ -41,44 +43,6 @@ RESULTS = "results.jsonl"
 BASELINES = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "suite",
                          "baselines.jsonl")
 CURVE_POINTS = 60      # points kept of each run's training-loss and validation curves
-
-
-@dataclass(frozen=True)
-class Config:
-    """An optimizer as the suite runs it: a registry spec, LABPAL hyper-parameters to set, and
-    for SGD the rate (None: the task's tuned one)."""
-    spec: str
-    label: str
-    hyper: Dict[str, Any] = field(default_factory=dict)
-    lr: Optional[float] = None
-
-
-LABPAL = {"labpal": Config("labpal", "LABPAL NSGD"),
-          "labpal-m09": Config("labpal", "LABPAL NSGD β=0.9", {"momentum": 0.9}),
-          "labpal-sgd": Config("labpal-sgd", "LABPAL SGD"),
-          "labpal-sgd-m09": Config("labpal-sgd", "LABPAL SGD β=0.9", {"momentum": 0.9})}
-PAPER = {"labpal-paper": Config("labpal-paper", "LABPAL NSGD paper"),
-         "labpal-sgd-paper": Config("labpal-sgd-paper", "LABPAL SGD paper")}
-# untuned: every one at its documented defaults, the task's weight decay through its argument
-UNTUNED = {"adam": Config("adam", "Adam 1e-3"), "adamw": Config("adamw", "AdamW"),
-           "prodigy": Config("prodigy", "Prodigy"), "sf-adamw": Config("sf-adamw", "SF-AdamW"),
-           "dog": Config("dog", "DoG"), "dadapt-adam": Config("dadapt-adam", "D-Adapt Adam")}
-TUNED_SGD = "sgd"          # the name the report gives tuned SGD; a run is "sgd@<rate>"
-
-
-def config(name: str) -> Config:
-    if name.startswith(TUNED_SGD + "@"):
-        lr = float(name.split("@", 1)[1])
-        return Config("sgd", f"SGD+mom. lr {lr:g}", lr=lr)
-    for table in (LABPAL, PAPER, UNTUNED):
-        if name in table:
-            return table[name]
-    raise ValueError(f"unknown suite optimizer {name!r}; known: "
-                     f"{', '.join([*LABPAL, *PAPER, *UNTUNED, TUNED_SGD])}")
-
-
-def sgd_name(lr: float) -> str:
-    return f"{TUNED_SGD}@{lr:g}"
 
 
 # ---------------------------------------------------------------------------- one job
@@ -103,14 +67,7 @@ def fingerprint(task: suite_tasks.SuiteTask, steps: int) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-_TASKS: Dict[str, suite_tasks.SuiteTask] = {}
-
-
-def task(name: str) -> suite_tasks.SuiteTask:
-    """A task, loaded once per process."""
-    if name not in _TASKS:
-        _TASKS[name] = suite_tasks.load(name)
-    return _TASKS[name]
+task = suite_tasks.loaded  # a task, loaded once per process
 
 
 def _curve(points: List[Tuple[int, float]]) -> List[List[float]]:
@@ -124,7 +81,6 @@ def _curve(points: List[Tuple[int, float]]) -> List[List[float]]:
 def run_job(job: Job) -> Dict[str, Any]:
     """Trains one (task, optimizer, seed) with the command's harness; returns its result row.
     A KeyboardInterrupt during training propagates (nothing is recorded for this job)."""
-    from .command import _make_runs          # here: command imports this module
     t = task(job.task)
     steps = job.steps or t.defaults.steps
     cfg = config(job.optimizer)
@@ -247,7 +203,6 @@ def append_row(path: str, row: Dict[str, Any]) -> None:
 
 
 def header(tier: str, workers: int) -> Dict[str, Any]:
-    from .command import _versions
     return {"header": {"date": datetime.datetime.now(datetime.timezone.utc).strftime(
         "%Y-%m-%d %H:%M UTC"), "tier": tier, "workers": workers, "threads_per_worker": 1,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",

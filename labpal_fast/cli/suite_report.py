@@ -20,7 +20,7 @@ import statistics
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import suite_tasks
-from .suite import LABPAL, PAPER, TUNED_SGD, UNTUNED, config, sgd_name
+from .suite_configs import LABPAL, PAPER, TUNED_SGD, UNTUNED, config, sgd_name
 
 MARGINS = {"accuracy": ("abs", 1.0), "bits": ("rel", 0.03), "mse": ("rel", 0.10)}
 UNITS = {"accuracy": "test accuracy %, higher is better", "bits": "test bits/char, lower is better",
@@ -307,8 +307,7 @@ def plot(res: TaskResults, path: str) -> None:
 def write(rows: List[Dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int], out: str,
           info: Dict[str, Any], plots: bool = True) -> str:
     """suite.md (and plots/<task>.png) in `out`; returns the markdown."""
-    from .suite import task
-    results = [TaskResults(task(t), rows, seeds) for t in tasks]
+    results = [TaskResults(suite_tasks.loaded(t), rows, seeds) for t in tasks]
     v = info.get("versions", {})
     lines = ["# Quality suite", "",
              f"{info.get('date')}, tier {info.get('tier')}, seeds {', '.join(map(str, seeds))}, "

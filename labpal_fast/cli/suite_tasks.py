@@ -300,3 +300,13 @@ def load(name: str) -> SuiteTask:
     if name not in SUITE:
         raise ValueError(f"unknown suite task {name!r}; choose from {', '.join(SUITE)}")
     return SUITE[name]()
+
+
+_LOADED: Dict[str, SuiteTask] = {}
+
+
+def loaded(name: str) -> SuiteTask:
+    """A task, loaded once per process (the runner's jobs and the report share it)."""
+    if name not in _LOADED:
+        _LOADED[name] = load(name)
+    return _LOADED[name]
