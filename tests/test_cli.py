@@ -20,6 +20,7 @@ from labpal_fast.cli import command, registry, report, tasks, training  # noqa: 
 from labpal_fast.hyper import NAMES, Hyper  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quiet", "--device", "cpu", "--threads", "1"]
 
 
@@ -488,3 +489,55 @@ def test_train_help_describes_every_optimizer(capsys):
     for name in ("labpal", "labpal-sgd", "sgd", "adam", "prodigy"):
         assert f"{name}:" in text
     assert "÷10 at 50% and 75% of the steps" in text
+
+
+# ---------------------------------------------------------------------------- help and bad values
+def _help(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("sub", ["train", "compare"])
+def test_help_lists_choices_and_the_defaults_the_command_passes(capsys, sub):
+    from labpal_fast.hyper import LINE_FITS, SGD_RATES
+    from labpal_fast.ops import BACKENDS
+    text = _help(capsys, sub)
+    assert "--backend {" + ",".join(BACKENDS) + "}" in text
+    assert "--line-fit {" + ",".join(LINE_FITS) + "}" in text
+    assert "--sgd-rate {" + ",".join(SGD_RATES) + "}" in text
+    assert "HP_" not in text  # no dest-derived metavars
+    # the command passes the training split, not LABPAL's 40000
+    dataset = text[text.index("--dataset-size N, --dataset_size N"):][:120]
+    assert "training-split size" in dataset and "40000" not in dataset, dataset
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--backend", "nonsense"], "--backend"),
+    (["--threads", "-1"], "--threads"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", "two"], "--threads"),
+    (["--line-fit", "exact"], "--line-fit"),
+    (["--data-dir", "."], "--data-dir"),
+])
+def test_a_bad_value_is_one_line_naming_the_argument_and_exit_2(tmp_path, capfd, argv, names):
+    """In a child process, as a user runs it: one line on stderr, exit code 2, no traceback."""
+    out = subprocess.run([sys.executable, "-m", "labpal_fast", "train", "--task", "digits",
+                          "--steps", "2", "--quiet", "--out", str(tmp_path / "x"), *argv],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_backend_that_cannot_run_on_the_device_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from labpal_fast import ops
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = ops.why_unavailable("triton", [torch.device("cpu")])
+    assert reason is not None  # Triton needs a GPU, or the interpreter, for CPU tensors
+    assert run("train", "--steps", 2, "--out", tmp_path / "x", "--backend", "triton") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--backend triton cannot run on cpu" in err and reason in err

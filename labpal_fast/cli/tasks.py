@@ -362,6 +362,8 @@ def load_task(name: str, seed: int, device: torch.device, data_dir: Optional[str
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
 
 
+# the tasks that read --data-dir (for the others it is an error, not silently ignored)
+DATA_DIR_TASKS = ("cifar10",)
 TASK_HELP: Dict[str, str] = {
     "digits": "scikit-learn's bundled 8×8 digits, small CNN with BatchNorm (default)",
     "spirals": "three noisy spirals, MLP",
