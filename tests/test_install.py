@@ -84,18 +84,27 @@ def _run(cmd, cwd, timeout=600, check=True, **env):
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory):
-    """(sdist, wheel) built from a clean copy of this tree: `python -m build --no-isolation` (the
-    wheel from the sdist) with the torch that runs the tests. A copy, because setuptools adds the
-    files listed in a left-over *.egg-info/SOURCES.txt to the sdist, which would hide a gap in
-    MANIFEST.in (and the build writes nothing into the checkout)."""
+def sdist(tmp_path_factory):
+    """The sdist built from a clean copy of this tree (`python -m build --sdist`). A copy,
+    because setuptools adds the files listed in a left-over *.egg-info/SOURCES.txt to the sdist,
+    which would hide a gap in MANIFEST.in (and the build writes nothing into the checkout)."""
     where = tmp_path_factory.mktemp("build")
     src, out = where / "src", where / "dist"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".*cache",
         ".hypothesis", ".benchmarks", "runs"))
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, src], cwd=where)
-    (sdist,) = out.glob("labpal_fast-*.tar.gz")
+    _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", out, src],
+         cwd=where)
+    (found,) = out.glob("labpal_fast-*.tar.gz")
+    return found
+
+
+@pytest.fixture(scope="session")
+def artifacts(sdist):
+    """(sdist, wheel): the wheel built from the sdist with the torch that runs the tests."""
+    out = sdist.parent
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+          "--no-cache-dir", "-w", out, sdist], cwd=out, timeout=1800)
     (wheel,) = out.glob("labpal_fast-*.whl")
     return sdist, wheel
 
@@ -126,8 +135,7 @@ def _smoke(python, expect_ext, **env):
     print(result.stdout)
 
 
-def test_sdist_carries_sources(artifacts):
-    sdist, _ = artifacts
+def test_sdist_carries_sources(sdist):
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
@@ -141,6 +149,8 @@ def test_wheel_installs_and_runs(artifacts, fresh_venv):
     _, wheel = artifacts
     with zipfile.ZipFile(wheel) as whl:
         has_ext = any(n.startswith("labpal_fast/_C") and n.endswith(".so") for n in whl.namelist())
+        # the sources travel with the package: compiled on first use where no _C was built
+        assert "labpal_fast/_csrc/labpal_ops.cpp" in whl.namelist()
     assert has_ext == EXPECT_EXT, f"{wheel.name}: extension built {has_ext}, expected {EXPECT_EXT}"
     _reinstall(fresh_venv, wheel)
     _smoke(fresh_venv, EXPECT_EXT)
@@ -166,19 +176,18 @@ for w in caught:
 """
 
 
-def test_plain_pip_install_compiles_on_first_use(artifacts, fresh_venv, tmp_path):
+def test_plain_pip_install_compiles_on_first_use(sdist, fresh_venv, tmp_path):
     """`pip install <sdist>` as people type it (build isolation: no torch in the build): it
     succeeds, keeps the installed torch, and the first LABPAL compiles the extension against
     that torch into the cache, which later processes load. With LABPAL_FAST_NO_EXT=1 (or no
     compiler) "auto" falls back to eager and says so once per process."""
-    sdist, _ = artifacts
     before = _run([fresh_venv, "-I", "-c", TORCH_NOW], cwd=tmp_path).stdout
     installed = _reinstall(fresh_venv, sdist)  # no flags
     assert "Successfully installed" in installed.stdout, installed.stdout[-3000:]
     assert _run([fresh_venv, "-I", "-c", TORCH_NOW], cwd=tmp_path).stdout == before
     cache = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
 
-    first = _run([fresh_venv, "-I", "-c", FIRST_USE], cwd=tmp_path, **cache).stdout
+    first = _run([fresh_venv, "-I", "-c", FIRST_USE], cwd=tmp_path, timeout=1800, **cache).stdout
     compiled = "labpal_fast: compiling the extension labpal_fast._C" in first
     assert compiled == EXPECT_EXT, first
     _smoke(fresh_venv, EXPECT_EXT, **cache)
