@@ -10,17 +10,31 @@ TORCH  ?= $(shell grep '^torch==' $(CONSTRAINTS))
 
 .PHONY: setup demo test bench gpu-verify clean
 
-# csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
-$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+SOURCES := pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+# extras: what `make demo` needs (the command's), then what the tests need besides
+DEMO_EXTRAS := cli
+ALL_EXTRAS  := test,triton,cli,integrations
+# $(call install,EXTRAS): the venv, torch, and the package editable with EXTRAS; the editable
+# install builds the compiled extension labpal_fast._C (rebuilt when csrc/ changes)
+define install
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) 'setuptools>=70.1'  # the build backend, used without isolation
-	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[test,triton,cli,integrations]'
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[$(1)]'
+endef
+
+$(VENV)/.installed: $(SOURCES)
+	$(call install,$(ALL_EXTRAS))
+	touch $@ $(VENV)/.demo
+
+# the demo alone: torch, numpy, scikit-learn, matplotlib, tqdm (no test tools, Triton, Lightning)
+$(VENV)/.demo: $(SOURCES)
+	$(call install,$(DEMO_EXTRAS))
 	touch $@
 
 setup: $(VENV)/.installed
 
 # the first thing to run: LABPAL against SGD, Adam, ... on scikit-learn's digits (CPU, minutes)
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo
 	$(VENV)/bin/labpal-fast compare --task digits --out runs/digits-demo
 
 test: $(VENV)/.installed
