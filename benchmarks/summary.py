@@ -49,13 +49,15 @@ def ratio_table(per_round: Dict[str, List[float]], what: str, base: Optional[str
     return "\n".join(rows)
 
 
-def emit(title: str, text: str) -> str:
-    """Prints and keeps `text` under a header naming what it compares and the machine."""
-    block = f"{title}\n{machine()}\n"
+def header(title: str) -> str:
+    """`title` (what is compared), the machine, and the load warning when there is one."""
     warning = load_warning()
-    if warning:
-        block += warning + "\n"
-    block += text
+    return f"{title}\n{machine()}" + (f"\n{warning}" if warning else "")
+
+
+def emit(title: str, text: str) -> str:
+    """Prints and keeps `text` under `header(title)`."""
+    block = header(title) + "\n" + text
     TABLES.append(block)
     print("\n" + block)
     return block
