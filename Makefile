@@ -10,31 +10,26 @@ TORCH  ?= $(shell grep '^torch==' $(CONSTRAINTS))
 
 .PHONY: setup demo test bench gpu-verify clean
 
-SOURCES := pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
-# extras: what `make demo` needs (the command's), then what the tests need besides
-DEMO_EXTRAS := cli
-ALL_EXTRAS  := test,triton,cli,integrations
-# $(call install,EXTRAS): the venv, torch, and the package editable with EXTRAS; the editable
-# install builds the compiled extension labpal_fast._C (rebuilt when csrc/ changes)
-define install
+# csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) 'setuptools>=70.1'  # the build backend, used without isolation
-	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[$(1)]'
-endef
-
-$(VENV)/.installed: $(SOURCES)
-	$(call install,$(ALL_EXTRAS))
-	touch $@ $(VENV)/.demo
-
-# the demo alone: torch, numpy, scikit-learn, matplotlib, tqdm (no test tools, Triton, Lightning)
-$(VENV)/.demo: $(SOURCES)
-	$(call install,$(DEMO_EXTRAS))
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[test,triton,cli,integrations]'
 	touch $@
 
 setup: $(VENV)/.installed
 
-# the first thing to run: LABPAL against SGD, Adam, ... on scikit-learn's digits (CPU, minutes)
-demo: $(VENV)/.demo
+# what the demo alone needs: torch and the package with its [cli] extra (numpy, scikit-learn,
+# matplotlib, tqdm), not the test tools, Triton or the framework packages
+$(VENV)/.demo: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) 'setuptools>=70.1'
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[cli]'
+	touch $@
+
+# the first thing to run: LABPAL against SGD, Adam, ... on scikit-learn's digits (CPU, minutes);
+# a venv already set up in full (make setup / test) serves as it is
+demo: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.demo)
 	$(VENV)/bin/labpal-fast compare --task digits --out runs/digits-demo
 
 test: $(VENV)/.installed

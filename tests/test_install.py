@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# the install suite (`make test-all`): minutes, builds and compiles the extension
-pytestmark = [pytest.mark.slow, pytest.mark.install]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # setup.py builds labpal_fast._C whenever torch is importable and a C++ compiler is found
