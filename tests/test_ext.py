@@ -169,3 +169,31 @@ def test_cu_files_compile_with_nvcc(path, tmp_path):
     out = subprocess.run(["nvcc", "-c", path, "-o", str(tmp_path / "x.o")], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------------------ compiled on first use
+def test_a_failed_first_use_compile_is_remembered_and_named(tmp_path, monkeypatch):
+    """ext_build on sources that do not compile: the reason carries the compiler's error, a
+    marker in the cache keeps later processes from compiling in vain, and changed sources get
+    a directory of their own (so a fix is compiled)."""
+    import shutil as sh
+
+    from labpal_fast.ops import ext_build
+    if sh.which("c++") is None or sh.which("ninja") is None:
+        pytest.skip("needs a C++ compiler and ninja")
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "labpal_ops.cpp").write_text("this is not C++;\n")
+    monkeypatch.setattr(ext_build, "SOURCE_DIRS", (src,))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LABPAL_FAST_NO_EXT", raising=False)
+    module, why = ext_build.load("not built (test)")
+    assert module is None and why.startswith("not built (test); compiling it on first use failed")
+    where = ext_build.build_directory(src, False)
+    assert (where / ext_build.FAILED).is_file() and where.parent == tmp_path / "cache"
+    module, again = ext_build.load("not built (test)")
+    assert module is None and "failed" in again and f"delete {where} to try again" in again
+    (src / "labpal_ops.cpp").write_text("// fixed\n")
+    assert ext_build.build_directory(src, False) != where
+    monkeypatch.setenv("LABPAL_FAST_NO_EXT", "1")
+    assert "LABPAL_FAST_NO_EXT is set" in ext_build.load("not built (test)")[1]
