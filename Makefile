@@ -19,8 +19,17 @@ $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp
 
 setup: $(VENV)/.installed
 
-# the first thing to run: LABPAL against SGD, Adam, ... on scikit-learn's digits (CPU, minutes)
-demo: $(VENV)/.installed
+# what the demo alone needs: torch and the package with its [cli] extra (numpy, scikit-learn,
+# matplotlib, tqdm), not the test tools, Triton or the framework packages
+$(VENV)/.demo: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) 'setuptools>=70.1'
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[cli]'
+	touch $@
+
+# the first thing to run: LABPAL against SGD, Adam, ... on scikit-learn's digits (CPU, minutes);
+# a venv already set up in full (make setup / test) serves as it is
+demo: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.demo)
 	$(VENV)/bin/labpal-fast compare --task digits --out runs/digits-demo
 
 # the quality suite (docs/quality.md): LABPAL's configurations against Adam, AdamW, tuned SGD and

@@ -1,18 +1,25 @@
 """Build script. The package itself is pure Python (metadata lives in pyproject.toml); this
-file adds the optional compiled extension `labpal_fast._C` built from csrc/.
+file adds the optional compiled extension `labpal_fast._C` built from csrc/, and ships csrc/
+inside the package (labpal_fast/_csrc) so that it can be compiled later.
 
-- torch must be importable at build time: install with `pip install --no-build-isolation`.
-  Without torch the build fails and says so (pip's default build isolation hides torch, and it
-  hides a setup.py's warnings too: a skipped extension would go unnoticed).
+- `pip install <clone or sdist>` (pip's default build isolation hides the installed torch, and
+  asking for torch as a build requirement would download a second, CUDA build of it): the
+  package installs without the extension, which is compiled on first use against the torch
+  actually installed and cached (labpal_fast/ops/ext_build.py).
+- `pip install --no-build-isolation ...` (torch importable here): the extension is built now.
 - `LABPAL_FAST_NO_EXT=1` skips the extension; `LABPAL_FAST_NO_CUDA=1` builds the CPU kernels only.
-- CUDA kernels are built when torch is a CUDA build and a CUDA toolkit (nvcc) is found.
-- A build that fails prints why and leaves the pure-Python package (the eager backend) working.
+- CUDA kernels are built when torch is a CUDA build and a CUDA toolkit (nvcc) is found; with no
+  GPU to detect the architectures from, for TORCH_CUDA_ARCH_LIST (default below).
+- A build that fails prints why and leaves the pure-Python package working; the first LABPAL
+  with backend="auto" then says which backend it uses and why.
 """
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 
 def _flag(name):
@@ -23,19 +30,23 @@ def _say(message):
     print(f"labpal_fast setup: {message}", file=sys.stderr)
 
 
-def _fail_build_ext(message):
-    """setup() arguments whose build_ext fails with `message`. Only building fails: an sdist or
-    the metadata (what pip asks for first) need no torch."""
-    from setuptools import Extension
-    from setuptools.command.build_ext import build_ext
-    from setuptools.errors import SetupError
+# the architectures CI's gpu-verify compiles for, and PTX for newer ones
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
-    class NoTorch(build_ext):
-        def run(self):
-            raise SetupError(f"labpal_fast setup: {message}")
 
-    return {"ext_modules": [Extension("labpal_fast._C", ["csrc/labpal_ops.cpp"])],
-            "cmdclass": {"build_ext": NoTorch}}
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package as labpal_fast/_csrc (compiled on first use when
+    the extension is not built here)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install finds csrc/ itself
+            return
+        for path in sorted(Path("csrc").rglob("*")):
+            if path.suffix in (".cpp", ".h", ".cu"):
+                target = Path(self.build_lib) / "labpal_fast" / "_csrc" / path.relative_to("csrc")
+                self.mkpath(str(target.parent))
+                self.copy_file(str(path), str(target))
 
 
 def _extension_kwargs():
@@ -46,10 +57,10 @@ def _extension_kwargs():
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # torch missing, e.g. under pip's build isolation
-        return _fail_build_ext(f"torch is not importable at build time ({exc}): pip hides it under "
-                               "build isolation; install with `pip install --no-build-isolation "
-                               "labpal-fast` (torch installed first), or set LABPAL_FAST_NO_EXT=1 "
-                               "for a pure-Python install")
+        _say(f"torch is not importable at build time ({exc}): installing without the compiled "
+             "extension; it is compiled on first use against the installed torch (or now, with "
+             "`pip install --no-build-isolation`)")
+        return {}
 
     # OpenMP: the backend of torch's at::parallel_for. No -march (portable). -fno-wrapv undoes
     # Python's -fwrapv, which kept GCC from vectorizing the fused loops (3x slower).
@@ -59,6 +70,10 @@ def _extension_kwargs():
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
     use_cuda = bool(torch.version.cuda) and nvcc is not None and os.path.exists(nvcc) \
         and not _flag("LABPAL_FAST_NO_CUDA")
+    if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch reads the architectures off the visible GPUs and fails on none
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        _say(f"no GPU visible: CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
     if use_cuda:
         sources += ["csrc/cuda/kernels.cu", "csrc/cuda/cuda_ops.cpp"]
         ext = cpp_extension.CUDAExtension(
@@ -115,4 +130,5 @@ def _extension_kwargs():
         use_ninja=shutil.which("ninja") is not None)}}
 
 
-setup(**_extension_kwargs())
+kwargs = _extension_kwargs()
+setup(**dict(kwargs, cmdclass=dict(kwargs.get("cmdclass", {}), build_py=BuildPyWithSources)))

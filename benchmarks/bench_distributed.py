@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from dist_cases import run_ranks  # noqa: E402
+from summary import header  # noqa: E402
 
 
 def _mlp():
@@ -107,6 +108,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--m", type=int, default=2)
     args = ap.parse_args()
+    print(header("LABPAL under torch.distributed (gloo, CPU): the collectives and wall time of "
+                 "one line measurement at 1 and 2 ranks (times: medians over repeats)"))
     for world in (1, 2):
         r = run_ranks(_worker, world, args.repeats, args.m, deadline=600, timeout=60)[0]
         print(f"ranks={world} m={args.m} params={r['params']}: measurement "

@@ -9,13 +9,14 @@ one TRAINING update each (momentum, weight decay, NSGD), on the CPU, side by sid
            (torch._foreach_*, as torch.optim.SGD(foreach=True)); ‖d‖² via _foreach_norm
 
 The shards are P separate tensors (P = 64, as FSDP2 allocates each parameter's padded shard
-on its own). Figures are the best of several interleaved repeats (the machine may be shared);
-what counts is the ratio to `storage`. Run: `python benchmarks/bench_fsdp.py`, or under
+on its own). The variants run interleaved, round after round (the machine may be shared);
+what counts is the ratio to `storage`: the median over rounds, with its spread. Run: `python benchmarks/bench_fsdp.py`, or under
 pytest-benchmark: `pytest benchmarks/bench_fsdp.py --benchmark-enable`.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -26,6 +27,9 @@ from labpal_fast import ops as backends
 from labpal_fast.flat import Flat
 from labpal_fast.hyper import Hyper
 from labpal_fast.line import Line
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from summary import emit, ratio_table  # noqa: E402
 
 SIZES = [int(float(s)) for s in os.environ.get("LABPAL_BENCH_FSDP_SIZES", "1e6,8e6").split(",")]
 PIECES = 64
@@ -86,18 +90,30 @@ def best_time(fn: Callable[[], object], repeats: int, inner: int = 3) -> float:
     return best
 
 
-def side_by_side(sizes: List[int], repeats: int = 15) -> List[Dict[str, float]]:
-    rows = []
-    for n in sizes:
-        s = Setup(n)
-        for v in VARIANTS:  # warm up
-            getattr(s, v)()
-        times = {v: float("inf") for v in VARIANTS}
-        for _ in range(repeats):  # interleaved, so a busy moment hits every variant alike
-            for v in VARIANTS:
-                times[v] = min(times[v], best_time(getattr(s, v), 1))
-        rows.append({"n": n, **times})
-    return rows
+def side_by_side(n: int, repeats: int = 15) -> Dict[str, List[float]]:
+    """Seconds of each variant in each of `repeats` interleaved rounds (a busy moment hits
+    every variant alike)."""
+    s = Setup(n)
+    for v in VARIANTS:  # warm up
+        getattr(s, v)()
+    times: Dict[str, List[float]] = {v: [] for v in VARIANTS}
+    for _ in range(repeats):
+        for v in VARIANTS:
+            times[v].append(best_time(getattr(s, v), 1))
+    return times
+
+
+def title(n: int) -> str:
+    return (f"How LABPAL holds FSDP2's shards: one NSGD update (momentum, weight decay) over "
+            f"{PIECES} shards of {n:,} elements in all, CPU, backend "
+            f"{Setup(PIECES).ops.name!r}: the flat buffers as the shards' storage (what "
+            "labpal_fast does) against copies in and out, and foreach ops on the shards; "
+            "time relative to storage, lower is faster")
+
+
+def test_side_by_side_table():
+    n = SIZES[0]
+    emit(title(n), ratio_table(side_by_side(n, repeats=5), "variant", base="storage"))
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -110,15 +126,8 @@ def test_update(benchmark, n, variant):
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("LABPAL_BENCH_THREADS", "1")))
-    print(f"one NSGD update (momentum, weight decay) over {PIECES} shards, CPU, "
-          f"{torch.get_num_threads()} thread(s), backend {Setup(PIECES).ops.name!r}; ms, best "
-          "of interleaved repeats")
-    print(f"{'elements':>10} {'storage':>9} {'copies':>9} {'foreach':>9} "
-          f"{'copies/storage':>15} {'foreach/storage':>16}")
-    for r in side_by_side(SIZES):
-        print(f"{r['n']:>10} {r['storage'] * 1e3:9.2f} {r['copies'] * 1e3:9.2f} "
-              f"{r['foreach'] * 1e3:9.2f} {r['copies'] / r['storage']:15.2f} "
-              f"{r['foreach'] / r['storage']:16.2f}")
+    for n in SIZES:
+        emit(title(n), ratio_table(side_by_side(n), "variant", base="storage"))
 
 
 if __name__ == "__main__":

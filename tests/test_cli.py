@@ -20,6 +20,7 @@ from labpal_fast.cli import command, registry, report, tasks, training  # noqa: 
 from labpal_fast.hyper import NAMES, Hyper  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quiet", "--device", "cpu", "--threads", "1"]
 
 
@@ -295,6 +296,9 @@ def test_ctrl_c_stops_cleanly_and_reports_the_steps_done(tmp_path, monkeypatch, 
     evals = [r for r in rows if r["optimizer"] == "sgd" and r["kind"] == "eval"]
     assert [int(r["step"]) for r in evals] == [0, 5]
     assert is_png(out / "loss_lr.png") and (out / "results.md").exists()
+    text = (out / "results.md").read_text()
+    assert text.startswith("**Interrupted**") and "before the 40 steps" in text
+    assert "LABPAL (NSGD) 5" in text and "SGD+momentum 5" in text
 
 
 # ---------------------------------------------------------------------------- determinism
@@ -384,6 +388,12 @@ def test_charlm_task_trains(tmp_path):
                "--out", out, "--no-plots") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["runs"][0]["final_val_accuracy"] <= 1
+    # reported in bits per character: the metrics' last validation loss (nats) / ln 2
+    _, rows = read_csv(out / "metrics.csv")
+    nats = float([r for r in rows if r["kind"] == "eval"][-1]["val_loss"])
+    table = (out / "results.md").read_text()
+    assert "val bits/char (final)" in table and "val acc" not in table
+    assert f"| {nats / np.log(2):.4f} |" in table, table
 
 
 def test_progress_bar_unless_quiet(tmp_path, capsys):
@@ -488,3 +498,138 @@ def test_train_help_describes_every_optimizer(capsys):
     for name in ("labpal", "labpal-sgd", "sgd", "adam", "prodigy"):
         assert f"{name}:" in text
     assert "÷10 at 50% and 75% of the steps" in text
+
+
+# ---------------------------------------------------------------------------- help and bad values
+def _help(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("sub", ["train", "compare"])
+def test_help_lists_choices_and_the_defaults_the_command_passes(capsys, sub):
+    from labpal_fast.hyper import LINE_FITS, SGD_RATES
+    from labpal_fast.ops import BACKENDS
+    text = _help(capsys, sub)
+    assert "--backend {" + ",".join(BACKENDS) + "}" in text
+    assert "--line-fit {" + ",".join(LINE_FITS) + "}" in text
+    assert "--sgd-rate {" + ",".join(SGD_RATES) + "}" in text
+    assert "HP_" not in text  # no dest-derived metavars
+    # the command passes the training split, not LABPAL's 40000
+    dataset = text[text.index("--dataset-size N, --dataset_size N"):][:120]
+    assert "training-split size" in dataset and "40000" not in dataset, dataset
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--backend", "nonsense"], "--backend"),
+    (["--threads", "-1"], "--threads"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", "two"], "--threads"),
+    (["--line-fit", "exact"], "--line-fit"),
+    (["--data-dir", "."], "--data-dir"),
+])
+def test_a_bad_value_is_one_line_naming_the_argument_and_exit_2(tmp_path, capfd, argv, names):
+    """In a child process, as a user runs it: one line on stderr, exit code 2, no traceback."""
+    out = subprocess.run([sys.executable, "-m", "labpal_fast", "train", "--task", "digits",
+                          "--steps", "2", "--quiet", "--out", str(tmp_path / "x"), *argv],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_backend_that_cannot_run_on_the_device_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from labpal_fast import ops
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = ops.why_unavailable("triton", [torch.device("cpu")])
+    assert reason is not None  # Triton needs a GPU, or the interpreter, for CPU tensors
+    assert run("train", "--steps", 2, "--out", tmp_path / "x", "--backend", "triton") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--backend triton cannot run on cpu" in err and reason in err
+
+
+# ---------------------------------------------------------------------------- what the output says
+def test_a_run_shorter_than_the_first_measurement_says_so(tmp_path):
+    out = tmp_path / "short"
+    assert run("train", "--task", "digits", "--steps", 5, "--out", out, "--no-plots") == 0
+    text = (out / "results.md").read_text()
+    # approximation_batches = 10 calls at m = 1 before the first update
+    assert "0 updates in 5 calls" in text and "first 10 closure calls" in text, text
+
+
+@pytest.mark.parametrize("name", ["labpal", "labpal-sgd"])
+def test_step_size_column_is_labpals_s_upd(tmp_path, name):
+    """metrics.csv's step_size is the s_upd each measurement set (lines.json), 0 before the
+    first; NSGD's lr column is s_upd/‖d‖, not the step size; other optimizers have none."""
+    out = tmp_path / name
+    assert run("compare", "--optimizers", f"{name},sgd", "--task", "spirals", "--steps", 30,
+               "--eval-every", 30, "--out", out, "--no-plots", "--approximation-batches", 3,
+               "--reuse-updates", 8, "--warmup-updates", 100, "--noise-factor", 1) == 0
+    _, rows = read_csv(out / "metrics.csv")
+    train = train_rows(rows, name)
+    records = json.loads((out / "lines.json").read_text())[name]
+    assert len(records) >= 3 and all(r["valid"] for r in records)
+    assert [float(r["step_size"]) for r in train[:2]] == [0.0, 0.0]  # no measurement yet
+    # the training calls after each measurement (3 calls from its first) carry its s_upd
+    ends = [rec["call"] + 3 for rec in records] + [len(train)]
+    checked = 0
+    for rec, start, stop in zip(records, ends, ends[1:]):
+        for r in train[start:stop]:
+            if r["phase"] == "training":
+                assert float(r["step_size"]) == pytest.approx(rec["s_upd"], rel=1e-12)
+                checked += 1
+    assert checked >= 10
+    if name == "labpal":
+        assert any(abs(float(r["lr"]) - float(r["step_size"])) > 1e-3 for r in train[3:])
+    assert all(r["step_size"] == "" for r in train_rows(rows, "sgd"))
+
+
+def _axes():
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    return plt, fig, ax
+
+
+def test_line_panel_shows_every_sample_the_clamp_and_the_step_taken():
+    """A fit whose minimum lies past max_step_size: the clamp is drawn, the step taken is
+    3.6 × 0.5 = 1.8 on the parabola (above the start there), and the two samples that overlap
+    at the plot's scale are shown apart in an inset."""
+    a, b, c = 0.314, -0.491, 2.34
+    f = lambda s: a * s * s + b * s + c  # noqa: E731
+    pos = [0.0, 0.0038, 0.217]
+    rec = {"positions": pos, "mean_losses": [f(p) for p in pos], "a": a, "b": b, "c": c,
+           "s_min": -b / (2 * a), "s_new": 1.8, "s_upd": 1.8, "valid": True}
+    plt, fig, ax = _axes()
+    report._draw_line(ax, rec, {"max_step_size": 0.5, "update_step_adaptation": 3.6})
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("clamp: max_step_size = 0.5" in t for t in labels), labels
+    (star,) = [ln for ln in ax.lines if ln.get_marker() == "*"]
+    assert star.get_xdata()[0] == 1.8 and star.get_ydata()[0] == pytest.approx(f(1.8))
+    assert any("s_upd = 1.8 = 3.6 × 0.5" in t and "above the start" in t for t in labels)
+    (inset,) = ax.child_axes
+    shown = [x for ln in inset.lines if ln.get_marker() == "o" for x in ln.get_xdata()]
+    assert shown == [0.0, 0.0038]
+    plt.close(fig)
+
+
+def test_abandoned_measurement_is_its_reason_not_empty_axes():
+    rec = {"positions": [0.0, 0.000177, 0.01], "mean_losses": [1.87e-05, None, None],
+           "valid": False, "direction_norm": 0.000512,
+           "reason": "abandoned: direction norm outside direction_norm_range or not finite"}
+    plt, fig, ax = _axes()
+    report._draw_abandoned(ax, rec, {"direction_norm_range": [0.001, 100.0]})
+    assert not ax.axison and not ax.lines
+    text = " ".join(t.get_text() for t in ax.texts).replace("\n", " ")
+    assert "direction norm outside" in text and "‖d‖ = 0.000512" in text and "0.001" in text
+    plt.close(fig)
+
+
+def test_zero_losses_stay_on_a_log_axis():
+    values = [1.0, 1e-9, 0.0, 0.0, 2e-9]
+    floor = report._log_floor([values])
+    assert floor == pytest.approx(1e-9 / 3)
+    assert report._floored(values, floor) == [1.0, 1e-9, floor, floor, 2e-9]

@@ -105,6 +105,7 @@ def test_the_command_without_the_cli_extra_stops_before_training(tmp_path, hidde
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        f"labpal-fast needs {named} (missing): pip install 'labpal-fast[cli]'"]
+        f"labpal-fast needs {named} (missing): pip install {named.replace(', ', ' ')} "
+        "(or install the clone with its [cli] extra: pip install '.[cli]')"]
     # it stopped before training: training makes --out first and prints a table last
     assert proc.stdout == "" and not out.exists()

@@ -99,7 +99,8 @@ def test_auto_takes_ext_on_cpu_when_built(monkeypatch):
 
 
 def test_fallback_when_the_extension_is_absent():
-    """A fresh interpreter in which `labpal_fast._C` cannot be imported."""
+    """A fresh interpreter in which `labpal_fast._C` cannot be imported (and is not compiled on
+    first use: LABPAL_FAST_NO_EXT=1): "auto" falls back to eager and says so, once."""
     code = r"""
 import sys, torch
 class Block:
@@ -107,11 +108,18 @@ class Block:
         if name == "labpal_fast._C":
             raise ImportError("blocked for the test")
 sys.meta_path.insert(0, Block())
+import warnings
 from labpal_fast.ops import ext
 from labpal_fast import ops, LABPAL
 assert not ext.available and "not built" in ext.why and "blocked" in ext.why, ext.why
+assert "LABPAL_FAST_NO_EXT is set" in ext.why, ext.why  # not compiled on first use
 assert ext.BACKEND.unavailable_reason([torch.device("cpu")]) == ext.why
-assert ops.resolve("auto", [torch.device("cpu")]).name == "eager"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        assert ops.resolve("auto", [torch.device("cpu")]).name == "eager"
+(said,) = [str(w.message) for w in caught]  # once per process, naming the reason
+assert "'auto' uses 'eager' on cpu" in said and ext.why in said, said
 try:
     ops.resolve("ext", [torch.device("cpu")])
 except RuntimeError as exc:
@@ -125,7 +133,7 @@ x = torch.randn(4, 3)
 opt.step(lambda: net(x).pow(2).mean())
 print("fallback ok")
 """
-    env = dict(os.environ)
+    env = dict(os.environ, LABPAL_FAST_NO_EXT="1")
     env.pop("LABPAL_FAST_BACKEND", None)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
@@ -161,3 +169,31 @@ def test_cu_files_compile_with_nvcc(path, tmp_path):
     out = subprocess.run(["nvcc", "-c", path, "-o", str(tmp_path / "x.o")], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------------------ compiled on first use
+def test_a_failed_first_use_compile_is_remembered_and_named(tmp_path, monkeypatch):
+    """ext_build on sources that do not compile: the reason carries the compiler's error, a
+    marker in the cache keeps later processes from compiling in vain, and changed sources get
+    a directory of their own (so a fix is compiled)."""
+    import shutil as sh
+
+    from labpal_fast.ops import ext_build
+    if sh.which("c++") is None or sh.which("ninja") is None:
+        pytest.skip("needs a C++ compiler and ninja")
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "labpal_ops.cpp").write_text("this is not C++;\n")
+    monkeypatch.setattr(ext_build, "SOURCE_DIRS", (src,))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LABPAL_FAST_NO_EXT", raising=False)
+    module, why = ext_build.load("not built (test)")
+    assert module is None and why.startswith("not built (test); compiling it on first use failed")
+    where = ext_build.build_directory(src, False)
+    assert (where / ext_build.FAILED).is_file() and where.parent == tmp_path / "cache"
+    module, again = ext_build.load("not built (test)")
+    assert module is None and "failed" in again and f"delete {where} to try again" in again
+    (src / "labpal_ops.cpp").write_text("// fixed\n")
+    assert ext_build.build_directory(src, False) != where
+    monkeypatch.setenv("LABPAL_FAST_NO_EXT", "1")
+    assert "LABPAL_FAST_NO_EXT is set" in ext_build.load("not built (test)")[1]

@@ -25,8 +25,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`labpal-fast`: exit code 2 and a one-line fix when the `[cli]` extra is missing."""
     absent = missing()
     if absent:
-        print(f"labpal-fast needs {', '.join(absent)} (missing): "
-              "pip install 'labpal-fast[cli]'", file=sys.stderr)
+        # not `pip install 'labpal-fast[cli]'`: the package is on no public index
+        print(f"labpal-fast needs {', '.join(absent)} (missing): pip install {' '.join(absent)} "
+              "(or install the clone with its [cli] extra: pip install '.[cli]')", file=sys.stderr)
         return 2
     from .command import run
     return run(argv)

@@ -22,11 +22,12 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .. import __version__
-from ..hyper import NAMES, Hyper
+from ..hyper import LINE_FITS, NAMES, SGD_RATES, Hyper
+from ..ops import BACKENDS, why_unavailable
 from . import parallel, registry, suite
 from . import report as rep
-from .tasks import TASK_HELP, TASKS, DataError, Task, load_task
 from .runs import _UNSET, _make_runs, _versions, labpal_hyper
+from .tasks import DATA_DIR_TASKS, TASK_HELP, TASKS, DataError, Task, load_task
 from .training import train_runs
 
 EXIT_INTERRUPTED = 130
@@ -34,6 +35,24 @@ EXIT_INTERRUPTED = 130
 
 class UsageError(RuntimeError):
     pass
+
+
+class Parser(argparse.ArgumentParser):
+    """A bad value is one line naming the argument and exit 2, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """A positive whole number (--threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -88,6 +107,10 @@ _HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
                 "lr_multiplier_schedule": (_schedule, "UPDATE:FACTOR,..."),
                 "sample_positions": (_floats, "S0,S1,..."),
                 "direction_norm_range": (_floats, "LOW,HIGH")}
+# the hyper-parameters with a fixed set of values (listed in --help, refused by argparse)
+_HYPER_CHOICES = {"line_fit": LINE_FITS, "sgd_rate": SGD_RATES}
+# what the command passes where LABPAL's own default is not used
+_HYPER_CLI_DEFAULTS = {"dataset_size": "the task's training-split size"}
 # set elsewhere: mode comes from the optimizer's name, batch_size is --batch-size
 _HYPER_SKIP = ("mode", "batch_size")
 
@@ -96,7 +119,8 @@ def _add_common(p: argparse.ArgumentParser, compare: bool) -> None:
     p.add_argument("--task", default="digits", choices=TASKS,
                    help="; ".join(f"{k}: {v}" for k, v in TASK_HELP.items()))
     p.add_argument("--data-dir", default=None,
-                   help="cifar10 only: directory holding cifar-10-batches-py (never downloaded)")
+                   help=f"{', '.join(DATA_DIR_TASKS)} only: directory holding cifar-10-batches-py "
+                        "(never downloaded)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (closure calls, one batch each); default: the task's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
@@ -111,8 +135,10 @@ def _add_common(p: argparse.ArgumentParser, compare: bool) -> None:
                    help="L2 weight decay for every optimizer (default 0)")
     p.add_argument("--sgd-lr", type=float, default=None,
                    help="SGD's base rate; default: the task's usual (0.1)")
-    p.add_argument("--backend", default="auto", help="LABPAL backend (auto, eager, ...)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="LABPAL's backend (default auto: the fastest that runs on --device)")
+    p.add_argument("--threads", type=_count, default=None, metavar="N",
+                   help="torch CPU threads (default: the cores, shared among --nproc ranks)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel ranks on this machine (spawned; gloo on the CPU, nccl on "
@@ -126,16 +152,21 @@ def _add_common(p: argparse.ArgumentParser, compare: bool) -> None:
             continue
         default = getattr(defaults, name)
         conv, metavar = _HYPER_TYPES.get(name, (type(default), None))
+        choices = _HYPER_CHOICES.get(name)
+        if metavar is None:
+            metavar = "{" + ",".join(choices) + "}" if choices else \
+                ("N" if isinstance(default, int) else "X")
         flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
         g.add_argument(*flags, dest="hp_" + name, type=conv, default=_UNSET, metavar=metavar,
-                       help=f"default {default!r}")
+                       choices=choices, help="default " + _HYPER_CLI_DEFAULTS.get(
+                           name, f"{default!r}").replace("%", "%%"))
     if not compare:
         g.add_argument("--mode", dest="hp_mode", choices=("NSGD", "SGD"), default=None,
                        help="LABPAL's mode (default: NSGD for labpal, SGD for labpal-sgd)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="labpal-fast",
         description="Train with LABPAL, compare it with other optimizers, and plot the result.")
     parser.add_argument("--version", action="version", version=f"labpal-fast {__version__}")
@@ -206,6 +237,13 @@ def run_training(args, names: Sequence[str]) -> int:
 
 def _train_and_report(args, names: Sequence[str], device: torch.device,
                       ranks: parallel.Ranks) -> int:
+    if args.data_dir is not None and args.task not in DATA_DIR_TASKS:
+        raise UsageError(f"--data-dir: the {args.task} task reads no data directory "
+                         f"(only {', '.join(DATA_DIR_TASKS)} does); leave it out")
+    if args.backend != "auto":
+        reason = why_unavailable(args.backend, [device])
+        if reason is not None:
+            raise UsageError(f"--backend {args.backend} cannot run on {device}: {reason}")
     threads = args.threads or (parallel.cpu_threads(ranks.world) if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -240,7 +278,7 @@ def _train_and_report(args, names: Sequence[str], device: torch.device,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_time_s": time.time() - started,
         "settings": settings,
-        "task": {"name": task.name, "description": task.description,
+        "task": {"name": task.name, "description": task.description, "bits_per": task.bits_per,
                  "train_size": task.train_size, "val_size": int(task.x_val.shape[0]),
                  "parameters": sum(p.numel() for p in runs[0].model.parameters())},
         "versions": _versions(),

@@ -154,5 +154,11 @@ def current_lr(built: Built) -> torch.Tensor | float:
     return lr
 
 
+def current_step_size(built: Built) -> Optional[torch.Tensor]:
+    """LABPAL's step size s_upd (a device tensor: the distance an update moves along
+    −d/‖d‖), None for the other optimizers."""
+    return built.optimizer.line.s_upd.detach().clone() if built.labpal else None
+
+
 def lr_value(lr: torch.Tensor | float) -> float:
     return float(lr) if not torch.is_tensor(lr) else float(lr.item())

@@ -54,6 +54,7 @@ class Task:
     augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
     prepare: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda x: x)
     sequence: bool = False   # targets are per position (language model)
+    bits_per: Optional[str] = None  # the loss is reported in bits per this (e.g. "character")
 
     @property
     def train_size(self) -> int:
@@ -237,7 +238,7 @@ def charlm_task(seed: int, device: torch.device, context: int = 32) -> Task:
                 f"causal transformer, context {context}",
                 t(xt), t(yt), t(xv), t(yv), lambda: CharTransformer(len(vocab), context),
                 TaskDefaults(steps=2000, batch_size=32, eval_every=100, sgd_lr=0.1,
-                             target_loss=2.0), sequence=True)
+                             target_loss=2.0), sequence=True, bits_per="character")
 
 
 # ---------------------------------------------------------------------------- cifar10
@@ -362,6 +363,8 @@ def load_task(name: str, seed: int, device: torch.device, data_dir: Optional[str
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
 
 
+# the tasks that read --data-dir (for the others it is an error, not silently ignored)
+DATA_DIR_TASKS = ("cifar10",)
 TASK_HELP: Dict[str, str] = {
     "digits": "scikit-learn's bundled 8×8 digits, small CNN with BatchNorm (default)",
     "spirals": "three noisy spirals, MLP",

@@ -36,6 +36,8 @@ class Run:
     last_loss: float = float("nan")
     last_lr: float = float("nan")
     last_acc: Optional[float] = None
+    last_size: Optional[float] = None   # LABPAL's step size s_upd
+    last_val_loss: Optional[float] = None
     forward: Optional[torch.nn.Module] = None   # what the closure calls (the DDP wrapper, if any)
     ranks: Ranks = field(default_factory=Ranks)
 
@@ -61,9 +63,11 @@ class Run:
             loss = loss.detach()
             phase, updates = "training", self.steps_done + 1
         lr = registry.current_lr(self.built)
+        step_size = registry.current_step_size(self.built)
         self.train_time += time.perf_counter() - t0
         self.steps_done += 1
-        self._pending.append((self.steps_done, loss, lr, phase, updates, self.train_time))
+        self._pending.append((self.steps_done, loss, lr, phase, updates, self.train_time,
+                              step_size))
 
     def flush(self) -> None:
         """Waits for the device, counts that wait as training time, records pending steps."""
@@ -77,12 +81,13 @@ class Run:
         losses = self.ranks.mean(
             torch.stack([p[1].float().reshape(()) for p in self._pending])).tolist()
         lrs = [registry.lr_value(p[2]) for p in self._pending]
-        for i, (step, _, _, phase, updates, wall) in enumerate(self._pending):
+        sizes = [None if p[6] is None else registry.lr_value(p[6]) for p in self._pending]
+        for i, (step, _, _, phase, updates, wall, _) in enumerate(self._pending):
             wall = self.train_time if i == len(self._pending) - 1 else wall
             self.rows.append({"optimizer": self.name, "step": step, "kind": "train",
                               "loss": losses[i], "lr": lrs[i], "phase": phase,
-                              "updates": updates, "wall_time": wall})
-        self.last_loss, self.last_lr = losses[-1], lrs[-1]
+                              "updates": updates, "wall_time": wall, "step_size": sizes[i]})
+        self.last_loss, self.last_lr, self.last_size = losses[-1], lrs[-1], sizes[-1]
         if all(not math.isfinite(v) for v in losses[-min(len(losses), 20):]):
             self.diverged = True
         self._pending = []
@@ -101,7 +106,7 @@ class Run:
         self.rows.append({"optimizer": self.name, "step": self.steps_done, "kind": "eval",
                           "wall_time": self.train_time, "val_loss": val_loss,
                           "val_accuracy": val_acc})
-        self.last_acc = val_acc
+        self.last_acc, self.last_val_loss = val_acc, val_loss
         self.eval_time += time.perf_counter() - t0
 
     def measurements(self) -> List[Dict[str, Any]]:
@@ -136,6 +141,26 @@ def _progress(total: int, quiet: bool):
     if quiet:
         return None
     return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def progress_text(runs: List[Run]) -> str:
+    """The progress bar's figures per run: training loss; the learning rate, or LABPAL's step
+    size s (NSGD's rate s/‖d‖ means nothing by itself); validation accuracy, or bits per
+    character for a language model."""
+    bits = runs[0].task.bits_per if runs else None
+    parts = []
+    for r in runs:
+        scale = 1 / math.log(2) if bits else 1.0
+        rate = f"s={r.last_size:.2g}" if r.built.labpal and r.last_size is not None \
+            else f"lr={r.last_lr:.2g}"
+        if bits:
+            val = "—" if r.last_val_loss is None else f"{r.last_val_loss * scale:.3f}"
+        else:
+            val = "—" if r.last_acc is None else f"{100 * r.last_acc:.1f}%"
+        parts.append(f"{r.name} {r.last_loss * scale:.3g} {rate} {val}")
+    unit = f"bits/{'char' if bits == 'character' else bits}" if bits else "loss"
+    return "  ".join(parts) + (f"  (train {unit}, rate or LABPAL step size s, val "
+                               f"{unit if bits else 'acc'})")
 
 
 def train_runs(runs: List[Run], steps: int, eval_every: int, quiet: bool) -> bool:
@@ -175,9 +200,7 @@ def train_runs(runs: List[Run], steps: int, eval_every: int, quiet: bool) -> boo
                     bar.update(chunk)
             done += chunk
             if bar is not None:
-                bar.set_postfix_str("  ".join(
-                    f"{r.name}: {r.last_loss:.3g}/{r.last_lr:.2g}/{100 * (r.last_acc or 0):.1f}%"
-                    for r in runs) + "  (loss/lr/val acc)", refresh=False)
+                bar.set_postfix_str(progress_text(runs), refresh=False)
     except KeyboardInterrupt:
         interrupted = True
         for run in runs:

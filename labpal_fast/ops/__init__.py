@@ -3,13 +3,15 @@ instance per module: `eager` (plain PyTorch, the reference), `ext` (the compiled
 csrc/) and `triton` (Triton kernels).
 
 "auto" takes the fastest backend that works for the parameters' devices (Triton, then the
-compiled extension, on CUDA; the extension on CPU) and falls back to eager. An explicit
+compiled extension, on CUDA; the extension on CPU) and falls back to eager, saying once per
+process which backend it took and why the faster ones were passed over. An explicit
 request that cannot work raises. `LABPAL_FAST_BACKEND` overrides "auto".
 """
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Iterable, List, Optional
 
 import torch
@@ -52,7 +54,25 @@ def resolve(name: str, devices: Iterable[torch.device]) -> Backend:
                                f"{reason}")
         return load(name)
     candidates: List[str] = ["triton", "ext"] if any(d.type == "cuda" for d in devices) else ["ext"]
-    for candidate in candidates:
-        if why_unavailable(candidate, devices) is None:
+    passed = []
+    for candidate in candidates + ["eager"]:
+        reason = why_unavailable(candidate, devices) if candidate != "eager" else None
+        if reason is None:
+            if passed:
+                _say_once(f"labpal_fast: backend 'auto' uses {candidate!r} on "
+                          f"{'/'.join(sorted({d.type for d in devices}))}, not the faster "
+                          + "; ".join(f"{name!r}: {why}" for name, why in passed))
             return load(candidate)
-    return EAGER
+        passed.append((candidate, reason))
+    raise AssertionError("eager runs everywhere")
+
+
+_said = set()
+
+
+def _say_once(message: str) -> None:
+    """One warning per process and message: a fallback is said, never silent, and never
+    repeated for every optimizer built."""
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

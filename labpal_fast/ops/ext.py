@@ -1,7 +1,8 @@
 """The op set on the compiled extension `labpal_fast._C` (csrc/): fused C++ / CUDA passes.
 
-Importing this module never fails: when the extension is not built (or does not load),
-`available` is False and `why` / `unavailable_reason` say why. The fused passes call
+Importing this module never fails: when the extension was not built at install time it is
+compiled here on first use (`ext_build`); when that cannot be done either, `available` is
+False and `why` / `unavailable_reason` say why. The fused passes call
 `torch.ops.labpal_fast.*`; plain copies and fills stay torch ops (already one pass).
 
 One difference from eager, by design: `form_direction` with m > 1 reads `grad_sum` and
@@ -19,14 +20,13 @@ from .base import Backend, Decays
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.labpal_fast.*)
 except Exception as exc:  # ImportError, or OSError from the dynamic loader
-    _C = None
-    available = False
-    why: Optional[str] = f"the compiled extension labpal_fast._C is not built ({exc})"
-    cuda_built = False
+    # not built at install time (pip's build isolation hides torch): compiled on first use
+    from .ext_build import load as _compile
+    _C, why = _compile(f"the compiled extension labpal_fast._C is not built ({exc})")
 else:
-    available = True
-    why = None
-    cuda_built = bool(getattr(_C, "WITH_CUDA", 0))
+    why: Optional[str] = None
+available = _C is not None
+cuda_built = bool(getattr(_C, "WITH_CUDA", 0))
 
 
 if available:
