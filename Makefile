@@ -33,7 +33,7 @@ setup: $(VENV)/.installed-all
 demo: $(VENV)/.installed
 	$(VENV)/bin/labpal-fast compare --task digits --out runs/digits-demo
 
-# `make test`: the behaviour suites, every backend (~N min from a fresh clone, set-up included).
+# `make test`: the behaviour suites, every backend (every suite but the ones listed below).
 # `make test-all` (CI) adds what needs more set-up or time: installing from the built sdist and
 # wheel, the framework integrations (their packages come with .installed-all) and the multi-rank
 # suites (gloo process groups). pytest's exit code 5 (no tests ran) fails both.
