@@ -8,16 +8,26 @@ PY     := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 TORCH  ?= $(shell grep '^torch==' $(CONSTRAINTS))
 
-.PHONY: setup demo test bench gpu-verify clean suite suite-quick suite-labpal suite-baselines
+.PHONY: setup demo test test-all bench gpu-verify clean suite suite-quick suite-labpal suite-baselines
 
 # csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) 'setuptools>=70.1'  # the build backend, used without isolation
-	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[test,triton,cli,integrations]'
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[test,triton,cli]'
 	touch $@
 
-setup: $(VENV)/.installed
+# the [integrations] extra (Lightning, transformers, Accelerate, TensorBoard: ~110 s to install),
+# which only tests/test_integration_*.py need: its requirements read from pyproject.toml and
+# installed alone (installing the extra through the package would build labpal_fast._C again)
+INTEGRATIONS = $(shell $(PYTHON) -c 'import shlex, tomllib; \
+	print(" ".join(map(shlex.quote, tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["integrations"])))')
+$(VENV)/.installed-all: $(VENV)/.installed
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(INTEGRATIONS)
+	touch $@
+
+# everything: the package with every extra
+setup: $(VENV)/.installed-all
 
 # what the demo alone needs: torch and the package with its [cli] extra (numpy, scikit-learn,
 # matplotlib, tqdm), not the test tools, Triton or the framework packages
@@ -51,13 +61,23 @@ suite-quick: $(VENV)/.suite    # seed 0, the 4 LABPAL configurations and Adam (~
 suite-baselines: $(VENV)/.suite  # rewrites benchmarks/suite/baselines.jsonl (~30 min)
 	$(VENV)/bin/labpal-fast suite --labpal --regenerate-baselines --out runs/suite-baselines $(SUITE_ARGS)
 
+
+# `make test`: the behaviour suites, every backend (every suite but the ones listed below).
+# `make test-all` (CI) adds what needs more set-up or time: installing from the built sdist and
+# wheel, the framework integrations (their packages come with .installed-all) and the multi-rank
+# suites (gloo process groups). pytest's exit code 5 (no tests ran) fails both.
+TEST_ALL_ONLY := tests/test_install.py tests/test_integration_*.py tests/test_distributed.py \
+	tests/test_fsdp.py
 test: $(VENV)/.installed
+	$(PY) -m pytest -q tests $(addprefix --ignore=,$(wildcard $(TEST_ALL_ONLY)))
+
+test-all: $(VENV)/.installed-all
 	$(PY) -m pytest -q tests
 
 # GPU code checked without a GPU (README, "Verifying GPU code without a GPU"): every recorded
 # Triton specialization compiled for sm_80/sm_90, the CUDA extension built against the CUDA torch
 GPU_VERIFY_ARGS ?=
-gpu-verify: $(VENV)/.installed
+gpu-verify: $(VENV)/.installed-all  # without --records it runs the tests (all but test_install)
 	$(PY) tools/gpu_verify.py $(GPU_VERIFY_ARGS)
 
 bench: $(VENV)/.installed

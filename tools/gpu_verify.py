@@ -7,7 +7,7 @@
 1. Triton, ahead of time. The kernel specializations are recorded, not listed by hand:
    labpal_fast/ops/triton.py appends one JSON line per distinct specialization it launches when
    LABPAL_FAST_RECORD_LAUNCHES=FILE is set. They are recorded by running the test suite (all
-   but the tests marked slow; --records FILE takes what `make test` recorded instead, as CI
+   but the tests marked slow; --records FILE takes what `make test-all` recorded instead, as CI
    does) under the Triton interpreter (the recorder writes only when Triton kernels launch, so
    the selection survives renamed test files) plus a small built-in LABPAL run on fp32 and
    fp16 parameters (SGD and NSGD, momentum, accumulation, weight decay on more groups than one
