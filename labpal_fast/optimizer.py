@@ -137,6 +137,12 @@ class LABPAL(torch.optim.Optimizer):
         except BaseException:
             shards.restore_bindings(saved)
             raise
+        if self._dist is not None and self.line.checking:
+            # its samples would be each rank's own (the measurement's collective comes after)
+            if self.hyper.step_check:
+                raise ValueError("step_check=True is not supported under torch.distributed yet: "
+                                 "leave it None (off there) or set it False")
+            self.line.checking = False
         for group in self.param_groups:
             group["lr"] = self.line.lr
         # which parameters the flats hold: a change of requires_grad is refused at the next step
@@ -449,6 +455,11 @@ class LABPAL(torch.optim.Optimizer):
             self._publish()
             for closure, rng, own in kept:
                 self.line.record(j, self._repeat(closure, rng, own))
+        if self.line.checking:  # and at the step the fit proposes (docs: "The step check")
+            self.ops.move(self.flats, self.line.check_coef())
+            self._publish()
+            for closure, rng, own in kept:
+                self.line.record_check(self._repeat(closure, rng, own))
         return again
 
     def _repeat(self, closure: Callable, rng, own_backward: bool) -> torch.Tensor:
@@ -961,6 +972,9 @@ def _record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
         "a": num("a"), "b": num("b"), "c": num("c"), "s_min": num("s_min"),
         "s_upd": num("s_upd"), "eta": num("eta"),
         "s_new": num("s_new"), "eta_new": num("eta_new"),
+        # the step check (nan when off): the step proposed, its mean loss, the factor taken
+        "s_check": num("s_check"), "loss_check": num("loss_check"),
+        "check_factor": num("check_factor"),
         "direction_norm": math.sqrt(dd) if dd >= 0 else float("nan"),
         "directional_derivative": (-partials[Partial.GD] / max(math.sqrt(dd), hyper.epsilon)
                                    if dd >= 0 else float("nan")),
