@@ -8,6 +8,8 @@ FINAL test figure. A seed fixes the initialization and the batch order for every
     PYTHONPATH=. .venv/bin/python tools/probe_quality.py --out runs/probe.jsonl \
         [--tasks mlp_digits reg_b16] [--opts nsgd sgd nsgd_m sgd_m adam] [--seeds 0 1 2] \
         [--hyper '{"update_step_adaptation": 2.0}'] [--tag NAME] [--jobs 2]
+    PYTHONPATH=. .venv/bin/python tools/probe_quality.py --out runs/probe.jsonl \
+        --also runs/new.jsonl --compare default check2     # the before/after table
 
 Appends one JSON line per run (resumable: a (tag, task, opt, seed) already in --out is
 skipped); `--table` prints the mean per task and configuration, by tag.
@@ -210,6 +212,33 @@ def table(path):
               + " ".join(f"{v:8.3f}" for v in vals))
 
 
+def compare(paths, before, after):
+    """A markdown table: per task and LABPAL configuration, tag `before` and tag `after` (each
+    seed, the mean), their paired difference (after − before, mean over shared seeds) and
+    Adam's mean."""
+    rows = [json.loads(l) for path in paths for l in open(path)]
+    fig = {(r["tag"], r["task"], r["opt"], r["seed"]): r["test"] for r in rows}
+    units = {r["task"]: r["kind"] for r in rows}
+    print(f"| task (figure) | config | {before} (seeds) | {after} (seeds) | paired Δ | Adam |")
+    print("|---|---|---|---|---|---|")
+    for t in TASKS:
+        adam = [v for (g, tt, o, _), v in fig.items() if tt == t and o == "adam"]
+        for o in LABPAL_OPTS:
+            b = {sd: v for (g, tt, oo, sd), v in fig.items() if (g, tt, oo) == (before, t, o)}
+            a = {sd: v for (g, tt, oo, sd), v in fig.items() if (g, tt, oo) == (after, t, o)}
+            if not a:
+                continue
+            shared = sorted(set(a) & set(b))
+            delta = np.mean([a[sd] - b[sd] for sd in shared]) if shared else float("nan")
+
+            def cell(d):
+                return (f"{np.mean(list(d.values())):.3g} ("
+                        + ", ".join(f"{d[sd]:.3g}" for sd in sorted(d)) + ")") if d else "—"
+            unit = {"ce": "acc %", "mse": "MSE", "bpc": "bits/char"}[units[t]]
+            print(f"| {t} ({unit}) | {o} | {cell(b)} | {cell(a)} | {delta:+.3g} | "
+                  f"{np.mean(adam):.3g} |" if adam else "— |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/probe.jsonl")
@@ -220,7 +249,13 @@ def main(argv=None):
     p.add_argument("--tag", default="default")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--table", action="store_true")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                   help="the markdown table of two tags (read from --out and --also)")
+    p.add_argument("--also", nargs="*", default=[], help="more result files for --compare")
     a = p.parse_args(argv)
+    if a.compare:
+        compare([a.out] + a.also, *a.compare)
+        return
     if a.table:
         table(a.out)
         return
