@@ -42,6 +42,9 @@ STEP_CAP = 2.0
 # below ℓ(0), the step becomes the minimum of the parabola through ℓ(0) with the fit's slope and
 # the checked loss, as a fraction of the proposed step within these bounds (at most 1/2 there)
 CHECK_SHRINK = (0.05, 0.5)
+# and the step passes only where the loss there is this fraction of the fit's own decrease at
+# its (clamped) minimum below ℓ(0)
+CHECK_DECREASE = 0.5
 
 
 class Line:
@@ -415,15 +418,19 @@ class Line:
     def check_step(self) -> None:
         """The factor r of the step (`check[4]`): 1 where the mean loss at s_c is below the mean
         loss at every measured position (the same batches: ℓ(0) and the short steps the fit
-        came from); else the minimum of the parabola through ℓ(0) with the fit's slope b and
+        came from) and CHECK_DECREASE of the fit's decrease at min(s_min, max_step_size) below
+        ℓ(0); else the minimum of the parabola through ℓ(0) with the fit's slope b and
         ℓ(s_c), over s_c, within CHECK_SHRINK (the lower bound when a sample at s_c is not
         finite)."""
         norm = self._norm()
-        _, b, _, valid, _ = self._judged_fit(norm)
+        a, b, _, valid, s_min = self._judged_fit(norm)
         s_c, total, n, bad = self.check[0], self.check[1], self.check[2], self.check[3]
         l0 = self.sums[0] / self.counts[0]
         lc = total / n
-        passed = (bad == 0) & (n > 0) & (lc < (self.sums / self.counts).min())
+        s_m = s_min.clamp(max=self.hyper.max_step_size)
+        promised = -(b * s_m + a * s_m * s_m)  # the fit's decrease at its (clamped) minimum
+        passed = (bad == 0) & (n > 0) & (lc < (self.sums / self.counts).min()) \
+            & (l0 - lc >= CHECK_DECREASE * promised)
         curv = (lc - l0 - b * s_c) / (s_c * s_c)  # > 0 where lc >= l0 (b < 0)
         back = (-b / (2 * curv) / s_c).clamp(*CHECK_SHRINK)
         back = torch.where(torch.isfinite(back) & (bad == 0), back, CHECK_SHRINK[0])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from labpal_fast import LABPAL
-from labpal_fast.line import CHECK_SHRINK
+from labpal_fast.line import CHECK_DECREASE, CHECK_SHRINK
 
 from helpers import Quadratic
 
@@ -27,11 +27,15 @@ def _line(quad):
 
 def _checked_step(s_star, ell, positions):
     """The step check by hand: s_c = 3.6·min(s*, 0.5); taken if ℓ(s_c) is below ℓ at every
-    measured position (0, 1.77e-4·f, 0.01·f, f = resolve_positions' factor), else the minimum
+    measured position (0, 1.77e-4·f, 0.01·f, f = resolve_positions' factor) and at least
+    CHECK_DECREASE of the fit's decrease at min(s*, 0.5) (the fit is the exact line here) below
+    ℓ(0), else the minimum
     of the parabola through ℓ(0) with slope ℓ'(0) = −s*·κ and ℓ(s_c) (on a quadratic: s*
     itself), at most s_c/2 and at least CHECK_SHRINK[0]·s_c."""
     s_c = 3.6 * min(s_star, 0.5)
-    if ell(s_c) < min(ell(s) for s in positions):
+    promised = ell(0.0) - ell(min(s_star, 0.5))
+    if ell(s_c) < min(ell(s) for s in positions) and \
+            ell(0.0) - ell(s_c) >= CHECK_DECREASE * promised:
         return s_c, s_c, 1.0
     r = min(max(s_star / s_c, CHECK_SHRINK[0]), CHECK_SHRINK[1])
     return s_c, r * s_c, r
