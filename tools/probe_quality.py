@@ -219,6 +219,9 @@ def compare(paths, before, after):
     rows = [json.loads(l) for path in paths for l in open(path)]
     fig = {(r["tag"], r["task"], r["opt"], r["seed"]): r["test"] for r in rows}
     units = {r["task"]: r["kind"] for r in rows}
+    # rows made at an older commit carry "code" (a merged file's note): marked °
+    older = {(r["task"], r["opt"]) for r in rows if r["tag"] == after and r.get("code", "final")
+             != "final"}
     print(f"| task (figure) | config | {before} (seeds) | {after} (seeds) | paired Δ | Adam |")
     print("|---|---|---|---|---|---|")
     for t in TASKS:
@@ -235,7 +238,8 @@ def compare(paths, before, after):
                 return (f"{np.mean(list(d.values())):.3g} ("
                         + ", ".join(f"{d[sd]:.3g}" for sd in sorted(d)) + ")") if d else "—"
             unit = {"ce": "acc %", "mse": "MSE", "bpc": "bits/char"}[units[t]]
-            print(f"| {t} ({unit}) | {o} | {cell(b)} | {cell(a)} | {delta:+.3g} | "
+            mark = "°" if (t, o) in older else ""
+            print(f"| {t} ({unit}) | {o}{mark} | {cell(b)} | {cell(a)} | {delta:+.3g} | "
                   f"{np.mean(adam):.3g} |" if adam else "— |")
 
 
