@@ -159,15 +159,15 @@ class LABPAL(torch.optim.Optimizer):
             self._buffers = BufferSnapshot(model)
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
+            if self._dist is not None and self.line.checking:
+                # its samples would be each rank's own (the measurement's collective is after)
+                if self.hyper.step_check:
+                    raise ValueError("step_check=True is not supported under torch.distributed "
+                                     "yet: leave it None (off there) or set it False")
+                self.line.checking = False
         except BaseException:
             place.undo()
             raise
-        if self._dist is not None and self.line.checking:
-            # its samples would be each rank's own (the measurement's collective comes after)
-            if self.hyper.step_check:
-                raise ValueError("step_check=True is not supported under torch.distributed yet: "
-                                 "leave it None (off there) or set it False")
-            self.line.checking = False
         for group in self.param_groups:
             group["lr"] = self.line.lr
         # which parameters the flats hold: a change of requires_grad is refused at the next step
