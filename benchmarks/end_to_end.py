@@ -16,7 +16,8 @@ round), each step between two clock marks (CUDA events on a GPU):
   LABPAL's block spans a whole cycle, a measurement and `reuse` TRAINING steps after it;
 - a measurement = its k·m step() calls minus m TRAINING steps, and its floor: the forward
   passes without grad it needs beyond the update's own m forward+backward passes,
-  k·P·m − m + 1 (P positions, the repeat of the first closure included), each timed alone;
+  k·P·m − m + 1 (P points: the positions and, with the step check, the proposed step; the
+  repeat of the first closure included), each timed alone;
 - its share of training time at the default reuse_updates, at m = 1 and at the noise factor ν
   of ImageNet-1k at batch 256 (estimated from m = 1, and measured directly when time is left);
 - peak memory per optimizer's block above what was allocated before it, and what the model
@@ -423,7 +424,9 @@ def time_alone(rig: Rig, fn: Callable, reps: int) -> float:
 
 
 def positions(opt: LABPAL) -> int:
-    return len(opt.hyper.line_positions)
+    """The points a measurement evaluates each closure at: the line's positions, and the step
+    the fit proposes while the step check is on (docs/algorithm.md "The step check")."""
+    return len(opt.hyper.line_positions) + int(opt.line.checking)
 
 
 def floor_passes(k: int, p: int, m: int) -> int:

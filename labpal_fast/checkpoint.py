@@ -45,6 +45,8 @@ LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_u
 # sums, counts and partials are scratch: reset (samples) or recomputed (partials, when the next
 # direction is formed) before they are read again, so only their shape and dtype matter
 RECORD_KEYS = ("call", "update", "m", "reason", "averaged", "partials", "sums", "counts")
+# the step check's figures (records of versions <= 3 made without it lack them)
+CHECK_SCALARS = ("s_check", "loss_check", "check_factor")
 
 
 @dataclass
@@ -358,7 +360,7 @@ def _check_records(opt, records: Any, path: str) -> List[Dict[str, Any]]:
     out = []
     for j, r in enumerate(records):
         at = f"{path}[{j}]"
-        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + ("valid", "positions"))
+        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + CHECK_SCALARS + ("valid", "positions"))
         rec = {}
         for key, value in r.items():  # values of fits may be NaN: invalid fits are kept as such
             where = f"{at}[{key!r}]"

@@ -88,6 +88,12 @@ class Hyper:
     # None: on unless line_fit="paper" (sample_positions taken literally)
     resolve_positions: Optional[bool] = None
     sgd_rate: str = "robust"
+    # the loss measured at the proposed step itself, which shrinks it where it is not below
+    # ℓ(0) (docs/algorithm.md "The step check"); None: on unless line_fit="paper"
+    step_check: Optional[bool] = None
+    # with momentum β, s_upd (and η) × (1 − β): the updates along a direction that momentum
+    # keeps add up to the measured step (docs/algorithm.md); None: on unless line_fit="paper"
+    momentum_correction: Optional[bool] = None
     # None: no loss scaling; "dynamic": GradScaler's rule on the device; a number: that scale
     loss_scale: Union[None, str, float] = None
     # fp32 master weights for fp16 / bf16 parameters; None: on for them (off for FSDP2 shards)
@@ -152,6 +158,20 @@ class Hyper:
         if self.resolve_positions is None:
             return self.line_fit != "paper"
         return self.resolve_positions
+
+    @property
+    def checking(self) -> bool:
+        """Whether the proposed step is measured before it is taken (`step_check`)."""
+        if self.step_check is None:
+            return self.line_fit != "paper"
+        return self.step_check
+
+    @property
+    def step_factor(self) -> float:
+        """The factor of every measured step for momentum (`momentum_correction`): 1 − β, or 1."""
+        on = self.line_fit != "paper" if self.momentum_correction is None else \
+            self.momentum_correction
+        return 1.0 - self.momentum if on else 1.0
 
     @property
     def line_positions(self) -> Tuple[float, ...]:
@@ -239,6 +259,9 @@ def _validate(h: Hyper) -> None:
     set_("resolve_positions", _switch("resolve_positions", h.resolve_positions,
                                       "on unless line_fit='paper'"))
     set_("sgd_rate", _choice("sgd_rate", h.sgd_rate, SGD_RATES))
+    set_("step_check", _switch("step_check", h.step_check, "on unless line_fit='paper'"))
+    set_("momentum_correction", _switch("momentum_correction", h.momentum_correction,
+                                        "on unless line_fit='paper'"))
     # β < 1: d = β·d + ḡ stays bounded
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):

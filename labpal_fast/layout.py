@@ -45,7 +45,7 @@ class Const(IntEnum):
     EPS = 0
     NORM_LOW = 1
     NORM_HIGH = 2
-    ALPHA = 3       # update_step_adaptation
+    ALPHA = 3       # update_step_adaptation × step_factor (× the step check's factor)
     MAX_STEP = 4    # max_step_size
     CLIP_MAX = 5    # max_grad_norm (0 when clipping is off)
     CLIP_EPS = 6    # added to ‖ḡ‖ in the clipping factor (torch's clip_grad_norm_ adds 1e-6)

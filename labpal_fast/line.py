@@ -38,6 +38,13 @@ NORM_MEAN_UPDATES = 1000
 # and no update moves further than STEP_CAP·s_upd (η·‖d‖ <= STEP_CAP·s_upd). Exact in fp32:
 # the Triton kernel receives it as a runtime float.
 STEP_CAP = 2.0
+# step_check (docs/algorithm.md "The step check"): where the loss at the proposed step is not
+# below ℓ(0), the step becomes the minimum of the parabola through ℓ(0) with the fit's slope and
+# the checked loss, as a fraction of the proposed step within these bounds (at most 1/2 there)
+CHECK_SHRINK = (0.05, 0.5)
+# and the step passes only where the loss there is this fraction of the fit's own decrease at
+# its (clamped) minimum below ℓ(0)
+CHECK_DECREASE = 0.5
 
 
 class Line:
@@ -82,6 +89,12 @@ class Line:
         self.loss_scale = torch.tensor(hyper.initial_loss_scale, **f64)
         self.scale_good = torch.zeros((), dtype=torch.int64, device=device)
         self._unscale = torch.ones((), **f64)  # c/S, the factor of ḡ (a buffer, see `unscale`)
+        # step_check, within one measurement: [proposed step s_c, loss sum at s_c, samples,
+        # non-finite samples, the factor r of the step]. Not state: a measurement saved
+        # mid-way starts over. `checking` is off under torch.distributed (optimizer).
+        self.checking = hyper.checking
+        self.check = torch.zeros(5, **f64)
+        self.check[4] = 1.0
 
     # tensors that make up the state (for state_dict), in a fixed order
     STATE = ("sums", "counts", "partials", "s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n",
@@ -315,7 +328,13 @@ class Line:
     def fit(self, averaged: bool) -> Dict[str, torch.Tensor]:
         """Fit the parabola, apply the step rule, update s_upd / η / lr (× the multiplier).
         Returns the record."""
+        if self.checking:
+            self.check_step()
         record = self._fit_rate(averaged)
+        if self.checking:
+            record.update(s_check=self.check[0].clone(),
+                          loss_check=self.check[1] / self.check[2],
+                          check_factor=self.check[4].clone())
         valid = record["valid"]
         if self.robust_sgd:  # _fit_rate shows the paper's η; the next updates use s_upd / n̄
             self._show_rate()
@@ -332,15 +351,8 @@ class Line:
         """The fit and the step rule: s_upd / η / lr as measured (where valid)."""
         h = self.hyper
         norm = self._norm()
-        a, b, c = self._fit_line(norm)
-        finite = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b)
-        if h.line_fit == "paper":  # no curvature, no rate
-            valid = finite & (a > 0) & (b < 0)
-            s_min = torch.where(valid, -b / (2 * a), 0.0)
-        else:  # refused only when not a descending line; no curvature seen: max_step_size
-            valid = finite & torch.isfinite(c) & (b < 0)
-            s_min = torch.where(valid, torch.where(a > 0, -b / (2 * a), h.max_step_size), 0.0)
-        s_new = (h.update_step_adaptation * s_min.clamp(max=h.max_step_size)).clamp(min=h.epsilon)
+        a, b, c, valid, s_min = self._judged_fit(norm)
+        s_new = (self._alpha() * s_min.clamp(max=h.max_step_size)).clamp(min=h.epsilon)
         eta_new = (s_new / norm).clamp(min=h.epsilon)
         if averaged:
             slot = valid & (self._slots == self.hist_n % h.averaging_window)
@@ -360,6 +372,68 @@ class Line:
                 "partials": self.partials.clone(), "a": a, "b": b, "c": c, "s_min": s_min,
                 "s_new": s_new, "eta_new": eta_new, "s_upd": self.s_upd.clone(),
                 "eta": self.eta.clone(), "valid": valid, "positions": self.at.clone()}
+
+    def _judged_fit(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(a, b, c, valid, s_min): the fit, and whether it gives a step (the paper's refusals
+        or the robust ones) with the parabola's minimum (0 where it gives none)."""
+        h = self.hyper
+        a, b, c = self._fit_line(norm)
+        finite = (self.counts > 0).all() & torch.isfinite(a) & torch.isfinite(b)
+        if h.line_fit == "paper":  # no curvature, no rate
+            valid = finite & (a > 0) & (b < 0)
+            s_min = torch.where(valid, -b / (2 * a), 0.0)
+        else:  # refused only when not a descending line; no curvature seen: max_step_size
+            valid = finite & torch.isfinite(c) & (b < 0)
+            s_min = torch.where(valid, torch.where(a > 0, -b / (2 * a), h.max_step_size), 0.0)
+        return a, b, c, valid, s_min
+
+    def _alpha(self):
+        """The multiple of min(s_min, max_step_size) taken: α (a Python float, as the paper),
+        × (1 − β) with momentum_correction, × the step check's factor r (a device scalar)."""
+        alpha = self.hyper.update_step_adaptation * self.hyper.step_factor
+        return alpha * self.check[4] if self.checking else alpha
+
+    # -- the step check (docs/algorithm.md "The step check") --------------------------------
+    def check_coef(self) -> torch.Tensor:
+        """After the line's samples: the proposed step s_c = α·min(s_min, max_step_size) of
+        their fit (0 when it gives none), and the factor of d that moves θ₀ there (−s_c/‖d‖).
+        The check's samples are reset."""
+        h = self.hyper
+        norm = self._norm()
+        _, _, _, valid, s_min = self._judged_fit(norm)
+        s_c = h.update_step_adaptation * s_min.clamp(max=h.max_step_size)
+        self.check.copy_(torch.stack([torch.where(valid, s_c, 0.0)] + [s_c * 0] * 3
+                                     + [torch.ones_like(s_c)]))
+        return -self.check[0] / norm
+
+    def record_check(self, loss: torch.Tensor) -> None:
+        """One loss sample at s_c; a non-finite one is counted as such (the check fails)."""
+        y = loss.detach().reshape(()).to(self.check.dtype)
+        finite = torch.isfinite(y)
+        self.check[1:2].add_(torch.where(finite, y, 0.0))
+        self.check[2:3].add_(finite)
+        self.check[3:4].add_(~finite)
+
+    def check_step(self) -> None:
+        """The factor r of the step (`check[4]`): 1 where the mean loss at s_c is below the mean
+        loss at every measured position (the same batches: ℓ(0) and the short steps the fit
+        came from) and CHECK_DECREASE of the fit's decrease at min(s_min, max_step_size) below
+        ℓ(0); else the minimum of the parabola through ℓ(0) with the fit's slope b and
+        ℓ(s_c), over s_c, within CHECK_SHRINK (the lower bound when a sample at s_c is not
+        finite)."""
+        norm = self._norm()
+        a, b, _, valid, s_min = self._judged_fit(norm)
+        s_c, total, n, bad = self.check[0], self.check[1], self.check[2], self.check[3]
+        l0 = self.sums[0] / self.counts[0]
+        lc = total / n
+        s_m = s_min.clamp(max=self.hyper.max_step_size)
+        promised = -(b * s_m + a * s_m * s_m)  # the fit's decrease at its (clamped) minimum
+        passed = (bad == 0) & (n > 0) & (lc < (self.sums / self.counts).min()) \
+            & (l0 - lc >= CHECK_DECREASE * promised)
+        curv = (lc - l0 - b * s_c) / (s_c * s_c)  # > 0 where lc >= l0 (b < 0)
+        back = (-b / (2 * curv) / s_c).clamp(*CHECK_SHRINK)
+        back = torch.where(torch.isfinite(back) & (bad == 0), back, CHECK_SHRINK[0])
+        self.check[4:5].copy_(torch.where(passed | ~valid | (s_c <= 0), 1.0, back))
 
     def _fit_line(self, norm: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """a·s² + b·s + c by least squares over every sample, at the positions moved to

@@ -121,6 +121,9 @@ def record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
         "a": num("a"), "b": num("b"), "c": num("c"), "s_min": num("s_min"),
         "s_upd": num("s_upd"), "eta": num("eta"),
         "s_new": num("s_new"), "eta_new": num("eta_new"),
+        # the step check (nan when off): the step proposed, its mean loss, the factor taken
+        "s_check": num("s_check"), "loss_check": num("loss_check"),
+        "check_factor": num("check_factor"),
         "direction_norm": math.sqrt(dd) if dd >= 0 else float("nan"),
         "directional_derivative": (-partials[Partial.GD] / max(math.sqrt(dd), hyper.epsilon)
                                    if dd >= 0 else float("nan")),

@@ -103,6 +103,11 @@ class LABPAL(torch.optim.Optimizer):
         resolve_positions: scale the positions to what the parameters' dtype and the loss
             resolve (None: on unless line_fit="paper").
         sgd_rate: SGD mode's η: "robust" (a running mean of ‖d‖) or "paper".
+        step_check: measure the loss at the proposed step too and shrink the step where it is
+            not below the measured samples (None: on unless line_fit="paper"; off under
+            torch.distributed).
+        momentum_correction: with momentum β, the measured step (and η) × (1 − β) (None: on
+            unless line_fit="paper").
         loss_scale: None, "dynamic" or a fixed scale S: the loss is multiplied by S before
             backward and the gradient divided by it (fp16).
         master_weights: fp32 master copies of fp16 / bf16 parameters (None: on for them, off
@@ -125,6 +130,8 @@ class LABPAL(torch.optim.Optimizer):
                  lr_multiplier_schedule: Tuple[Tuple[int, float], ...] = ((0, 1.0),),
                  max_grad_norm: Optional[float] = None, line_fit: str = "robust",
                  resolve_positions: Optional[bool] = None, sgd_rate: str = "robust",
+                 step_check: Optional[bool] = None,
+                 momentum_correction: Optional[bool] = None,
                  loss_scale: Union[None, str, float] = None,
                  master_weights: Optional[bool] = None,
                  **unknown: Any):
@@ -152,6 +159,12 @@ class LABPAL(torch.optim.Optimizer):
             self._buffers = BufferSnapshot(model)
             self._dist = Collectives.of(process_group, model, self._device,
                                         len(self.hyper.line_positions))
+            if self._dist is not None and self.line.checking:
+                # its samples would be each rank's own (the measurement's collective is after)
+                if self.hyper.step_check:
+                    raise ValueError("step_check=True is not supported under torch.distributed "
+                                     "yet: leave it None (off there) or set it False")
+                self.line.checking = False
         except BaseException:
             place.undo()
             raise
@@ -463,6 +476,11 @@ class LABPAL(torch.optim.Optimizer):
             self._publish()
             for closure, rng, own in kept:
                 self.line.record(j, self._repeat(closure, rng, own))
+        if self.line.checking:  # and at the step the fit proposes (docs: "The step check")
+            self.ops.move(self.flats, self.line.check_coef())
+            self._publish()
+            for closure, rng, own in kept:
+                self.line.record_check(self._repeat(closure, rng, own))
         return again
 
     def _repeat(self, closure: Callable, rng, own_backward: bool) -> torch.Tensor:

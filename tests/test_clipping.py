@@ -138,12 +138,14 @@ def test_a_run_follows_the_oracle_when_clipping_is_inactive(mode, momentum, m):
 
 @on_every_backend
 def test_inactive_clipping_trains_as_no_clipping():
-    """A max_grad_norm above every gradient norm changes nothing but the rounding of ⟨ḡ, d⟩."""
+    """A max_grad_norm above every gradient norm changes nothing but the rounding of ⟨ḡ, d⟩.
+    (Without the step check: its shrink factor follows the measured positions, which that
+    rounding moves, and 30 calls later the parameters differ by 1e-3 relative, not 2e-5.)"""
     runs = []
     for max_norm in (None, 1e6):
         net = Mixed(seed=3)
         opt = LABPAL(groups(net), mode="SGD", momentum=0.9, max_grad_norm=max_norm,
-                     approximation_batches=2, batch_size_schedule=((0, 2),), noise_factor=1.0,
+                     step_check=False, approximation_batches=2, batch_size_schedule=((0, 2),), noise_factor=1.0,
                      reuse_updates=4, warmup_updates=10**6)
         for x, y in batches(30, 16, 6, seed=4):
             opt.step(lambda x=x, y=y: loss_fn(net, x, y))

@@ -92,7 +92,7 @@ def test_the_check_can_be_turned_off_and_costs_one_forward_per_measurement():
                 return ce(net, x, y)
             opt.step(closure)
         calls[tolerance] = n
-    positions = 3
+    positions = 3 + 1  # and the step check's evaluation at the proposed step
     assert calls[None] == K * positions and calls[1e-3] == K * positions + 1
 
 
@@ -143,8 +143,9 @@ def test_repeating_is_true_exactly_during_the_repeats():
             seen.append(opt.repeating)
             return ce(net, x, y)
         opt.step(closure)
-    # K first calls, the check, K per other position, then 2 training calls
-    assert seen == [False] * K + [True] * (1 + 2 * K) + [False] * 2
+    # K first calls, the check, K per other position and K at the proposed step (the step
+    # check), then 2 training calls
+    assert seen == [False] * K + [True] * (1 + 3 * K) + [False] * 2
     assert not opt.repeating
 
 

@@ -32,6 +32,8 @@ def hyper(ranks: int, **over):
     h = dict(approximation_batches=2, reuse_updates=4, warmup_updates=6, averaging_window=3,
              dataset_size=DATASET, batch_size=GLOBAL // ranks,
              batch_size_schedule=((0, 1), (30, 2)), sample_positions=(0.0, 0.03, 0.1))
+    if ranks == 1:  # the one-process oracle: the step check is off under torch.distributed
+        h["step_check"] = False
     h.update(over)
     return h
 
@@ -401,6 +403,14 @@ def _misuse_worker(rank, world):
         LABPAL(ddp.parameters(), model=ddp, process_group=alone)
     except ValueError as exc:
         out["ddp_group"] = str(exc)
+    # 5. step_check=True is refused across ranks; the parameters stay where and what they were
+    model = net()
+    before = [(p.data_ptr(), p.detach().clone()) for p in model.parameters()]
+    try:
+        LABPAL(model.parameters(), **hyper(world, step_check=True))
+    except ValueError as exc:
+        out["step_check"] = (str(exc), all(p.data_ptr() == ptr and torch.equal(p, value)
+                                           for p, (ptr, value) in zip(model.parameters(), before)))
     return out
 
 
@@ -414,6 +424,9 @@ def test_misuse_fails_loudly_on_every_rank():
         assert "different measurements" in message and "where each started: {0: (" in message
         assert len(r["type"]) == 2 and all("process_group must be" in m for m in r["type"])
         assert "process_group is not the process group" in r["ddp_group"]
+        message, untouched = r["step_check"]
+        assert "step_check=True is not supported under torch.distributed" in message
+        assert untouched
     for r in (r0, r1):
         message, at_origin = r["not_repeated"]
         assert "did not repeat its loss on rank(s) [1]" in message and at_origin

@@ -149,8 +149,9 @@ def _equivalence(rank, world, cases, hsdp=False, dtype=torch.float64):
 def oracle(mode, wrap, dtype=torch.float64, **extra):
     from labpal_fast import LABPAL
     model = Net(0, in_forward=wrap != "blocks", dtype=dtype)
+    # without the step check, which is off under torch.distributed (docs/algorithm.md)
     opt = LABPAL(model.parameters(), model=model, mode=mode, momentum=0.9, weight_decay=0.01,
-                 **HYPER, **extra)
+                 **dict(HYPER, step_check=False, **extra))
     train(model, opt, range(CALLS))
     return ({n: p.detach().clone() for n, p in model.named_parameters()}, summary(opt),
             float(opt.param_groups[0]["lr"]))

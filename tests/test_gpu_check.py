@@ -89,7 +89,8 @@ def test_dry_run_figures(dry_run, part):
                     "share_nu_estimated"):
             assert finite(f[key]), (name, key, f[key])
         assert 0 < f["share_m1"] < 1 and 0 < f["share_nu_estimated"] < 1
-        assert f["floor_passes"] == rig.k * 3 - 1 + 1  # k·P·m − m + 1, P = 3 positions, m = 1
+        # k·P·m − m + 1, m = 1, P = 4: 3 positions and the step check's proposed step
+        assert f["floor_passes"] == rig.k * 4 - 1 + 1
         syncs = f["syncs"]
         assert "error" not in syncs, syncs
         assert syncs["strict"] is True and syncs["model_syncs_per_fwd_bwd"] == 0
@@ -153,7 +154,7 @@ def test_floor_counts_the_forward_passes_a_measurement_makes(m, backend):
     for x, y in data:  # the first measurement: k·m calls
         opt.step(lambda x=x, y=y: torch.nn.functional.cross_entropy(model(x), y))
     assert opt.phase == "training" and len(opt.measurements()) == 1
-    p = len(opt.hyper.line_positions)
+    p = len(opt.hyper.line_positions) + 1  # and the step check's proposed step (on by default)
     assert passes == {True: m, False: end_to_end.floor_passes(k, p, m)}
 
 

@@ -40,11 +40,13 @@ def test_repeats_draw_the_same_masks_as_the_first_call():
         opt.step(lambda x=x, y=y: torch.nn.functional.cross_entropy(net(x), y))
     masks = log.masks
     # first calls, the first closure again at θ₀ (the repeat check), one repeat per position
-    assert len(masks) == 3 * K + 1
+    # and one at the proposed step (the step check)
+    assert len(masks) == 4 * K + 1
     assert torch.equal(masks[0], masks[K])
     for i in range(K):
         assert torch.equal(masks[i], masks[K + 1 + i])
         assert torch.equal(masks[i], masks[2 * K + 1 + i])
+        assert torch.equal(masks[i], masks[3 * K + 1 + i])
     assert not torch.equal(masks[0], masks[1])  # the closures did not share one random state
 
 
@@ -83,4 +85,4 @@ def test_batchnorm_statistics_see_only_the_first_evaluations():
     for name, value in ref[1].named_buffers():
         assert torch.equal(statistics[True][name], value), name
     # without model= the repeats leak into the statistics: what model= is for
-    assert int(statistics[False]["num_batches_tracked"]) == 3 * K + 1
+    assert int(statistics[False]["num_batches_tracked"]) == 4 * K + 1  # the step check's too

@@ -103,7 +103,9 @@ def test_launches_are_one_per_op_per_flat(m):
     assert measurement == Counter({
         "_record_kernel": samples, "_accumulate_kernel": flats * (m - 1),
         "_direction_kernel": flats, "_reduce_kernel": 1, "_abandon_kernel": 1,
-        "_coef_kernel": (npos - 1) + 1, "_move_kernel": flats * (npos - 1) + flats,
+        # moves: to each position, to the step check's proposed step, to s_upd (the check's
+        # coefficient and samples are Line's torch math on Triton too: no kernel of their own)
+        "_coef_kernel": (npos - 1) + 1, "_move_kernel": flats * (npos - 1) + 2 * flats,
         "_fit_kernel": 1})
     training = calls[k * m:]
     assert len(training) == 3 * m

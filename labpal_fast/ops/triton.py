@@ -757,8 +757,9 @@ class TritonLine(Line):
         f64 = dict(dtype=torch.float64, device=device)
         low, high = hyper.direction_norm_range
         consts = [0.0] * NCONST
+        alpha = hyper.update_step_adaptation * hyper.step_factor  # `Line._alpha` (no check)
         for index, value in ((Const.EPS, hyper.epsilon), (Const.NORM_LOW, low),
-                             (Const.NORM_HIGH, high), (Const.ALPHA, hyper.update_step_adaptation),
+                             (Const.NORM_HIGH, high), (Const.ALPHA, alpha),
                              (Const.MAX_STEP, hyper.max_step_size),
                              (Const.CLIP_MAX, hyper.max_grad_norm or 0.0),
                              (Const.CLIP_EPS, CLIP_EPS)):
@@ -810,6 +811,9 @@ class TritonLine(Line):
         npos = self._npos
         out = torch.empty(record_size(npos), dtype=torch.float64, device=self.sums.device)
         valid = torch.empty((), dtype=torch.bool, device=self.sums.device)
+        if self.checking:  # the kernel's α: `Line._alpha`, the step check's factor included
+            torch.mul(self.check[4], h.update_step_adaptation * h.step_factor,
+                      out=self.consts[Const.ALPHA])
         _launch(_fit_kernel, (1,), out, valid, self.at, self.sums, self.counts,
                 self.partials, self.consts, self.s_upd, self.eta, self.lr, self.hist_s,
                 self.hist_eta, self.hist_n, npos, h.averaging_window, int(bool(averaged)),
