@@ -312,7 +312,7 @@ class LABPAL(torch.optim.Optimizer):
         self._formed = False
         c.measure_start_call = c.calls
         c.measure_start_update = c.updates
-        if c.updates >= self.hyper.warmup_updates:
+        if c.updates >= self.hyper.warmup_updates and self.hyper.line_fit != "paper":
             c.warm_measured = True
         run(self.line.reset_samples)
         self._closures, self._rngs, self._own_backward = [], [], []
@@ -506,7 +506,13 @@ class LABPAL(torch.optim.Optimizer):
         self._phase = TRAINING
         c.acc = 0
         self._formed = False
-        c.last_end = c.updates
+        if self.hyper.line_fit == "paper" and (reason or "").startswith("abandoned"):
+            # the paper's (the reference's) trigger still holds, warm-up or reuse: measure
+            # again at the next call (docs/algorithm.md, "The authors' code over whole runs")
+            pass
+        else:
+            c.last_end = c.updates
+            c.warm_measured |= c.measure_start_update >= self.hyper.warmup_updates
         if not c.has_rate:
             # an interruption (an exception, raised to the caller) is not the line's failure,
             # nor an overflow while a dynamic loss scale is still finding its level (halved)
