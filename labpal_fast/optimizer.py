@@ -425,10 +425,10 @@ class LABPAL(torch.optim.Optimizer):
                            momentum=self.hyper.momentum, line_terms=True, run=run)
         self._formed = True
         if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
-            # the loss floor reads this rank's own samples: off across ranks (one factor for all)
             dtype = self._first_loss.dtype
-            loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point and \
-                self._dist is None else 0.0
+            loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+            if self._dist is not None:  # the loss floor from every rank's samples: all alike
+                self.line.origin_global = self._dist.origin_loss(self.line)
             self.ops.resolution(self.flats, self.line, self._compute_eps, loss_eps, run=run)
         code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
         if code:
