@@ -15,7 +15,8 @@ and patched at run time, never edited (the patches are listed in the output):
 - `random_seed_torch` saves and restores the CUDA RNG only where CUDA is available;
 - the per-call seed `time.time()` becomes the closure call's index (reproducible runs);
 - `numpy.gradient` as the module sees it is watched (not changed), to record the three losses
-  and the slope and curvature it computes from them.
+  and the slope and curvature it computes from them, and the instance's `print_` messages are
+  recorded (when a measurement starts, when it is abandoned).
 
     git clone https://github.com/cogsys-tuebingen/LABPAL /tmp/LABPAL
     PYTHONPATH=$PWD python tools/compare_reference.py --reference /tmp/LABPAL --steps 3000
@@ -149,6 +150,8 @@ def reference_side(directory: str, params, *, dataset_size: int, batch_size: int
     current: Dict[str, Any] = {}
     messages: List[str] = []  # what it would print: when a measurement starts or is abandoned
     opt.print_ = lambda *args: messages.append(" ".join(str(a) for a in args))
+    patches = patches + ["LabPal.print_ (on the instance): its messages are recorded, not "
+                         "printed (when a measurement starts, when it is abandoned)"]
 
     def step(closure, call):
         clock.call = call
