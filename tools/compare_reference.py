@@ -290,6 +290,7 @@ def report(result: Dict[str, Any], rtol: float, window: int = 100) -> str:
         lines.append(f"{side['label']}: {len(rows)} valid measurements, {skipped} abandoned or "
                      "invalid")
     n = min(len(a["losses"]), len(b["losses"]))
+    window = max(1, min(window, n))
     lines.append(f"\ntraining loss, mean over {window} calls:")
     for end in sorted({max(window, n * q // 10) for q in range(1, 11)}):
         lines.append(f"  calls {end - window:6d}-{end:6d}: A {_mean(a['losses'][end - window:end]):.4f}"
