@@ -112,7 +112,7 @@ class Collectives:
 
     # ------------------------------------------------------------------ the line
     def origin_loss(self, line) -> torch.Tensor:
-        """[Σ loss, count] at s = 0 over every rank, when the positions are set (call m): one
+        """[Σ loss, count] at s = 0 over every rank, when the positions are set (call k·m): one
         all-reduce of 16 bytes (its result is the same bits on every rank)."""
         pair = torch.stack([line.sums[0], line.counts[0]])
         self.sum_(pair)

@@ -387,6 +387,7 @@ class LABPAL(torch.optim.Optimizer):
                 elif j == m:
                     self._form_direction(m, run)
                 if self._phase == MEASURING and j == total:
+                    self._resolve_positions(run)
                     # the line's origin, the buffers and the RNG, to come back to
                     for flat in self.flats:
                         run(self.ops.save_origin, flat)
@@ -424,17 +425,24 @@ class LABPAL(torch.optim.Optimizer):
         self.ops.direction(self.flats, self._decays(), self.line, m=m,
                            momentum=self.hyper.momentum, line_terms=True, run=run)
         self._formed = True
-        if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
-            dtype = self._first_loss.dtype
-            loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-            if self._dist is not None:  # the loss floor from every rank's samples: all alike
-                self.line.origin_global = self._dist.origin_loss(self.line)
-            self.ops.resolution(self.flats, self.line, self._compute_eps, loss_eps, run=run)
         code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
         if code:
             for flat in self.flats:
                 run(self.ops.restore_direction, flat)
             self._end_measurement(ABANDON_REASONS[code], run)
+
+    def _resolve_positions(self, run: Commit) -> None:
+        """Call k·m, before the line evaluations: the positions' factor, on the device
+        (Line.set_resolution). Under torch.distributed the loss floor reads every rank's samples
+        at s = 0 (one all-reduce), so all move alike; here, where no measurement is abandoned,
+        the ranks' collectives stay paired even when one rank abandons alone."""
+        if not self.hyper.resolving:
+            return
+        dtype = self._first_loss.dtype
+        loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+        if self._dist is not None:
+            self.line.origin_global = self._dist.origin_loss(self.line)
+        self.ops.resolution(self.flats, self.line, self._compute_eps, loss_eps, run=run)
 
     def _evaluate_line(self) -> Optional[torch.Tensor]:
         """Call k·m: evaluate every kept closure at the other positions (user code: Ctrl-C is

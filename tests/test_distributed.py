@@ -164,7 +164,7 @@ def _resolution_worker(rank, world):
 
 
 def test_positions_on_two_ranks_are_those_of_one_process():
-    """The positions are set at call m from the loss at s = 0 (its rounding floor): over every
+    """The positions are set at call k·m from the loss at s = 0 (its rounding floor): over every
     rank's samples (one all-reduce of the loss sum and count), so 2 ranks measure where one
     process on the same global batch does, fp32 at the defaults (kept as given) and where the
     floor moves them (there the fit agrees too: at the paper's positions, an fp32 loss
@@ -176,14 +176,19 @@ def test_positions_on_two_ranks_are_those_of_one_process():
         ranks = [r[i] for r in results]
         assert len(oracle) >= 2 and all(r["valid"] for r in oracle), oracle
         assert repr(ranks[0]) == repr(ranks[1])  # bit for bit across ranks
-        # at the paper's positions fp32 rounding alone moves s_min by ~10%, and so the
-        # parameters after the first measurement: there only the first is compared
-        for got, want in zip(ranks[0], oracle if i == 1 else oracle[:1]):
+        # fp32 sums of the ranks' shares and of the whole batch differ by rounding, and so the
+        # parameters after each measurement's move (at the paper's positions fp32 rounding
+        # alone moves s_min by ~10%): the first measurement, from the same θ₀, is compared
+        # closely, the later ones' positions to 1% (the floor missing across ranks moved them
+        # by a factor of 200 in the second case)
+        got, want = ranks[0][0], oracle[0]
+        assert got["positions"] == pytest.approx(want["positions"], rel=1e-5), case
+        assert got["mean_losses"] == pytest.approx(want["mean_losses"], rel=1e-6), case
+        if i == 1:
+            assert got["s_min"] == pytest.approx(want["s_min"], rel=1e-3), case
+        for got, want in zip(ranks[0], oracle):
             assert got["call"] == want["call"]
-            assert got["positions"] == pytest.approx(want["positions"], rel=1e-5), case
-            assert got["mean_losses"] == pytest.approx(want["mean_losses"], rel=1e-6), case
-            if i == 1:
-                assert got["s_min"] == pytest.approx(want["s_min"], rel=1e-3), case
+            assert got["positions"] == pytest.approx(want["positions"], rel=1e-2), case
         moved = oracle[0]["positions"][1] / case["sample_positions"][1]
         assert (moved == 1.0) if i == 0 else (moved > 100), oracle[0]["positions"]
 
@@ -251,9 +256,10 @@ def _check_counts(wrap, result):
         gathers = [c for call in range(r["call"], r["call"] + length)
                    for c in per_call[call][0] if c[0] != "allreduce_"]
         assert len(gathers) == (0 if length == m else 1), (r, gathers)
-        # the loss sum and count at s = 0, where the positions are set (call m), 16 bytes
-        origin = [c for c in per_call[r["call"] + m - 1][0] if c == ("allreduce_", 16)]
-        assert len(origin) == 1, (r, per_call[r["call"] + m - 1])
+        # the loss sum and count at s = 0, where the positions are set (call k·m), 16 bytes
+        origin = [c for call in range(r["call"], r["call"] + length)
+                  for c in per_call[call][0] if c == ("allreduce_", 16)]
+        assert len(origin) == (0 if length == m else 1), (r, origin)
     assert len(records) >= 3 and any(r["valid"] for r in records)
     train_calls = [c for c in range(len(per_call)) if c not in measuring]
     assert len(train_calls) >= 3 * m and all(per_call[c][1] == 0 for c in train_calls)
