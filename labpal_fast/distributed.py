@@ -111,6 +111,13 @@ class Collectives:
         tensor.div_(self.world)
 
     # ------------------------------------------------------------------ the line
+    def origin_loss(self, line) -> torch.Tensor:
+        """[Σ loss, count] at s = 0 over every rank, when the positions are set (call k·m): one
+        all-reduce of 16 bytes (its result is the same bits on every rank)."""
+        pair = torch.stack([line.sums[0], line.counts[0]])
+        self.sum_(pair)
+        return pair
+
     def _gather(self, line, call: int, update: int, failed: bool,
                 missed: Optional[torch.Tensor] = None) -> None:
         p = self.npos

@@ -31,6 +31,12 @@ RESOLVE_AGGREGATE = 1e3
 # and the slope's change over it is this many times the loss's own rounding (eps of the loss's
 # dtype × |loss|), which makes the curvature visible above that rounding too
 RESOLVE_LOSS = 1e4
+# the positions as given are kept when they resolve already: the smallest moves θ by no less
+# than the ulps above, and changes the loss by at least RESOLVE_LITERAL times the loss's own
+# rounding (|b|·s₁ ≥ RESOLVE_LITERAL·ε_loss·|L₀|: one rounding is at most 1% of that change).
+# Small fp32 models then measure where the paper does; bf16, autocast and large fp32 models
+# (their ulps) move as before (docs/algorithm.md, "Positions the dtype resolves")
+RESOLVE_LITERAL = 1e2
 # sgd_rate="robust" (docs/algorithm.md "SGD mode" has the measurements behind both numbers):
 # n̄, the running mean of ‖d‖ over TRAINING updates, is an exponential mean with weight
 # 1/NORM_MEAN_UPDATES on each new ‖d‖ (about the updates a measured rate is reused for);
@@ -60,6 +66,9 @@ class Line:
         # resolve_positions: lo/s₁ and the positions moved to (`set_resolution`; off: as given)
         self.resolve = torch.ones((), **f64)
         self.at = self.positions.clone()
+        # [Σ loss, count] at s = 0 over every rank, set by the optimizer under torch.distributed
+        # before `set_resolution` (None: this process's own samples)
+        self.origin_global: Optional[torch.Tensor] = None
         self.sums = torch.zeros(len(positions), **f64)
         self.counts = torch.zeros(len(positions), **f64)
         self.partials = torch.zeros(NPART, **f64)
@@ -181,12 +190,16 @@ class Line:
             hi = min(s_max·lo/s₁, max(cap, 2·lo)),  cap = max(s_max, min(|L₀|/|b|, max_step_size))
         (no farther than the step rule's own range, nor where the tangent reaches L = 0, unless
         the dtype needs it), and the others follow on a log scale, s·(lo/s₁)·(s/s₁)^(γ−1) with
-        γ = log(hi/lo)/log(s_max/s₁): a plain factor lo/s₁ when nothing caps it.
-        `resolve` keeps lo/s₁."""
+        γ = log(hi/lo)/log(s_max/s₁): a plain factor lo/s₁ when nothing caps it; unless the
+        positions as given resolve already (K·‖ε·θ‖ ≤ s₁ and |b|·s₁ ≥ RESOLVE_LITERAL·ε_loss·|L₀|):
+        then they stay as they are. `resolve` keeps lo/s₁ (1 when they stay). Under
+        torch.distributed L₀ is the mean over every rank's samples (`origin_global`)."""
         s1, top = self.first, max(self.hyper.line_positions)
         f64 = self.resolve.dtype
         slope = (self.partials[Partial.GD] / self._norm()).abs()
-        level = (self.sums[0] / self.counts[0]).abs()
+        origin = self.origin_global if self.origin_global is not None else \
+            torch.stack([self.sums[0], self.counts[0]])
+        level = (origin[0] / origin[1]).abs()
         reach = torch.where(torch.isfinite(level / slope), level / slope, 0.0)
         cap = reach.clamp(max=self.hyper.max_step_size).clamp(min=top)
         rounding = RESOLVE_LOSS * loss_eps * level / slope
@@ -197,10 +210,11 @@ class Line:
         lo = torch.maximum(ulps, torch.minimum(rounding, cap * (s1 / top))).clamp(min=s1)
         hi = torch.minimum(lo * (top / s1), torch.maximum(cap, 2 * lo))
         gamma = torch.log(hi / lo) / math.log(top / s1)
-        self.resolve.copy_(lo / s1)
+        literal = (ulps <= s1) & (slope * s1 >= RESOLVE_LITERAL * loss_eps * level)
+        self.resolve.copy_(torch.where(literal, 1.0, lo / s1))
         ratio = (self.positions / s1).clamp(min=1e-300)  # 0 stays 0 below
-        moved = lo * ratio ** gamma
-        self.at.copy_(torch.where(self.positions > 0, moved, 0.0))
+        moved = torch.where(self.positions > 0, lo * ratio ** gamma, 0.0)
+        self.at.copy_(torch.where(literal, self.positions, moved))
 
     # -- the direction ----------------------------------------------------------------
     def clip_scale(self, sqnorm: torch.Tensor) -> torch.Tensor:

@@ -407,7 +407,7 @@ class LABPAL(torch.optim.Optimizer):
         c.pending = False
         c.measure_start_call = c.calls
         c.measure_start_update = c.updates
-        if c.updates >= self.hyper.warmup_updates:
+        if c.updates >= self.hyper.warmup_updates and self.hyper.line_fit != "paper":
             c.warm_measured = True
         run(self.line.reset_samples)
         self._measurement = Measurement(self.hyper.approximation_batches * m, compute_eps)
@@ -420,8 +420,10 @@ class LABPAL(torch.optim.Optimizer):
         run(self.line.record, 0, loss)
 
     def _save_origin(self, meas: Measurement, run: Commit) -> None:
-        """Call k·m: the line's origin, the buffers and the RNG, to come back to. From here (a
-        held Ctrl-C included) a fault ends the measurement there (`_line_faults`)."""
+        """Call k·m: the positions resolved (`_resolve_positions`), then the line's origin, the
+        buffers and the RNG, to come back to. From here (a held Ctrl-C included) a fault ends
+        the measurement there (`_line_faults`)."""
+        self._resolve_positions(meas, run)
         for flat in self.flats:
             run(self.ops.save_origin, flat)
         self._buffers.save()
@@ -434,17 +436,24 @@ class LABPAL(torch.optim.Optimizer):
         self.ops.direction(self.flats, self._decays(), self.line, m=m, line_terms=True,
                            run=run)
         meas.formed = True
-        if self.hyper.resolving:  # the positions' factor, on the device (Line.set_resolution)
-            # the loss floor reads this rank's own samples: off across ranks (one factor for all)
-            dtype = meas.first_loss.dtype
-            loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point and \
-                self._dist is None else 0.0
-            self.ops.resolution(self.flats, self.line, meas.compute_eps, loss_eps, run=run)
         code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
         if code:
             for flat in self.flats:
                 run(self.ops.restore_direction, flat)
             self._end_measurement(ABANDON_REASONS[code], run)
+
+    def _resolve_positions(self, meas: Measurement, run: Commit) -> None:
+        """Call k·m, before the line evaluations: the positions' factor, on the device
+        (Line.set_resolution). Under torch.distributed the loss floor reads every rank's samples
+        at s = 0 (one all-reduce), so all move alike; here, where no measurement is abandoned,
+        the ranks' collectives stay paired even when one rank abandons alone."""
+        if not self.hyper.resolving:
+            return
+        dtype = meas.first_loss.dtype
+        loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+        if self._dist is not None:
+            self.line.origin_global = self._dist.origin_loss(self.line)
+        self.ops.resolution(self.flats, self.line, meas.compute_eps, loss_eps, run=run)
 
     def _close_line(self, meas: Measurement) -> None:
         """After call k·m: every kept closure evaluated at the other positions (user code), the
@@ -534,7 +543,13 @@ class LABPAL(torch.optim.Optimizer):
         self._records.append(record)
         self._measurement = None
         c.acc = 0
-        c.last_end = c.updates
+        if self.hyper.line_fit == "paper" and (reason or "").startswith("abandoned"):
+            # the paper's (the reference's) trigger still holds, warm-up or reuse: measure
+            # again at the next call (docs/algorithm.md, "The authors' code over whole runs")
+            pass
+        else:
+            c.last_end = c.updates
+            c.warm_measured |= c.measure_start_update >= self.hyper.warmup_updates
         if not c.has_rate:
             # an interruption (an exception, raised to the caller) is not the line's failure,
             # nor an overflow while a dynamic loss scale is still finding its level (halved)

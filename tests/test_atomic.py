@@ -255,17 +255,19 @@ def test_the_fault_points_are_every_op_and_line_method():
 def test_every_fault_point_leaves_a_state_before_or_after_the_call(backend, monkeypatch):
     outcomes = _run("raise", monkeypatch)
     # closure and backward faults drop the call; op faults finish it; faults during the line
-    # evaluations (and the ops of the final call before them) end the measurement
+    # evaluations (and the ops of the final call before them: resolve_positions and the saved
+    # origin, call k·m) end the measurement
     assert outcomes["before"] == {"closure", "backward"}, outcomes
     if backend == "triton":  # the fused update's launches
         assert {"_accumulate_kernel", "_direction_kernel", "_reduce_kernel",
-                "_train_update_kernel", "_abandon_kernel", "fit", "set_resolution"} \
-            <= outcomes["after"]
-        assert {"_move_kernel", "_record_kernel", "closure"} <= outcomes["interrupted"]
+                "_train_update_kernel", "_abandon_kernel", "fit"} <= outcomes["after"]
+        assert {"_move_kernel", "_record_kernel", "closure", "set_resolution"} \
+            <= outcomes["interrupted"]
     else:
         assert {"accumulate", "form_direction", "train_update", "train_coef", "abandon_code",
-                "fit", "ulp_sqnorm", "set_resolution"} <= outcomes["after"]
-        assert {"line_move", "record", "closure"} <= outcomes["interrupted"]
+                "fit"} <= outcomes["after"]
+        assert {"line_move", "record", "closure", "ulp_sqnorm", "set_resolution",
+                "save_origin"} <= outcomes["interrupted"]
     # the step check's evaluation is part of the line evaluations
     assert {"check_coef", "record_check"} <= outcomes["interrupted"]
 

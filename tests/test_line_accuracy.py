@@ -220,11 +220,13 @@ def test_the_paper_fit_measures_again_without_falling_back():
 def test_the_resolved_positions_by_hand():
     """lo = max(s₁, K·‖ε·θ‖, min(10⁴·ε_loss·|L₀|/|b|, cap·s₁/s_max)), K = max(4, 10³/√(12n)),
     hi = min(s_max·lo/s₁, max(cap, 2·lo)), cap = max(s_max, min(|L₀|/|b|, max_step_size)), the
-    positions between on a log scale (docs/algorithm.md)."""
+    positions between on a log scale (docs/algorithm.md); the positions as given where they
+    resolve: K·‖ε·θ‖ ≤ s₁ and |b|·s₁ ≥ 10²·ε_loss·|L₀|."""
     from labpal_fast.hyper import Hyper
     from labpal_fast.line import Line
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    literal = 0
     for trial in range(60):  # the largest position below max_step_size, or above it
         top = 0.01 if trial % 2 else 1.0
         h = Hyper(sample_positions=(0.0, 1e-4, top / 10, top))
@@ -246,6 +248,43 @@ def test_the_resolved_positions_by_hand():
         hi = min(top * lo / 1e-4, max(cap, 2 * lo))
         gamma = math.log(hi / lo) / math.log(top / 1e-4)
         expected = [0.0] + [lo * (s / 1e-4) ** gamma for s in (1e-4, top / 10, top)]
+        K = max(4, 1e3 / math.sqrt(12 * count))
+        if K * ulp <= 1e-4 and slope * 1e-4 >= 1e2 * loss_eps * level32:  # they resolve
+            expected, lo = [0.0, 1e-4, top / 10, top], 1e-4
+            literal += 1
         torch.testing.assert_close(line.at, torch.tensor(expected, dtype=torch.float64),
                                    rtol=1e-9, atol=0)
         assert float(line.resolve) == pytest.approx(lo / 1e-4, rel=1e-12)
+    assert 0 < literal < 60  # both outcomes were drawn
+
+
+def _mlp_measurement(dtype, backend, **hyper):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=g)))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 4)).to(dtype)
+    batches = [(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
+               for _ in range(10)]
+    opt = LABPAL(model.parameters(), backend=backend, **hyper)
+    for x, y in batches:
+        opt.step(lambda x=x, y=y: torch.nn.functional.cross_entropy(
+            model(x.to(dtype)).float(), y))
+    return opt.measurements()[0]
+
+
+@pytest.mark.parametrize("backend", ["eager", "ext", "triton"])
+def test_a_small_fp32_model_keeps_the_papers_positions(backend):
+    """Its positions resolve (a coordinate moves by far more than its ulps at 1.77e-4, and the
+    loss changes by far more than its rounding): the default measures where the paper does,
+    with the fit of the literal positions; in bf16 the same model's positions move."""
+    seed = torch.initial_seed()
+    torch.manual_seed(seed)
+    got = _mlp_measurement(torch.float32, backend)
+    torch.manual_seed(seed)
+    literal = _mlp_measurement(torch.float32, backend, resolve_positions=False)
+    assert got["positions"] == [0.0, 1.77e-4, 0.01]
+    assert got["valid"] and literal["valid"]
+    for key in ("a", "b", "s_min", "s_upd", "eta"):
+        assert got[key] == literal[key], key
+    moved = _mlp_measurement(torch.bfloat16, backend)
+    assert moved["positions"][1] > 10 * 1.77e-4

@@ -101,3 +101,24 @@ def test_phase_property_follows_the_calls():
     # calls 0-2 measure (update 1 at call 2); 3,4 train; 5-7 measure again
     assert phases == [("measuring", 0), ("measuring", 0), ("training", 1), ("training", 2),
                       ("training", 3), ("measuring", 3), ("measuring", 3), ("training", 4)]
+
+
+@pytest.mark.parametrize("line_fit", ["paper", "robust"])
+def test_after_an_abandoned_measurement(line_fit):
+    """The paper's variant measures again at the next call when a measurement is abandoned (the
+    reference's trigger, warm-up or reuse, still holds); the default goes back to training for
+    reuse_updates updates. Calls 4 and 11 give a zero gradient (‖d‖ = 0: abandoned).
+    Paper, by hand (k=2, U=3, R=4): 0 measures (update 1); 2,3 train (2,3); 4 is abandoned;
+    5 measures again (4); 7..10 train (5..8); 11 is abandoned; 12 measures again (9).
+    Robust: 4 abandoned, no warm-up retry; 5..8 train (4..7): 4 updates after the abandoned one,
+    so 9 measures (8); 11..14 train (9..12); 15 measures (13)."""
+    quad = Quadratic([4, 3], seed=0, offset=0.3)
+    opt = LABPAL(quad.parameters(), mode="NSGD", line_fit=line_fit, approximation_batches=2,
+                 warmup_updates=3, reuse_updates=4, direction_norm_range=(1e-9, math.inf))
+    for call in range(17):
+        opt.step(lambda scale=0.0 if call in (4, 11) else 1.0: quad() * scale)
+    got = [(r["call"], r["update"], r["reason"] is None) for r in opt.measurements()]
+    if line_fit == "paper":
+        assert got == [(0, 0, True), (4, 3, False), (5, 3, True), (11, 8, False), (12, 8, True)]
+    else:
+        assert got == [(0, 0, True), (4, 3, False), (9, 7, True), (15, 12, True)]
