@@ -232,9 +232,12 @@ def run_training(args, names: Sequence[str]) -> int:
     device = pick_device(args.device)
     ranks = parallel.start(device)
     try:
-        return _train_and_report(args, names, parallel.rank_device(device, ranks), ranks)
-    finally:
-        parallel.stop(ranks)
+        code = _train_and_report(args, names, parallel.rank_device(device, ranks), ranks)
+    except BaseException:
+        parallel.stop(ranks, finished=False)
+        raise
+    parallel.stop(ranks)
+    return code
 
 
 def _train_and_report(args, names: Sequence[str], device: torch.device,

@@ -74,8 +74,14 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
     return torch.device("cuda", ranks.local_rank) if device.type == "cuda" else device
 
 
-def stop(ranks: Ranks) -> None:
+def stop(ranks: Ranks, finished: bool = True) -> None:
+    """Leaves the process group. After a run that finished on every rank, the ranks meet first:
+    a gloo rank that tears down while another still talks to it can abort the process at exit
+    ("terminate called without an active exception"). After a failure, no meeting: the other
+    ranks may never come."""
     if ranks.world > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
