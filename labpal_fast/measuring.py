@@ -190,13 +190,15 @@ class Measuring:
             error += " On this rank: " + not_repeated(first, again, self.hyper.replay_tolerance)
         return error
 
-    def record(self, fit: Optional[Dict[str, Any]], reason: Optional[str], start_call: int,
-               start_update: int, m: int, averaged: bool) -> Dict[str, Any]:
-        """The record of a measurement that ends (`measurement.record_to_python` reads it)."""
+    def record(self, fit: Optional[Dict[str, Any]], reason: Optional[str], counters: Any,
+               averaged: bool) -> Dict[str, Any]:
+        """The record of a measurement that ends (`measurement.record_to_python` reads it);
+        `counters`: the optimizer's, which say when it started."""
         record = dict(fit or {})
-        record.update(call=start_call, update=start_update, m=m, reason=reason,
-                      averaged=averaged, partials=self.line.partials.clone(),
-                      sums=self.line.sums.clone(), counts=self.line.counts.clone())
+        record.update(call=counters.measure_start_call, update=counters.measure_start_update,
+                      m=counters.m, reason=reason, averaged=averaged,
+                      partials=self.line.partials.clone(), sums=self.line.sums.clone(),
+                      counts=self.line.counts.clone())
         return record
 
     # ------------------------------------------------------------------ faults

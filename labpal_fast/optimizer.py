@@ -50,6 +50,34 @@ class Counters:
     measure_start_call: int = 0
     measure_start_update: int = 0
 
+    def measure_now(self, m: int, hyper: Hyper) -> bool:
+        """At an update's first call, with m as the schedule says now: whether a measurement
+        starts (the trigger of docs/algorithm.md)."""
+        return (self.pending or self.calls == 0 or m != self.m
+                or (not self.warm_measured and self.updates >= hyper.warmup_updates)
+                or self.updates - self.last_end >= hyper.reuse_updates)
+
+    def averaged(self, hyper: Hyper) -> bool:
+        """The measurement (running or ending) started after the warm-up: its rate is averaged."""
+        return self.measure_start_update >= hyper.warmup_updates
+
+    def start_measurement(self, m: int, hyper: Hyper) -> None:
+        self.m = m
+        self.pending = False
+        self.measure_start_call = self.calls
+        self.measure_start_update = self.updates
+        if self.updates >= hyper.warmup_updates and hyper.line_fit != "paper":
+            self.warm_measured = True
+
+    def end_measurement(self, reason: Optional[str], hyper: Hyper) -> None:
+        self.acc = 0
+        if hyper.line_fit == "paper" and (reason or "").startswith("abandoned"):
+            # the paper's (the reference's) trigger still holds, warm-up or reuse: measure
+            # again at the next call (docs/algorithm.md, "The authors' code over whole runs")
+            return
+        self.last_end = self.updates
+        self.warm_measured |= self.averaged(hyper)
+
 
 class LABPAL(torch.optim.Optimizer):
     """Large-batch parabolic approximation line search (Mutschler, Laube & Zell, 2021).
@@ -301,12 +329,8 @@ class LABPAL(torch.optim.Optimizer):
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
-        h, c = self.hyper, self.counters
-        m = h.multiplier_at(c.calls, self._calls.ranks)
-        trigger = (c.pending or c.calls == 0 or m != c.m
-                   or (not c.warm_measured and c.updates >= h.warmup_updates)
-                   or c.updates - c.last_end >= h.reuse_updates)
-        return m, trigger
+        m = self.hyper.multiplier_at(self.counters.calls, self._calls.ranks)
+        return m, self.counters.measure_now(m, self.hyper)
 
     def _decays(self) -> List[List[float]]:
         """Per flat, the weight decay of each of its segments (as the groups say now)."""
@@ -393,13 +417,7 @@ class LABPAL(torch.optim.Optimizer):
         return loss
 
     def _start_measurement(self, m: int, compute_eps: float, run: Commit) -> Measurement:
-        c = self.counters
-        c.m = m
-        c.pending = False
-        c.measure_start_call = c.calls
-        c.measure_start_update = c.updates
-        if c.updates >= self.hyper.warmup_updates and self.hyper.line_fit != "paper":
-            c.warm_measured = True
+        self.counters.start_measurement(m, self.hyper)
         run(self.line.reset_samples)
         self._measurement = Measurement(self.hyper.approximation_batches * m, compute_eps)
         return self._measurement
@@ -418,7 +436,7 @@ class LABPAL(torch.optim.Optimizer):
         self._measuring.reduce(meas, again, c.measure_start_call, c.measure_start_update)
         with self._commit() as run:
             end = self._measuring.finish(meas, again, self.hyper.lr_multiplier_at(c.updates),
-                                         self._averaged(), run)
+                                         c.averaged(self.hyper), run)
             if end.fit is not None:
                 c.has_rate |= end.valid
                 if c.has_rate:
@@ -427,24 +445,12 @@ class LABPAL(torch.optim.Optimizer):
         if end.error is not None:
             raise RuntimeError(end.error)
 
-    def _averaged(self) -> bool:
-        """The running measurement started after the warm-up: its rate enters the average."""
-        return self.counters.measure_start_update >= self.hyper.warmup_updates
-
     def _end_measurement(self, reason: Optional[str], run: Commit,
                          fit: Optional[dict] = None) -> None:
         c = self.counters
-        self._records.append(self._measuring.record(
-            fit, reason, c.measure_start_call, c.measure_start_update, c.m, self._averaged()))
+        self._records.append(self._measuring.record(fit, reason, c, c.averaged(self.hyper)))
         self._measurement = None
-        c.acc = 0
-        if self.hyper.line_fit == "paper" and (reason or "").startswith("abandoned"):
-            # the paper's (the reference's) trigger still holds, warm-up or reuse: measure
-            # again at the next call (docs/algorithm.md, "The authors' code over whole runs")
-            pass
-        else:
-            c.last_end = c.updates
-            c.warm_measured |= self._averaged()
+        c.end_measurement(reason, self.hyper)
         if not c.has_rate:
             # an interruption (an exception, raised to the caller) is not the line's failure,
             # nor an overflow while a dynamic loss scale is still finding its level (halved)
