@@ -3,8 +3,10 @@
 The optimizer keeps integer counters only (`Counters`, and a `measurement.Measurement` while
 one runs) and decides with them; every value computed from tensors stays on the device
 (`line.Line`) and every pass over parameter memory is a step of the backend
-(`ops.base.Backend`). Calling the closure is `closures.Closures`', the checkpoint format
-`checkpoint`'s, what is refused and why `guards`'. The host reads a device value exactly
+(`ops.base.Backend`). Calling the closure is `closures.Closures`', a measurement's device
+work (the direction, the line's origin, its evaluations, collective and fit)
+`measuring.Measuring`'s, the checkpoint format `checkpoint`'s, what is refused and why
+`guards`'. The host reads a device value exactly
 twice per measurement: whether to abandon it (after the direction is formed) and whether the
 fit gave a rate. The algorithm as implemented: docs/algorithm.md.
 
