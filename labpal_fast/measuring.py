@@ -4,8 +4,9 @@
 the direction and reads whether to abandon it, saves the line's origin (the positions resolved
 first), evaluates the kept closures along the line, enters the measurement's collective, fits
 and moves to s_upd, and after a fault goes back to the origin. Each method gets the running
-`Measurement`, and the step's `run` where it writes (`commit.Commit`); the object keeps no
-state of its own from call to call.
+`Measurement` and the optimizer's backend `ops` (read at each call: it is `LABPAL.ops`), and
+the step's `run` where it writes (`commit.Commit`); the object keeps no state of its own from
+call to call.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Measuring:
                  process_group: Any, trained: List[torch.Tensor]):
         """The objects the work needs, made at construction: the line's state on the device,
         the model's buffers' snapshot, the collectives of the ranks, and the closure calls."""
-        self.hyper, self.flats, self.ops = hyper, flats, ops
+        self.hyper, self.flats = hyper, flats
         device = flats[0].device
         self.cuda = cuda_indices(f.device for f in flats)
         self.line: Line = ops.make_line(hyper, device)
@@ -58,32 +59,32 @@ class Measuring:
                               trained)
 
     # ------------------------------------------------------------------ calls 1..k·m
-    def form_direction(self, meas: Measurement, decays: List[List[float]], m: int,
+    def form_direction(self, ops: Backend, meas: Measurement, decays: List[List[float]], m: int,
                        run: Commit) -> Optional[str]:
         """Call m: form d (the old one kept to restore); returns why it is abandoned, if it is
         (the old d is then back)."""
         for flat in self.flats:
-            run(self.ops.save_direction, flat)
-        self.ops.direction(self.flats, decays, self.line, m=m, line_terms=True, run=run)
+            run(ops.save_direction, flat)
+        ops.direction(self.flats, decays, self.line, m=m, line_terms=True, run=run)
         meas.formed = True
         code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
         if not code:
             return None
         for flat in self.flats:
-            run(self.ops.restore_direction, flat)
+            run(ops.restore_direction, flat)
         return ABANDON_REASONS[code]
 
-    def save_origin(self, meas: Measurement, run: Commit) -> None:
+    def save_origin(self, ops: Backend, meas: Measurement, run: Commit) -> None:
         """Call k·m: the positions resolved (`_resolve_positions`), then the line's origin, the
         buffers and the RNG, to come back to. From here (a held Ctrl-C included) a fault ends
         the measurement there (`LABPAL._line_faults`, `abort`)."""
-        self._resolve_positions(meas, run)
+        self._resolve_positions(ops, meas, run)
         for flat in self.flats:
-            run(self.ops.save_origin, flat)
+            run(ops.save_origin, flat)
         self.buffers.save()
         meas.line_rng = capture_rng(self.cuda)
 
-    def _resolve_positions(self, meas: Measurement, run: Commit) -> None:
+    def _resolve_positions(self, ops: Backend, meas: Measurement, run: Commit) -> None:
         """Call k·m, before the line evaluations: the positions' factor, on the device
         (Line.set_resolution). Under torch.distributed the loss floor reads every rank's samples
         at s = 0 (one all-reduce), so all move alike; here, where no measurement is abandoned,
@@ -94,32 +95,32 @@ class Measuring:
         loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
         if self.dist is not None:
             self.line.origin_global = self.dist.origin_loss(self.line)
-        self.ops.resolution(self.flats, self.line, meas.compute_eps, loss_eps, run=run)
+        ops.resolution(self.flats, self.line, meas.compute_eps, loss_eps, run=run)
 
     # ------------------------------------------------------------------ the line
-    def evaluate(self, meas: Measurement) -> Optional[torch.Tensor]:
+    def evaluate(self, ops: Backend, meas: Measurement) -> Optional[torch.Tensor]:
         """Every kept closure at the other positions (user code: Ctrl-C is not held back here;
         a fault ends the measurement, `abort`). First, at θ₀ still, the first closure runs
         again: its loss (returned) must be its first one (`finish`)."""
         try:
             meas.repeating = True
             with torch.no_grad():
-                return self._evaluate(meas)
+                return self._evaluate(ops, meas)
         finally:
             meas.repeating = False
 
-    def _evaluate(self, meas: Measurement) -> Optional[torch.Tensor]:
+    def _evaluate(self, ops: Backend, meas: Measurement) -> Optional[torch.Tensor]:
         kept = list(zip(meas.closures, meas.rngs, meas.own_backward))
         again = None
         if self.hyper.replay_tolerance is not None and len(kept) > 1:
             again = self._repeat(*kept[0])
         for j, s in enumerate(self.hyper.line_positions[1:], start=1):
-            self.ops.move(self.flats, self.line.position_coef(s))
+            ops.move(self.flats, self.line.position_coef(s))
             publish(self.flats, call)
             for closure, rng, own in kept:
                 self.line.record(j, self._repeat(closure, rng, own))
         if self.line.checking:  # and at the step the fit proposes (docs: "The step check")
-            self.ops.move(self.flats, self.line.check_coef())
+            ops.move(self.flats, self.line.check_coef())
             publish(self.flats, call)
             for closure, rng, own in kept:
                 self.line.record_check(self._repeat(closure, rng, own))
@@ -144,7 +145,7 @@ class Measuring:
         meas.reduced = True
         self.dist.reduce_line(self.line, start_call, start_update, missed=missed)
 
-    def finish(self, meas: Measurement, again: Optional[torch.Tensor], multiplier: float,
+    def finish(self, ops: Backend, meas: Measurement, again: Optional[torch.Tensor], multiplier: float,
                averaged: bool, run: Commit) -> LineEnd:
         """Buffers and RNG back as after call k·m, then fit, step rule and the move to s_upd, on
         the device; without any rate yet s_upd is 0 and the move lands on θ₀ itself. A first
@@ -157,7 +158,7 @@ class Measuring:
             mismatch = run(self.line.drop_unless_repeated, meas.first_loss, again,
                            self.hyper.replay_tolerance)
         run(self.line.set_multiplier, multiplier)
-        fit = self.ops.finish(self.flats, self.line, averaged, run=run)
+        fit = ops.finish(self.flats, self.line, averaged, run=run)
         publish(self.flats, run)
         # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
         verdict = fit["valid"] if self.dist is None else run(self.dist.code, fit["valid"])
@@ -166,7 +167,7 @@ class Measuring:
         code = int(flags[0])
         if self.dist is not None and code & ERRORS:
             return LineEnd("interrupted: failed across ranks",
-                           self._fail_across_ranks(meas, again, code, run), None)
+                           self._fail_across_ranks(ops, meas, again, code, run), None)
         valid = bool(code & 1)
         if mismatch is not None and flags[1]:
             return LineEnd(f"closure not repeatable: loss {flags[2]:.6g} at its first call, "
@@ -175,12 +176,12 @@ class Measuring:
                            fit, valid)
         return LineEnd(None if valid else "fit invalid", None, fit, valid)
 
-    def _fail_across_ranks(self, meas: Measurement, again: Optional[torch.Tensor], code: int,
-                           run: Commit) -> str:
+    def _fail_across_ranks(self, ops: Backend, meas: Measurement,
+                           again: Optional[torch.Tensor], code: int, run: Commit) -> str:
         """Every rank saw the same failed collective: all go back to the line's origin (as a
         rank whose evaluations raised did). Returns the error to raise."""
         for flat in self.flats:
-            run(self.ops.restore_origin, flat)
+            run(ops.restore_origin, flat)
         publish(self.flats, run)
         run(self.dist.restore_rate, self.line)
         error = self.dist.explain(code)
@@ -202,11 +203,11 @@ class Measuring:
         return record
 
     # ------------------------------------------------------------------ faults
-    def abort(self, meas: Measurement, run: Commit) -> None:
+    def abort(self, ops: Backend, meas: Measurement, run: Commit) -> None:
         """A fault after the origin was saved: θ back at the line's origin (as before the call),
         buffers and RNG as after call k·m."""
         for flat in self.flats:
-            run(self.ops.restore_origin, flat)
+            run(ops.restore_origin, flat)
         publish(self.flats, run)
         self.buffers.restore()
         restore_rng(meas.line_rng)

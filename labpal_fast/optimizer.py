@@ -397,11 +397,12 @@ class LABPAL(torch.optim.Optimizer):
                 for flat in self.flats:
                     run(self.ops.accumulate, flat, first=j == 1)
             else:
-                abandoned = self._measuring.form_direction(meas, self._decays(), m, run)
+                abandoned = self._measuring.form_direction(self.ops, meas, self._decays(), m,
+                                                           run)
                 if abandoned is not None:
                     self._end_measurement(abandoned, run)
             if self._measurement is meas and meas.calls == meas.total:
-                self._measuring.save_origin(meas, run)
+                self._measuring.save_origin(self.ops, meas, run)
         return loss
 
     def _sample_call(self, closure: Callable, meas: Measurement, rng) -> torch.Tensor:
@@ -415,7 +416,7 @@ class LABPAL(torch.optim.Optimizer):
         with self._commit() as run:
             self._keep_call(meas, closure, rng, own, loss, run)
             if meas.calls == meas.total:
-                self._measuring.save_origin(meas, run)
+                self._measuring.save_origin(self.ops, meas, run)
         return loss
 
     def _start_measurement(self, m: int, compute_eps: float, run: Commit) -> Measurement:
@@ -434,10 +435,11 @@ class LABPAL(torch.optim.Optimizer):
         """After call k·m: every kept closure evaluated at the other positions (user code), the
         measurement's collective, then fit, step rule and the move to s_upd in one commit."""
         c = self.counters
-        again = self._measuring.evaluate(meas)
+        again = self._measuring.evaluate(self.ops, meas)
         self._measuring.reduce(meas, again, c.measure_start_call, c.measure_start_update)
         with self._commit() as run:
-            end = self._measuring.finish(meas, again, self.hyper.lr_multiplier_at(c.updates),
+            end = self._measuring.finish(self.ops, meas, again,
+                                         self.hyper.lr_multiplier_at(c.updates),
                                          c.averaged(self.hyper), run)
             if end.fit is not None:
                 c.has_rate |= end.valid
@@ -518,7 +520,7 @@ class LABPAL(torch.optim.Optimizer):
     def _abort_line(self, meas: Measurement, exc: BaseException) -> None:
         """θ back at the line's origin (as before the call), buffers and RNG as after it."""
         with self._commit() as run:
-            self._measuring.abort(meas, run)
+            self._measuring.abort(self.ops, meas, run)
             self._end_measurement(
                 f"interrupted: {type(exc).__name__} during the line evaluations", run)
         self._measuring.join_failed(meas, self.counters.measure_start_call,
