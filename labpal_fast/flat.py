@@ -196,6 +196,13 @@ class Flat:
             s.rebind_grad(p)
 
 
+def publish(flats: Sequence[Flat], run: Callable) -> None:
+    """After a write of θ: fp16 / bf16 parameters ← their fp32 master copy, rounded."""
+    for flat in flats:
+        if flat.master:
+            run(flat.publish)
+
+
 def build_flats(param_groups: Sequence[dict],
                 slot_of: Callable[[torch.Tensor], Slot] = Slot,
                 master: Optional[bool] = None) -> List[Flat]:

@@ -44,7 +44,7 @@ class Measurement:
         self.first_loss: Optional[torch.Tensor] = None  # the first call's loss sample
         self.formed = False               # the direction is formed (the old d kept in origin)
         # set by call k·m, when the line's origin is saved: the random state after that call,
-        # to restore after the line evaluations (`LABPAL._close_line`, `LABPAL._abort_line`)
+        # to restore after the line evaluations (`Measuring.finish`, `Measuring.abort`)
         self.line_rng: Optional[RngState] = None
         self.reduced = False              # its collective was entered (torch.distributed)
         self.repeating = False            # the kept closures are being evaluated again
@@ -78,10 +78,13 @@ def not_repeated(first: float, again: float, tolerance: float) -> str:
         "replay_tolerance raised, for kernels that are not deterministic).")
 
 
-def fallback_fix(reason: Optional[str]) -> str:
-    """What to do about the last of the failed measurements that made LABPAL fall back."""
-    return next((text for key, text in _FALLBACK_FIXES if key in (reason or "")),
-                "see opt.measurements() for each measurement's reason")
+def fallback_warning(reason: Optional[str]) -> str:
+    """Why LABPAL falls back, and what to do about the last of the failed measurements."""
+    fix = next((text for key, text in _FALLBACK_FIXES if key in (reason or "")),
+               "see opt.measurements() for each measurement's reason")
+    return (f"LABPAL: {FAIL_LIMIT} measurements in a row gave no learning rate (last: {reason}); "
+            "training goes on with the safe step s_upd = min(largest measured position, "
+            f"max_step_size) (docs/algorithm.md, 'Falling back'). To fix: {fix}.")
 
 
 def read(values: List[torch.Tensor]) -> List[float]:

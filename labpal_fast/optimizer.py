@@ -3,8 +3,10 @@
 The optimizer keeps integer counters only (`Counters`, and a `measurement.Measurement` while
 one runs) and decides with them; every value computed from tensors stays on the device
 (`line.Line`) and every pass over parameter memory is a step of the backend
-(`ops.base.Backend`). Calling the closure is `closures.Closures`', the checkpoint format
-`checkpoint`'s, what is refused and why `guards`'. The host reads a device value exactly
+(`ops.base.Backend`). Calling the closure is `closures.Closures`', a measurement's device
+work (the direction, the line's origin, its evaluations, collective and fit)
+`measuring.Measuring`'s, the checkpoint format `checkpoint`'s, what is refused and why
+`guards`'. The host reads a device value exactly
 twice per measurement: whether to abandon it (after the direction is formed) and whether the
 fit gave a rate. The algorithm as implemented: docs/algorithm.md.
 
@@ -24,17 +26,15 @@ import torch
 from . import checkpoint, guards
 from . import ops as backends
 from . import shards
-from .closures import Closures
 from .commit import Commit
-from .distributed import ERRORS, Collectives
-from .flat import Flat, build_flats
+from .flat import Flat, build_flats, publish
 from .hyper import NAMES, Hyper
 from .layout import ABANDON_REASONS, Abandon
 from .line import Line
-from .measurement import (FAIL_LIMIT, Measurement, fallback_fix, not_repeated, read,
-                          record_to_python)
+from .measurement import FAIL_LIMIT, Measurement, fallback_warning, record_to_python
+from .measuring import Measuring
 from .resolution import AutocastProbe
-from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
+from .replay import capture_rng
 
 TRAINING, MEASURING = "training", "measuring"
 
@@ -51,6 +51,34 @@ class Counters:
     has_rate: bool = False        # some measurement has produced a rate
     measure_start_call: int = 0
     measure_start_update: int = 0
+
+    def measure_now(self, m: int, hyper: Hyper) -> bool:
+        """At an update's first call, with m as the schedule says now: whether a measurement
+        starts (the trigger of docs/algorithm.md)."""
+        return (self.pending or self.calls == 0 or m != self.m
+                or (not self.warm_measured and self.updates >= hyper.warmup_updates)
+                or self.updates - self.last_end >= hyper.reuse_updates)
+
+    def averaged(self, hyper: Hyper) -> bool:
+        """The measurement (running or ending) started after the warm-up: its rate is averaged."""
+        return self.measure_start_update >= hyper.warmup_updates
+
+    def start_measurement(self, m: int, hyper: Hyper) -> None:
+        self.m = m
+        self.pending = False
+        self.measure_start_call = self.calls
+        self.measure_start_update = self.updates
+        if self.updates >= hyper.warmup_updates and hyper.line_fit != "paper":
+            self.warm_measured = True
+
+    def end_measurement(self, reason: Optional[str], hyper: Hyper) -> None:
+        self.acc = 0
+        if hyper.line_fit == "paper" and (reason or "").startswith("abandoned"):
+            # the paper's (the reference's) trigger still holds, warm-up or reuse: measure
+            # again at the next call (docs/algorithm.md, "The authors' code over whole runs")
+            return
+        self.last_end = self.updates
+        self.warm_measured |= self.averaged(hyper)
 
 
 class LABPAL(torch.optim.Optimizer):
@@ -154,26 +182,17 @@ class LABPAL(torch.optim.Optimizer):
             self.flats: List[Flat] = build_flats(self.param_groups, place.slot_of,
                                                  self.hyper.master_weights)
             self._device = self.flats[0].device
-            self._cuda = cuda_indices(f.device for f in self.flats)
-            self.line: Line = self.ops.make_line(self.hyper, self._device)
-            self._buffers = BufferSnapshot(model)
-            self._dist = Collectives.of(process_group, model, self._device,
-                                        len(self.hyper.line_positions))
-            if self._dist is not None and self.line.checking:
-                # its samples would be each rank's own (the measurement's collective is after)
-                if self.hyper.step_check:
-                    raise ValueError("step_check=True is not supported under torch.distributed "
-                                     "yet: leave it None (off there) or set it False")
-                self.line.checking = False
+            self._measuring = Measuring(self.hyper, self.flats, self.ops, model, process_group,
+                                        trained)
         except BaseException:
             place.undo()
             raise
+        self.line: Line = self._measuring.line
+        self._dist, self._calls = self._measuring.dist, self._measuring.calls
         for group in self.param_groups:
             group["lr"] = self.line.lr
         # which parameters the flats hold: a change of requires_grad is refused at the next step
         self._requires_grad = tuple(p.requires_grad for p in self._params)
-        self._calls = Closures(self.flats, self.ops, self.line,
-                               self.hyper.loss_scale is not None, self._dist, trained)
         self.counters = Counters()
         self._measurement: Optional[Measurement] = None  # held exactly while one runs
         self._records: List[Dict[str, Any]] = []
@@ -312,12 +331,8 @@ class LABPAL(torch.optim.Optimizer):
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
-        h, c = self.hyper, self.counters
-        m = h.multiplier_at(c.calls, self._calls.ranks)
-        trigger = (c.pending or c.calls == 0 or m != c.m
-                   or (not c.warm_measured and c.updates >= h.warmup_updates)
-                   or c.updates - c.last_end >= h.reuse_updates)
-        return m, trigger
+        m = self.hyper.multiplier_at(self.counters.calls, self._calls.ranks)
+        return m, self.counters.measure_now(m, self.hyper)
 
     def _decays(self) -> List[List[float]]:
         """Per flat, the weight decay of each of its segments (as the groups say now)."""
@@ -342,7 +357,7 @@ class LABPAL(torch.optim.Optimizer):
             else:  # the m-th call: form d, move θ along it
                 run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
                 self.ops.update(self.flats, self._decays(), self.line, m=m, run=run)
-                self._publish(run)
+                publish(self.flats, run)
                 c.acc = 0
                 c.updates += 1
         return loss
@@ -353,7 +368,7 @@ class LABPAL(torch.optim.Optimizer):
         loss samples only; call k·m saves the line's origin, and the line is closed."""
         meas = self._measurement
         j = 1 if meas is None else meas.calls + 1
-        rng = capture_rng(self._cuda)
+        rng = capture_rng(self._measuring.cuda)
         with self._line_faults():
             if j <= m:
                 loss = self._gradient_call(closure, m, j, rng)
@@ -382,9 +397,12 @@ class LABPAL(torch.optim.Optimizer):
                 for flat in self.flats:
                     run(self.ops.accumulate, flat, first=j == 1)
             else:
-                self._form_direction(meas, m, run)
+                abandoned = self._measuring.form_direction(self.ops, meas, self._decays(), m,
+                                                           run)
+                if abandoned is not None:
+                    self._end_measurement(abandoned, run)
             if self._measurement is meas and meas.calls == meas.total:
-                self._save_origin(meas, run)
+                self._measuring.save_origin(self.ops, meas, run)
         return loss
 
     def _sample_call(self, closure: Callable, meas: Measurement, rng) -> torch.Tensor:
@@ -398,17 +416,11 @@ class LABPAL(torch.optim.Optimizer):
         with self._commit() as run:
             self._keep_call(meas, closure, rng, own, loss, run)
             if meas.calls == meas.total:
-                self._save_origin(meas, run)
+                self._measuring.save_origin(self.ops, meas, run)
         return loss
 
     def _start_measurement(self, m: int, compute_eps: float, run: Commit) -> Measurement:
-        c = self.counters
-        c.m = m
-        c.pending = False
-        c.measure_start_call = c.calls
-        c.measure_start_update = c.updates
-        if c.updates >= self.hyper.warmup_updates and self.hyper.line_fit != "paper":
-            c.warm_measured = True
+        self.counters.start_measurement(m, self.hyper)
         run(self.line.reset_samples)
         self._measurement = Measurement(self.hyper.approximation_batches * m, compute_eps)
         return self._measurement
@@ -419,137 +431,30 @@ class LABPAL(torch.optim.Optimizer):
         meas.keep(closure, rng, own, loss)
         run(self.line.record, 0, loss)
 
-    def _save_origin(self, meas: Measurement, run: Commit) -> None:
-        """Call k·m: the positions resolved (`_resolve_positions`), then the line's origin, the
-        buffers and the RNG, to come back to. From here (a held Ctrl-C included) a fault ends
-        the measurement there (`_line_faults`)."""
-        self._resolve_positions(meas, run)
-        for flat in self.flats:
-            run(self.ops.save_origin, flat)
-        self._buffers.save()
-        meas.line_rng = capture_rng(self._cuda)
-
-    def _form_direction(self, meas: Measurement, m: int, run: Commit) -> None:
-        """Call m of a measurement: form d (the old one kept to restore); abandon or go on."""
-        for flat in self.flats:
-            run(self.ops.save_direction, flat)
-        self.ops.direction(self.flats, self._decays(), self.line, m=m, line_terms=True,
-                           run=run)
-        meas.formed = True
-        code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
-        if code:
-            for flat in self.flats:
-                run(self.ops.restore_direction, flat)
-            self._end_measurement(ABANDON_REASONS[code], run)
-
-    def _resolve_positions(self, meas: Measurement, run: Commit) -> None:
-        """Call k·m, before the line evaluations: the positions' factor, on the device
-        (Line.set_resolution). Under torch.distributed the loss floor reads every rank's samples
-        at s = 0 (one all-reduce), so all move alike; here, where no measurement is abandoned,
-        the ranks' collectives stay paired even when one rank abandons alone."""
-        if not self.hyper.resolving:
-            return
-        dtype = meas.first_loss.dtype
-        loss_eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-        if self._dist is not None:
-            self.line.origin_global = self._dist.origin_loss(self.line)
-        self.ops.resolution(self.flats, self.line, meas.compute_eps, loss_eps, run=run)
-
     def _close_line(self, meas: Measurement) -> None:
         """After call k·m: every kept closure evaluated at the other positions (user code), the
         measurement's collective, then fit, step rule and the move to s_upd in one commit."""
-        try:
-            meas.repeating = True
-            with torch.no_grad():
-                again = self._evaluate_line(meas)
-        finally:
-            meas.repeating = False
-        self._reduce_line(meas, again)
+        c = self.counters
+        again = self._measuring.evaluate(self.ops, meas)
+        self._measuring.reduce(meas, again, c.measure_start_call, c.measure_start_update)
         with self._commit() as run:
-            self._buffers.restore()
-            restore_rng(meas.line_rng)
-            failed = self._finish_line(meas, again, run)
-        if failed:
-            raise RuntimeError(failed)
-
-    def _evaluate_line(self, meas: Measurement) -> Optional[torch.Tensor]:
-        """Every kept closure at the other positions (user code: Ctrl-C is not held back here;
-        a fault ends the measurement, `_line_faults`). First, at θ₀ still, the first closure
-        runs again: its loss (returned) must be its first one (`_finish_line`)."""
-        kept = list(zip(meas.closures, meas.rngs, meas.own_backward))
-        again = None
-        if self.hyper.replay_tolerance is not None and len(kept) > 1:
-            again = self._repeat(*kept[0])
-        for j, s in enumerate(self.hyper.line_positions[1:], start=1):
-            self.ops.move(self.flats, self.line.position_coef(s))
-            self._publish()
-            for closure, rng, own in kept:
-                self.line.record(j, self._repeat(closure, rng, own))
-        if self.line.checking:  # and at the step the fit proposes (docs: "The step check")
-            self.ops.move(self.flats, self.line.check_coef())
-            self._publish()
-            for closure, rng, own in kept:
-                self.line.record_check(self._repeat(closure, rng, own))
-        return again
-
-    def _repeat(self, closure: Callable, rng, own_backward: bool) -> torch.Tensor:
-        """A kept closure evaluated again, with the random state of its first call."""
-        restore_rng(rng)
-        return self._calls.sample(closure, own_backward)
-
-    def _finish_line(self, meas: Measurement, again: Optional[torch.Tensor],
-                     run: Commit) -> Optional[str]:
-        """Fit, step rule and the move to s_upd, on the device; without any rate yet s_upd is 0
-        and the move lands on θ₀ itself. A first closure that did not repeat its loss makes the
-        fit invalid (its samples are not of one line); then the error to raise is returned."""
-        h, c = self.hyper, self.counters
-        mismatch = None
-        if again is not None and self._dist is None:  # across ranks: checked in _reduce_line
-            mismatch = run(self.line.drop_unless_repeated, meas.first_loss, again,
-                           h.replay_tolerance)
-        run(self.line.set_multiplier, h.lr_multiplier_at(c.updates))
-        record = self.ops.finish(self.flats, self.line, c.measure_start_update >= h.warmup_updates,
-                                 run=run)
-        self._publish(run)
-        # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
-        verdict = record["valid"] if self._dist is None else run(self._dist.code, record["valid"])
-        flags = read([verdict] if mismatch is None else
-                     [verdict, mismatch, meas.first_loss, again])  # host sync 2 of 2
-        code = int(flags[0])
-        if self._dist is not None and code & ERRORS:
-            return self._fail_across_ranks(meas, again, code, run)
-        valid = bool(code & 1)
-        failed = None
-        reason = None if valid else "fit invalid"
-        if mismatch is not None and flags[1]:
-            failed = not_repeated(flags[2], flags[3], h.replay_tolerance)
-            reason = (f"closure not repeatable: loss {flags[2]:.6g} at its first call, "
-                      f"{flags[3]:.6g} again")
-        c.has_rate |= valid
-        if c.has_rate:
-            c.updates += 1
-        self._end_measurement(reason, run, record)
-        return failed
+            end = self._measuring.finish(self.ops, meas, again,
+                                         self.hyper.lr_multiplier_at(c.updates),
+                                         c.averaged(self.hyper), run)
+            if end.fit is not None:
+                c.has_rate |= end.valid
+                if c.has_rate:
+                    c.updates += 1
+            self._end_measurement(end.reason, run, end.fit)
+        if end.error is not None:
+            raise RuntimeError(end.error)
 
     def _end_measurement(self, reason: Optional[str], run: Commit,
-                         record: Optional[dict] = None) -> None:
+                         fit: Optional[dict] = None) -> None:
         c = self.counters
-        record = dict(record or {})
-        record.update(call=c.measure_start_call, update=c.measure_start_update,
-                      m=c.m, reason=reason,
-                      averaged=c.measure_start_update >= self.hyper.warmup_updates,
-                      partials=self.line.partials.clone(), sums=self.line.sums.clone(),
-                      counts=self.line.counts.clone())
-        self._records.append(record)
+        self._records.append(self._measuring.record(fit, reason, c, c.averaged(self.hyper)))
         self._measurement = None
-        c.acc = 0
-        if self.hyper.line_fit == "paper" and (reason or "").startswith("abandoned"):
-            # the paper's (the reference's) trigger still holds, warm-up or reuse: measure
-            # again at the next call (docs/algorithm.md, "The authors' code over whole runs")
-            pass
-        else:
-            c.last_end = c.updates
-            c.warm_measured |= c.measure_start_update >= self.hyper.warmup_updates
+        c.end_measurement(reason, self.hyper)
         if not c.has_rate:
             # an interruption (an exception, raised to the caller) is not the line's failure,
             # nor an overflow while a dynamic loss scale is still finding its level (halved)
@@ -571,52 +476,9 @@ class LABPAL(torch.optim.Optimizer):
         run(self.line.fall_back)
         self.counters.has_rate = True
         self._failures = 0
-        if self._warned_fallback:
-            return
-        self._warned_fallback = True
-        fix = fallback_fix(reason)
-        warnings.warn(
-            f"LABPAL: {FAIL_LIMIT} measurements in a row gave no learning rate (last: {reason}); "
-            "training goes on with the safe step s_upd = min(largest measured position, "
-            f"max_step_size) (docs/algorithm.md, 'Falling back'). To fix: {fix}.",
-            RuntimeWarning, stacklevel=4)
-
-    # ------------------------------------------------------------------ distributed
-    def _reduce_line(self, meas: Measurement, again: Optional[torch.Tensor]) -> None:
-        """After the line evaluations: the measurement's one collective (global samples). The
-        first closure's repeat is checked here, on this rank's samples, and its verdict travels
-        with them (a closure that does not repeat on one rank fails the measurement on all)."""
-        if self._dist is None:
-            return
-        missed = None
-        if again is not None:
-            missed = self.line.drop_unless_repeated(meas.first_loss, again,
-                                                    self.hyper.replay_tolerance)
-        meas.reduced = True
-        self._dist.reduce_line(self.line, self.counters.measure_start_call,
-                               self.counters.measure_start_update, missed=missed)
-
-    def _fail_across_ranks(self, meas: Measurement, again: Optional[torch.Tensor], code: int,
-                           run: Commit) -> str:
-        """Every rank saw the same failed collective: all end the measurement at the line's
-        origin (as a rank whose evaluations raised did). Returns the error to raise."""
-        for flat in self.flats:
-            run(self.ops.restore_origin, flat)
-        self._publish(run)
-        run(self._dist.restore_rate, self.line)
-        error = self._dist.explain(code)
-        if self._dist.missed_here():  # this rank's closure did not repeat: say how to fix it
-            first, again = torch.stack([meas.first_loss.double().reshape(()),
-                                        again.double().reshape(())]).tolist()
-            error += " On this rank: " + not_repeated(first, again, self.hyper.replay_tolerance)
-        self._end_measurement("interrupted: failed across ranks", run)
-        return error
-
-    def _publish(self, run: Callable = backends.base.call) -> None:
-        """After a write of θ: fp16 / bf16 parameters ← their fp32 master copy, rounded."""
-        for flat in self.flats:
-            if flat.master:
-                run(flat.publish)
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(fallback_warning(reason), RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ faults
     @contextmanager
@@ -658,21 +520,11 @@ class LABPAL(torch.optim.Optimizer):
     def _abort_line(self, meas: Measurement, exc: BaseException) -> None:
         """θ back at the line's origin (as before the call), buffers and RNG as after it."""
         with self._commit() as run:
-            for flat in self.flats:
-                run(self.ops.restore_origin, flat)
-            self._publish(run)
-            self._buffers.restore()
-            restore_rng(meas.line_rng)
+            self._measuring.abort(self.ops, meas, run)
             self._end_measurement(
                 f"interrupted: {type(exc).__name__} during the line evaluations", run)
-        if self._dist is not None and not meas.reduced:
-            # the other ranks are on their way to the measurement's collective: join it with
-            # the error flag up, so they end the measurement too instead of timing out
-            try:
-                self._dist.join_failed(self.line, self.counters.measure_start_call,
-                                       self.counters.measure_start_update)
-            except Exception:
-                pass  # the original exception is the one to raise
+        self._measuring.join_failed(meas, self.counters.measure_start_call,
+                                    self.counters.measure_start_update)
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict) -> None:
