@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 TORCH  ?= $(shell grep '^torch==' $(CONSTRAINTS))
 
-.PHONY: setup demo test test-all bench gpu-verify clean suite suite-quick suite-labpal suite-baselines
+.PHONY: setup demo test test-all bench gpu-verify check-figures clean suite suite-quick suite-labpal suite-baselines
 
 # csrc/: the editable install builds the compiled extension labpal_fast._C; rebuild on change
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
@@ -67,7 +67,7 @@ suite-baselines: $(VENV)/.suite  # rewrites benchmarks/suite/baselines.jsonl (~3
 # wheel, the framework integrations (their packages come with .installed-all) and the multi-rank
 # suites (gloo process groups). pytest's exit code 5 (no tests ran) fails both.
 TEST_ALL_ONLY := tests/test_install.py tests/test_integration_*.py tests/test_distributed.py \
-	tests/test_fsdp.py
+	tests/test_fsdp.py tests/test_docs_ranks.py
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests $(addprefix --ignore=,$(wildcard $(TEST_ALL_ONLY)))
 
@@ -79,6 +79,12 @@ test-all: $(VENV)/.installed-all
 GPU_VERIFY_ARGS ?=
 gpu-verify: $(VENV)/.installed-all  # without --records it runs the tests (all but test_install)
 	$(PY) tools/gpu_verify.py $(GPU_VERIFY_ARGS)
+
+# the documentation's tables that cheap scripts print, rerun and compared (tools/check_figures.py:
+# what it covers and what not); CHECK_FIGURES_ARGS="--write" puts the fresh tables in the pages
+CHECK_FIGURES_ARGS ?=
+check-figures: $(VENV)/.installed  # ~5 min on 2 idle cores: the demo, two small digits runs
+	$(PY) tools/check_figures.py $(CHECK_FIGURES_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q -s benchmarks --benchmark-enable --benchmark-columns=min,median,mean,rounds

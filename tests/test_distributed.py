@@ -76,7 +76,7 @@ def train(model, called, opt, batches, rank: int, ranks: int, start: int = 0):
 
 def local(record) -> bool:
     """Records of measurements that ended before the line's collective (abandoned, interrupted)
-    hold the rank's own loss samples at position 0 (README)."""
+    hold the rank's own loss samples at position 0 (docs/distributed.md)."""
     return bool(record["reason"]) and record["reason"].split(":")[0] in ("abandoned", "interrupted")
 
 

@@ -1,4 +1,4 @@
-"""Mixed precision (README, "Mixed precision"): built-in loss scaling, GradScaler refused,
+"""Mixed precision (docs/mixed_precision.md): built-in loss scaling, GradScaler refused,
 bf16 autocast, fp32 master weights for fp16 / bf16 parameters.
 
 Oracles: a power-of-two loss scale is exact in floating point, so a scaled run is the fp32 run;

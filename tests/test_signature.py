@@ -1,5 +1,5 @@
 """The hyper-parameters are written once, in LABPAL.__init__'s signature: `Hyper`, the class
-docstring's Args, the README's table and the command's flags must name the same ones with the
+docstring's Args, the hyper-parameter table of docs/usage.md and the command's flags must name the same ones with the
 same defaults (a test that fails when one of them drifts)."""
 import ast
 import dataclasses
@@ -49,10 +49,10 @@ def test_the_class_docstring_names_every_argument_in_order():
     assert named == ["params", *_keywords()]
 
 
-def _readme_table():
-    """(name, default) per row of README's hyper-parameter table, in order."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Hyper-parameters"):]
+def _docs_table():
+    """(name, default) per row of docs/usage.md's hyper-parameter table, in order."""
+    text = (ROOT / "docs" / "usage.md").read_text()
+    section = text[text.index("## Hyper-parameters"):]
     rows = [line for line in section.splitlines()[1:] if line.startswith("| `")]
     out = []
     for row in rows:
@@ -64,8 +64,8 @@ def _readme_table():
     return out
 
 
-def test_the_readme_table_lists_every_hyper_parameter_with_its_default():
-    assert _readme_table() == [(name, getattr(Hyper(), name)) for name in NAMES]
+def test_the_docs_table_lists_every_hyper_parameter_with_its_default():
+    assert _docs_table() == [(name, getattr(Hyper(), name)) for name in NAMES]
 
 
 def test_the_command_has_a_flag_for_every_hyper_parameter():

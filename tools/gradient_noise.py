@@ -1,6 +1,6 @@
 """The gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al., 2018, "An empirical model
 of large-batch training") along an Adam(1e-3) run of each built-in task, beside the paper's
-noise factor ν = (128/b)·(N/40000) that sets LABPAL's m (README, "Quality without tuning").
+noise factor ν = (128/b)·(N/40000) that sets LABPAL's m (docs/paper_and_quality.md, "Quality without tuning").
 
 At 0, ¼, ½ and all of the task's default steps: 16 gradients of batch b (drawn with replacement
 from the training split), |G|² and tr(Σ) from the unbiased two-batch-size estimators with the

@@ -4,7 +4,7 @@ For each case (a model, its dtype or autocast, its batches) and each fit variant
 measurement is taken (k·m = 10 closures, m = 1) and its fitted a and b are compared with the
 exact line ℓ(s) = L(θ₀ − s·d/‖d‖) over the same 10 batches, evaluated in fp64 at θ₀ and d as
 the optimizer holds them (a quadratic in s for these models, so three fp64 points give it
-exactly). Prints a Markdown table (README "What differs from the paper").
+exactly). Prints a Markdown table (docs/paper_and_quality.md, "What differs from the paper").
 
     PYTHONPATH=$PWD python tools/line_accuracy.py            # all cases, a minute or two
     PYTHONPATH=$PWD python tools/line_accuracy.py --quick    # 1M instead of 10M parameters

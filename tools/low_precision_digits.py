@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python tools/low_precision_digits.py [--steps 1500]
 
 Prints, per precision and line_fit, the final validation accuracy and how many measurements
-gave a rate (README "What differs from the paper").
+gave a rate (docs/paper_and_quality.md, "What differs from the paper";
+tools/check_figures.py compares it with the page).
 """
 from __future__ import annotations
 

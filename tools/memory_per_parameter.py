@@ -1,5 +1,5 @@
-"""Bytes per parameter that LABPAL holds, by parameter dtype and master weights (README,
-"Mixed precision"): every buffer of its flats (the model's parameters and gradients are views
+"""Bytes per parameter that LABPAL holds, by parameter dtype and master weights (docs/
+mixed_precision.md): every buffer of its flats (the model's parameters and gradients are views
 into them, so they are counted), after a measurement and a few updates.
 
     PYTHONPATH=. .venv/bin/python tools/memory_per_parameter.py

@@ -1,4 +1,4 @@
-"""The README's mixed-precision figures (outside CI: about a minute per run on 2 CPU cores):
+"""The mixed-precision figures of docs/mixed_precision.md (outside CI: about a minute per run on 2 CPU cores):
 a 64-64-10 MLP on sklearn's digits (1400 train / 397 test, batch 32, 600 closure calls,
 reuse_updates=100, warmup_updates=50), in fp32, under bf16 autocast, and with bf16 parameters
 with and without master weights; test accuracy and the measurements' validity.
@@ -13,8 +13,12 @@ from sklearn.datasets import load_digits
 from labpal_fast import LABPAL
 
 WIDE = dict(sample_positions=(0.0, 0.02, 0.1))  # positions a bf16 parameter copy resolves
-RUNS = [("fp32", {}), ("autocast", {}), ("bf16", {}), ("bf16", WIDE),
-        ("bf16", dict(WIDE, master_weights=False))]
+# (kind, hyper-parameters, the run's label in docs/mixed_precision.md's table)
+RUNS = [("fp32", {}, "fp32, defaults"), ("autocast", {}, "bf16 autocast, defaults"),
+        ("bf16", {}, "bf16 parameters, master weights, defaults"),
+        ("bf16", WIDE, "bf16 parameters, master weights, `sample_positions=(0, 0.02, 0.1)`"),
+        ("bf16", dict(WIDE, master_weights=False),
+         "bf16 parameters, `master_weights=False`, same positions")]
 
 
 def run(kind: str, steps: int = 600, **hyper) -> str:
@@ -42,9 +46,11 @@ def run(kind: str, steps: int = 600, **hyper) -> str:
         acc = (net(x_all[test].to(dtype)).argmax(1) == y_all[test]).double().mean().item()
     records = opt.measurements()
     valid = sum(r["valid"] for r in records)
-    return f"{kind:8s} {str(hyper):70s} accuracy {acc:.3f}, valid {valid}/{len(records)}"
+    return f"{acc:.1%} | {valid}/{len(records)}"
 
 
 if __name__ == "__main__":
-    for kind, hyper in RUNS:
-        print(run(kind, **hyper), flush=True)
+    print("| run | accuracy | valid |")
+    print("|---|---|---|")
+    for kind, hyper, label in RUNS:
+        print(f"| {label} | {run(kind, **hyper)} |", flush=True)

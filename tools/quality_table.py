@@ -1,4 +1,4 @@
-"""Regenerates the README's quality table (outside CI: about an hour on 2 CPU cores).
+"""Regenerates the quality table of docs/paper_and_quality.md (outside CI: about an hour on 2 CPU cores).
 
 Every built-in task (and a small-batch variant) with several seeds, each optimizer at its
 defaults, through `labpal-fast compare` (same data, same start, same batches for all of them).
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 from table_output import save_and_print  # tools/table_output.py (the script's folder)
 
 # name in the table: (task, batch size or None for the task's own, extra arguments). The last
-# one is not a default but what was tried where LABPAL misses Adam (README): charlm with one
+# one is not a default but what was tried where LABPAL misses Adam (docs/paper_and_quality.md): charlm with one
 # inference batch per update instead of the noise factor's m = 8.
 VARIANTS = {"digits": ("digits", None, ()), "spirals": ("spirals", None, ()),
             "charlm": ("charlm", None, ()), "digits-b16": ("digits", 16, ()),
