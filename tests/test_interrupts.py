@@ -98,8 +98,12 @@ def interrupted_at(name, kind, at):
     start = snapshot(params)
     try:
         step(opt, params, before, Events(kind, at))
-    except BaseException:  # KeyboardInterrupt, or what torch made of it (see the test)
+    except BaseException:  # KeyboardInterrupt, or what torch made of it
         pass
+    finally:
+        # a Ctrl-C inside torch.no_grad's __exit__ leaves grad mode off for the process
+        # (torch's, not LABPAL's: its steps set the mode they need); not for the later tests
+        torch.set_grad_enabled(True)
     return start, params, opt
 
 
