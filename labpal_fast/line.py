@@ -124,14 +124,22 @@ class Line:
         self.skipped_samples.add_(~finite)
 
     def drop_unless_repeated(self, first: torch.Tensor, again: torch.Tensor,
-                             tolerance: float) -> torch.Tensor:
+                             tolerance: float, last: Optional[torch.Tensor] = None,
+                             late: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Whether a closure evaluated again at θ₀ missed its first (finite) loss by more than
-        `tolerance` relative; then every sample is dropped, so the fit is invalid and no rate
-        comes from samples that are not of one line."""
+        `tolerance` relative, or came nearer to the `last` kept closure's first loss than to its
+        own (late-bound: it computes the latest batch's), or `late` (nonzero: a variable it
+        reads changed, `binding.check`); then every sample is dropped, so the fit is invalid
+        and no rate comes from samples that are not of one line."""
         first = first.detach().reshape(()).to(self.sums)
         again = again.detach().reshape(()).to(self.sums)
         close = (again - first).abs() <= tolerance * torch.maximum(first.abs(), again.abs())
+        if last is not None:
+            last = last.detach().reshape(()).to(self.sums)
+            close &= ~((again - last).abs() < (again - first).abs())  # a NaN is not nearer
         missed = torch.isfinite(first) & ~close  # NaN again: missed
+        if late is not None:
+            missed |= late.to(self.sums.device) != 0
         self.counts.mul_(~missed)
         self.sums.mul_(~missed)
         return missed

@@ -9,10 +9,11 @@ outlives it is in the optimizer's `Counters` (saved in a state_dict) and in its 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .binding import Read
 from .hyper import Hyper
 from .layout import Partial
 from .replay import RngState
@@ -41,7 +42,15 @@ class Measurement:
         self.closures: List[Callable] = []
         self.rngs: List[RngState] = []    # the random state before each closure's call
         self.own_backward: List[bool] = []  # per kept closure: it runs backward() itself
-        self.first_loss: Optional[torch.Tensor] = None  # the first call's loss sample
+        # copies (a CUDA graph's replay overwrites the loss it returned): the first call's loss
+        # sample, and the last call's, which a late-bound first closure gives again
+        self.first_loss: Optional[torch.Tensor] = None
+        self.last_loss: Optional[torch.Tensor] = None
+        self.reads: List[Tuple[Read, ...]] = []  # per kept closure: what its code read
+        # set before the repeats (`binding.check`): the variables compared, and a device code,
+        # i + 1 for the first of them that changed since its closure's first call, 0 for none
+        self.late_names: List[str] = []
+        self.late: Optional[torch.Tensor] = None
         self.formed = False               # the direction is formed (the old d kept in origin)
         # set by call k·m, when the line's origin is saved: the random state after that call,
         # to restore after the line evaluations (`Measuring.finish`, `Measuring.abort`)
@@ -55,27 +64,72 @@ class Measurement:
         return len(self.closures)
 
     def keep(self, closure: Callable, rng: RngState, own_backward: bool,
-             loss: torch.Tensor) -> None:
-        """A call of this measurement: its closure, its random state and its loss at θ₀."""
+             loss: torch.Tensor, reads: Tuple[Read, ...] = ()) -> None:
+        """A call of this measurement: its closure, its random state, its loss at θ₀ and what
+        its code read (`binding.record`)."""
         if not self.closures:
-            self.first_loss = loss
+            self.first_loss = loss.clone()
         self.closures.append(closure)
         self.rngs.append(rng)
         self.own_backward.append(own_backward)
+        self.reads.append(reads)
+        if self.calls == self.total:
+            self.last_loss = loss.clone()
+
+
+_BIND = ("A measurement evaluates each closure again, so each must compute the loss of its own "
+         "batch: bind the batch when the closure is made (`def closure(x=x, y=y): ...` or "
+         "functools.partial; a closure reading the loop's x, y sees the latest batch)")
+_DISCARDED = ("The fit of this measurement was discarded; stepping may go on once the closure is "
+              "fixed")
+
+
+def _gave(again: float) -> str:
+    return ("the closure did not repeat its loss: evaluated again at the same parameters and with "
+            "the same random state, the first closure of this measurement gave " + f"{again:.6g}")
 
 
 def not_repeated(first: float, again: float, tolerance: float) -> str:
     """The error of a measurement whose first closure gave another loss when evaluated again."""
     return (
-        f"the closure did not repeat its loss: evaluated again at the same parameters and with "
-        f"the same random state, the first closure of this measurement gave {again:.6g}, not "
-        f"{first:.6g} (relative tolerance replay_tolerance={tolerance:g}). A measurement "
-        "evaluates each closure again, so each must compute the loss of its own batch: bind the "
-        "batch when the closure is made (`def closure(x=x, y=y): ...` or functools.partial; a "
-        "closure reading the loop's x, y sees the latest batch), and draw random numbers only "
-        "from torch, Python's random or numpy's global generator (they are replayed). The fit "
-        "of this measurement was discarded; stepping may go on once the closure is fixed (or "
-        "replay_tolerance raised, for kernels that are not deterministic).")
+        f"{_gave(again)}, not {first:.6g} (relative tolerance replay_tolerance={tolerance:g}). "
+        f"{_BIND}, and draw random numbers only from torch, Python's random or numpy's global "
+        f"generator (they are replayed). {_DISCARDED} (or replay_tolerance raised, for kernels "
+        "that are not deterministic).")
+
+
+def late_bound(name: str) -> str:
+    """The error of a measurement whose closure reads a variable that changed since its call."""
+    return (
+        f"the closure did not repeat its loss: it reads `{name}` when it runs, and `{name}` holds "
+        "another tensor (or was written in place) since the closure's first call, so evaluated "
+        f"again it computes the loss of another batch (late binding). {_BIND}; a tensor refilled "
+        "in place (x_static.copy_(batch)) cannot be bound: give each closure a batch of its "
+        f"own. {_DISCARDED} (replay_tolerance=None turns this check off).")
+
+
+def nearer_last(first: float, again: float, last: float) -> str:
+    """The error of a measurement whose first closure gave again the last closure's loss."""
+    return (
+        f"{_gave(again)}, nearer to the last closure's first loss {last:.6g} than to its own "
+        f"{first:.6g}: it computes the latest batch's loss (late binding, e.g. a batch read from "
+        f"an attribute such as self.x). {_BIND}. {_DISCARDED} (replay_tolerance=None turns this "
+        "check off).")
+
+
+def repeat_failure(first: float, again: float, last: float, late: float, names: List[str],
+                   tolerance: float) -> Tuple[str, str]:
+    """The error and the record's reason of a measurement whose first closure did not repeat
+    its loss (`Line.drop_unless_repeated`), from the values its host read gave."""
+    if late:
+        name = names[int(late) - 1]
+        return late_bound(name), (f"closure not repeatable: it reads `{name}`, changed since "
+                                  "its first call (late binding)")
+    reason = f"closure not repeatable: loss {first:.6g} at its first call, {again:.6g} again"
+    if abs(again - last) < abs(again - first):
+        return (nearer_last(first, again, last),
+                f"{reason}, nearer the last closure's {last:.6g} (late binding)")
+    return not_repeated(first, again, tolerance), reason
 
 
 def fallback_warning(reason: Optional[str]) -> str:

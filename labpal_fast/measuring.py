@@ -22,7 +22,8 @@ from .flat import Flat, publish
 from .hyper import Hyper
 from .layout import ABANDON_REASONS
 from .line import Line
-from .measurement import Measurement, not_repeated, read
+from . import binding
+from .measurement import Measurement, read, repeat_failure
 from .ops.base import Backend, call
 from .replay import BufferSnapshot, capture_rng, cuda_indices, restore_rng
 
@@ -113,7 +114,9 @@ class Measuring:
         kept = list(zip(meas.closures, meas.rngs, meas.own_backward))
         again = None
         if self.hyper.replay_tolerance is not None and len(kept) > 1:
-            again = self._repeat(*kept[0])
+            # before the closures run again: did a variable they read change? (late binding)
+            meas.late_names, meas.late = binding.check(meas.reads, self.line.sums.device)
+            again = self._repeat(*kept[0]).clone()  # kept across the repeats (CUDA graphs)
         for j, s in enumerate(self.hyper.line_positions[1:], start=1):
             ops.move(self.flats, self.line.position_coef(s))
             publish(self.flats, call)
@@ -141,7 +144,8 @@ class Measuring:
         missed = None
         if again is not None:
             missed = self.line.drop_unless_repeated(meas.first_loss, again,
-                                                    self.hyper.replay_tolerance)
+                                                    self.hyper.replay_tolerance,
+                                                    meas.last_loss, meas.late)
         meas.reduced = True
         self.dist.reduce_line(self.line, start_call, start_update, missed=missed)
 
@@ -156,24 +160,23 @@ class Measuring:
         mismatch = None
         if again is not None and self.dist is None:  # across ranks: checked in `reduce`
             mismatch = run(self.line.drop_unless_repeated, meas.first_loss, again,
-                           self.hyper.replay_tolerance)
+                           self.hyper.replay_tolerance, meas.last_loss, meas.late)
         run(self.line.set_multiplier, multiplier)
         fit = ops.finish(self.flats, self.line, averaged, run=run)
         publish(self.flats, run)
         # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
         verdict = fit["valid"] if self.dist is None else run(self.dist.code, fit["valid"])
-        flags = read([verdict] if mismatch is None else
-                     [verdict, mismatch, meas.first_loss, again])  # host sync 2 of 2
+        flags = read([verdict] if mismatch is None else [verdict, mismatch, meas.first_loss, again,
+                                                         meas.last_loss, meas.late])  # sync 2 of 2
         code = int(flags[0])
         if self.dist is not None and code & ERRORS:
             return LineEnd("interrupted: failed across ranks",
                            self._fail_across_ranks(ops, meas, again, code, run), None)
         valid = bool(code & 1)
         if mismatch is not None and flags[1]:
-            return LineEnd(f"closure not repeatable: loss {flags[2]:.6g} at its first call, "
-                           f"{flags[3]:.6g} again",
-                           not_repeated(flags[2], flags[3], self.hyper.replay_tolerance),
-                           fit, valid)
+            error, reason = repeat_failure(*flags[2:], meas.late_names,
+                                           self.hyper.replay_tolerance)
+            return LineEnd(reason, error, fit, valid)
         return LineEnd(None if valid else "fit invalid", None, fit, valid)
 
     def _fail_across_ranks(self, ops: Backend, meas: Measurement,
@@ -186,9 +189,9 @@ class Measuring:
         run(self.dist.restore_rate, self.line)
         error = self.dist.explain(code)
         if self.dist.missed_here():  # this rank's closure did not repeat: say how to fix it
-            first, again = torch.stack([meas.first_loss.double().reshape(()),
-                                        again.double().reshape(())]).tolist()
-            error += " On this rank: " + not_repeated(first, again, self.hyper.replay_tolerance)
+            values = read([meas.first_loss, again, meas.last_loss, meas.late])
+            error += " On this rank: " + repeat_failure(*values, meas.late_names,
+                                                        self.hyper.replay_tolerance)[0]
         return error
 
     def record(self, fit: Optional[Dict[str, Any]], reason: Optional[str], counters: Any,

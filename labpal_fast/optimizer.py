@@ -16,6 +16,8 @@ stretch of user code after them, the line evaluations, ends the measurement on a
 """
 from __future__ import annotations
 
+import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from . import checkpoint, guards
+from . import binding, checkpoint, guards
 from . import ops as backends
 from . import shards
 from .commit import Commit
@@ -122,7 +124,7 @@ class LABPAL(torch.optim.Optimizer):
         direction_norm_range: (low, high): a measurement is abandoned when ‖d‖ is outside.
         epsilon: the floor of s_upd, η and of ‖d‖ in divisions.
         replay_tolerance: the relative difference allowed when a measurement's first closure
-            is evaluated again (None: no check).
+            is evaluated again (None: no check, nor the late-binding checks, `binding`).
         lr_multiplier_schedule: (update, factor) points of a factor on the measured rate,
             linear between them.
         max_grad_norm: clips ḡ by its global L2 norm before it enters d (None: no clipping).
@@ -196,7 +198,7 @@ class LABPAL(torch.optim.Optimizer):
         self.counters = Counters()
         self._measurement: Optional[Measurement] = None  # held exactly while one runs
         self._records: List[Dict[str, Any]] = []
-        self._stepping = False     # step() is running (it is not re-entrant)
+        self._stepping: Optional[int] = None  # the thread running step() (not re-entrant)
         self._broken: Optional[str] = None  # why steps are refused (a step left half-made)
         self._failures = 0  # measurements in a row that gave no rate while none exists
         self._warned_fallback = False
@@ -207,6 +209,7 @@ class LABPAL(torch.optim.Optimizer):
         self.param_groups = [guards.Group(group) for group in self.param_groups]
         guards.check_groups(self.param_groups, NAMES)
         self._params = [p for group in self.param_groups for p in group["params"]]
+        self._param_ids = frozenset(map(id, self._params))  # not batches (`binding.record`)
         trained = [p for p in self._params if p.requires_grad]
         if not trained:
             raise ValueError("params: LABPAL got no parameter that requires grad")
@@ -274,7 +277,7 @@ class LABPAL(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             guards.refuse_compile()
         self._check_can_step()
-        self._stepping = True
+        self._stepping = threading.get_ident()
         try:
             for flat in self.flats:
                 flat.attach_params()
@@ -286,7 +289,7 @@ class LABPAL(torch.optim.Optimizer):
                 return self._measure_call(closure, m)
             return self._train_call(closure, m)
         finally:
-            self._stepping = False
+            self._stepping = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Accelerate's fp16 wrapper (AcceleratedOptimizer with a GradScaler) replaces step()
@@ -319,14 +322,33 @@ class LABPAL(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ phases
     def _check_can_step(self) -> None:
-        if self._stepping:
-            raise RuntimeError("LABPAL.step() was called while a step was running (from its "
-                               "closure?): a closure only runs the forward pass and returns the "
-                               "loss; call step() once per batch, outside the closure")
+        if self._stepping is not None:
+            self._refuse_if_stepping()
         if self._broken is not None:
             raise RuntimeError(self._broken)
         if tuple(p.requires_grad for p in self._params) != self._requires_grad:
             guards.refuse_requires_grad_change(self._params, self._requires_grad)
+
+    def _refuse_if_stepping(self) -> None:
+        """The flag says a step() runs: refused if one of this optimizer's does, on this thread
+        (called from its closure) or on another. Else the flag is stale (a Ctrl-C delivered as
+        step() cleared it: CPython runs the handler between any two bytecodes) and is cleared.
+        Only on this rare path are stacks read."""
+        holder, here = self._stepping, threading.get_ident()
+        frame = sys._getframe() if holder == here else sys._current_frames().get(holder)
+        running = 0
+        while frame is not None:
+            running += frame.f_code is _STEP_CODE and frame.f_locals.get("self") is self
+            frame = frame.f_back
+        if holder == here and running > 1:  # this call's own step() frame is one
+            raise RuntimeError("LABPAL.step() was called while a step was running (from its "
+                               "closure?): a closure only runs the forward pass and returns the "
+                               "loss; call step() once per batch, outside the closure")
+        if holder != here and running:
+            raise RuntimeError(f"LABPAL.step() was called on thread {here} while thread {holder} "
+                               "runs a step of this optimizer: step() is not thread-safe; call "
+                               "it from one thread at a time")
+        self._stepping = None
 
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
@@ -428,7 +450,9 @@ class LABPAL(torch.optim.Optimizer):
     def _keep_call(self, meas: Measurement, closure: Callable, rng, own: bool,
                    loss: torch.Tensor, run: Commit) -> None:
         self.counters.calls += 1
-        meas.keep(closure, rng, own, loss)
+        checked = self.hyper.replay_tolerance is not None
+        meas.keep(closure, rng, own, loss,
+                  binding.record(closure, self._param_ids) if checked else ())
         run(self.line.record, 0, loss)
 
     def _close_line(self, meas: Measurement) -> None:
@@ -547,3 +571,8 @@ class LABPAL(torch.optim.Optimizer):
         ValueError naming the entry and leaves the optimizer and the parameters as they were.
         torch's load-state-dict hooks run as on any optimizer."""
         checkpoint.load_state_dict(self, state_dict)
+
+
+# the code of LABPAL.step itself, as torch's Optimizer wraps `step` in the class once an
+# instance exists (`LABPAL._refuse_if_stepping` looks for frames running it)
+_STEP_CODE = vars(LABPAL)["step"].__code__

@@ -29,3 +29,12 @@ def backend(request, monkeypatch):
         pytest.skip(f"backend {request.param!r} cannot run here: {reason}")
     monkeypatch.setenv("LABPAL_FAST_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Ops on tiny tensors run fastest on one thread (and wait on no busy core's other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
