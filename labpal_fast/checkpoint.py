@@ -114,7 +114,8 @@ def _labpal_entry(state_dict: Mapping):
     groups = state_dict["param_groups"]
     first = groups[0] if isinstance(groups, Sequence) and groups else None
     if not isinstance(first, Mapping) or "labpal" not in first:
-        raise ValueError(f"{path} is missing: the state was not saved by LABPAL.state_dict()")
+        raise ValueError(f"{path} is missing (versions 1-3: state_dict['labpal']): the state "
+                         "was not saved by LABPAL.state_dict()")
     return first["labpal"], path
 
 
@@ -128,7 +129,7 @@ def _by_position(state_dict: Mapping) -> Mapping:
             isinstance(g, Mapping) and isinstance(g.get("params"), Sequence) for g in groups):
         return state_dict  # refused by _check_groups, with the path
     names = [n for g in groups for n in g["params"]]
-    if not any(isinstance(n, str) for n in names):
+    if not names or not all(isinstance(n, str) for n in names) or len(set(names)) < len(names):
         return state_dict
     position = {n: i for i, n in enumerate(names)}
     out = dict(state_dict)

@@ -38,22 +38,29 @@ def test_torch_schedulers_are_refused_with_the_fix(make):
     opt = LABPAL(q.parameters(), **SETTINGS)
     for _ in range(3):
         opt.step(q)
-    shown = opt.param_groups[0]["lr"].clone()
+    shown = opt.param_groups[0]["lr"]
     with pytest.raises(RuntimeError, match=r"cannot be set.*lr_multiplier_schedule"):
         make(opt)
     # nothing was changed, and training goes on
-    assert torch.equal(opt.param_groups[0]["lr"], shown)
+    assert opt.param_groups[0]["lr"] == shown
     assert "initial_lr" not in dict(opt.param_groups[0])
     opt.step(q)
 
 
-def test_assigning_lr_is_refused():
+def test_assigning_lr_before_a_rate_or_not_a_positive_number_is_refused():
     q = Quadratic([7], seed=0)
     opt = LABPAL(q.parameters(), **SETTINGS)
-    with pytest.raises(RuntimeError, match=re.escape("param_groups[i]['lr'] shows the rate")):
+    with pytest.raises(RuntimeError, match=re.escape("before LABPAL has measured a rate")):
         opt.param_groups[0]["lr"] = 0.1
-    with pytest.raises(RuntimeError, match="lr_multiplier_schedule"):
+    with pytest.raises(RuntimeError, match="before LABPAL has measured a rate"):
         opt.param_groups[0].update(lr=0.1)
+    while opt.param_groups[0]["lr"] == 0:
+        opt.step(q)
+    shown = opt.param_groups[0]["lr"]
+    for bad in (0.0, -1.0, float("nan"), True, "0.1", torch.tensor(0.1)):
+        with pytest.raises(ValueError, match=re.escape("param_groups[i]['lr'] = ")):
+            opt.param_groups[0]["lr"] = bad
+    assert opt.param_groups[0]["lr"] == shown
     opt.param_groups[0]["weight_decay"] = 1e-4  # other keys as before
 
 
@@ -76,7 +83,7 @@ def test_every_update_uses_the_measured_rate_times_the_factor(mode, rate):
             continue  # a measurement: its own move is checked below
         f = factor(updates)
         step = q.flat().detach() - before
-        lr = opt.param_groups[0]["lr"].item()
+        lr = opt.lr_tensor.item()
         if mode == "SGD" and rate == "robust":
             norm = grad.norm().item()
             mean = norm if mean is None else mean + (norm - mean) / 1000
@@ -111,7 +118,7 @@ def test_a_state_saved_mid_schedule_resumes_bit_for_bit():
     run(opt, q, 13)
     sd, theta = opt.state_dict(), q.flat().detach().clone()
     run(opt, q, 15)
-    expected = q.flat().detach().clone(), opt.param_groups[0]["lr"].clone()
+    expected = q.flat().detach().clone(), opt.param_groups[0]["lr"]
 
     q2 = Quadratic([6], seed=2, offset=2.0)
     with torch.no_grad():
@@ -120,7 +127,7 @@ def test_a_state_saved_mid_schedule_resumes_bit_for_bit():
     opt2.load_state_dict(sd)
     run(opt2, q2, 15)
     assert torch.equal(q2.flat(), expected[0])
-    assert torch.equal(opt2.param_groups[0]["lr"], expected[1])
+    assert opt2.param_groups[0]["lr"] == expected[1]
 
 
 @pytest.mark.parametrize("schedule, message", [
