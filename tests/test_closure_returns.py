@@ -58,3 +58,39 @@ def test_after_bad_returns_a_good_closure_trains():
     for _ in range(6):
         opt.step(good)
     assert opt.updates > updates and any(r["valid"] for r in opt.measurements())
+
+
+# ---------------------------------------------------------------------------- issue 20, item 8
+def _failing(seed=2):
+    """Every measurement is abandoned (‖d‖ > 100: the loss × 1e6) until the safe step."""
+    net = small_net(seed)
+    opt = LABPAL(net.parameters(), **HYPER)
+    x, y = DATA[0]
+    return net, opt, lambda: F.cross_entropy(net(x), y) * 1e6
+
+
+def test_a_run_resumed_in_a_failure_streak_falls_back_as_the_uninterrupted_one():
+    net, opt, closure = _failing()
+    with pytest.warns(RuntimeWarning, match="measurements in a row gave no learning rate"):
+        for _ in range(6):
+            opt.step(closure)
+    straight = [p.detach().clone() for p in net.parameters()], repr(opt.measurements())
+
+    net, opt, closure = _failing()
+    for _ in range(2):
+        opt.step(closure)
+    assert opt._failures == 2 and not opt.counters.has_rate
+    sd, params = opt.state_dict(), [p.detach().clone() for p in net.parameters()]
+    net2, opt2, closure2 = _failing(seed=3)
+    with torch.no_grad():
+        for p, q in zip(net2.parameters(), params):
+            p.copy_(q)
+    opt2.load_state_dict(sd)
+    assert opt2._failures == 2
+    # the warning is not state: the resumed optimizer warns again, when it falls back
+    with pytest.warns(RuntimeWarning, match="measurements in a row gave no learning rate"):
+        for _ in range(4):
+            opt2.step(closure2)
+    assert repr(opt2.measurements()) == straight[1] and opt2.counters.has_rate
+    assert opt2.param_groups[0]["lr"] == opt2.line.s_upd.item() > 0  # the safe step, shown
+    assert all(torch.equal(p, q) for p, q in zip(net2.parameters(), straight[0]))
