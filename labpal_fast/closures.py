@@ -57,12 +57,14 @@ class Closures:
     def refuse_outside_gradients(self) -> None:
         """At a step: a gradient accumulated outside a closure call and not cleared since (by
         zero_grad, `p.grad = None`, or anything else that zeroes or replaces it) is refused."""
-        marks = self.backward_seen.outside
-        for key, (p, grad, version) in list(marks.items()):
-            # the gradients of a flat share one version counter: any in-place change of them
-            # since (a zeroing) clears every mark, a later outside backward marks again
-            if p.grad is None or p.grad is not grad or grad._version != version:
+        marks, versions = self.backward_seen.outside, self.backward_seen.versions
+        for key, (p, grad) in list(marks.items()):
+            # the gradients of a flat are views of one buffer and share its version counter:
+            # an in-place change since the last outside backward (a zeroing) clears the marks
+            if p.grad is None or p.grad is not grad or grad._version != versions[_storage(grad)]:
                 del marks[key]
+        if not marks:
+            versions.clear()
         if marks:
             raise RuntimeError(
                 "a gradient was accumulated into the parameters outside LABPAL.step() (a "
@@ -75,6 +77,7 @@ class Closures:
 
     def forget_outside_gradients(self) -> None:
         self.backward_seen.outside.clear()
+        self.backward_seen.versions.clear()
 
     def _forward_backward(self, closure: Callable) -> Tuple[torch.Tensor, bool]:
         """Gradients that reached a parameter while the closure ran mean it ran backward itself
@@ -165,19 +168,24 @@ class Closures:
 
 class _Flag:
     """A bool the parameters' post-accumulate-grad hooks set (held by them, not the optimizer),
-    and the marks of gradients accumulated outside a closure call: per parameter, its grad and
-    the grad's version then."""
-    __slots__ = ("value", "calling", "outside")
+    and the marks of gradients accumulated outside a closure call (`refuse_outside_gradients`)."""
+    __slots__ = ("value", "calling", "outside", "versions")
 
     def __init__(self):
         self.value = False
         self.calling = False  # a closure call (or its backward) is running
-        self.outside: Dict[int, Tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.outside: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # id -> param, grad
+        self.versions: Dict[int, int] = {}  # per gradient storage: its version after then
 
     def hook(self, param: torch.Tensor) -> None:
         self.value = True
         if not self.calling:
-            self.outside[id(param)] = (param, param.grad, param.grad._version)
+            self.outside[id(param)] = (param, param.grad)
+            self.versions[_storage(param.grad)] = param.grad._version
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def checked_loss(loss: Any) -> torch.Tensor:
