@@ -25,14 +25,16 @@ CUT = 14
 
 
 def fresh(seed):
+    """Two groups (weight decay in the first): their state entries are named and flattened."""
     net = small_net(seed)
-    return net, LABPAL([{"params": net[0].parameters(), "weight_decay": 1e-3},
-                        {"params": net[2].parameters()}], **HYPER)
+    first, second = list(net[0].parameters()), list(net[2].parameters())
+    opt = LABPAL([{"params": first, "weight_decay": 1e-3}, {"params": second}], **HYPER)
+    return net, opt
 
 
 def run(net, opt, start, stop):
-    for i in range(start, stop):
-        opt.step(closure_for(net, *DATA[i]))
+    for x, y in DATA[start:stop]:
+        opt.step(closure_for(net, x, y))
 
 
 def finished(net, opt, start=CUT):
