@@ -225,6 +225,7 @@ def test_clipping_adds_no_host_sync_and_no_allocation():
                     net.zero_grad(set_to_none=False)
                     closure_of(net, x, y)().backward()
                 plain.update(p.allocs)
+                net.zero_grad(set_to_none=False)  # not for the next step (it would refuse)
         records = opt.measurements()
         # (robust SGD's other steps lead to a second line that is no descending parabola)
         assert len(records) == 2 and records[0]["valid"], records

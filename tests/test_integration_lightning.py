@@ -2,6 +2,7 @@
 directly on the same batches (the oracle): the same parameters, the measured learning rate in
 LearningRateMonitor's CSV log, every batch logged once with its first evaluation's loss."""
 import csv
+import math
 
 import lightning.pytorch as L  # the [integrations] extra (make setup installs it)
 import pytest
@@ -247,3 +248,18 @@ def test_lightnings_optimizer_to_device_keeps_the_state_live():
 
     for a, b in zip(trained(True), trained(False)):
         assert torch.equal(a, b)
+
+
+def test_reduce_lr_on_plateau_scales_the_measured_rate(tmp_path):
+    """ReduceLROnPlateau (stepped by Lightning on the logged loss) with the callback: it assigns
+    param_groups' lr, which LABPAL takes as a factor on its measured rate."""
+    plateau = lambda opt: {  # noqa: E731
+        "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+        "monitor": "train_loss_step", "interval": "step"}
+    module = Net(scheduler=plateau)
+    trainer, _ = fit(tmp_path, module)
+    opt = trainer.optimizers[0]
+    assert opt.rate.factor < 1 and math.log2(opt.rate.factor) == round(math.log2(opt.rate.factor))
+    assert opt.line.multiplier < 1  # the updates used it (the last assignment: from the next)
+    _, lrs, params, _ = oracle()
+    assert not all(torch.equal(a, b) for a, b in zip(module.net.parameters(), params))

@@ -21,8 +21,8 @@ repeating, and the batch's outputs (`on_train_batch_end`) are those of its first
 Other hooks inside the closure (`on_before_backward`, `on_after_backward`,
 `on_before_optimizer_step`) do run on repeats; test `opt.repeating` there.
 
-It refuses, at `on_fit_start`, what cannot work with LABPAL: learning-rate schedulers (LABPAL
-measures the rate; its own schedule is `lr_multiplier_schedule`), `accumulate_grad_batches > 1`
+It refuses, at `on_fit_start`, what cannot work with LABPAL: learning-rate schedulers but
+ReduceLROnPlateau (LABPAL measures the rate; its own schedule is `lr_multiplier_schedule`), `accumulate_grad_batches > 1`
 (LABPAL averages its own micro-batches), `gradient_clip_val` (use LABPAL's `max_grad_norm`)
 and fp16 mixed precision with a GradScaler (it steps without a closure). fp16 works as
 `precision="16-true"` with `LABPAL(loss_scale="dynamic")`: the callback runs Lightning's backward
@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 from typing import Any, Callable, List
+
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ..optimizer import LABPAL
 from . import require
@@ -81,6 +83,8 @@ class LABPALCallback(pl.Callback):
 
 def _check_trainer(trainer: "pl.Trainer", optimizers: List[LABPAL]) -> None:
     for config in trainer.lr_scheduler_configs:
+        if isinstance(config.scheduler, ReduceLROnPlateau):
+            continue  # it scales the measured rate (README, "Learning-rate schedules")
         if any(config.scheduler.optimizer is opt for opt in optimizers):
             raise ValueError(
                 f"configure_optimizers returned a learning-rate scheduler "
