@@ -152,12 +152,12 @@ class Measuring:
         self.dist.reduce_line(self.line, start_call, start_update, missed=missed)
 
     def finish(self, ops: Backend, meas: Measurement, again: Optional[torch.Tensor], multiplier: float,
-               averaged: bool, run: Commit, rate: Rate) -> LineEnd:
+               averaged: bool, run: Commit, rate: Rate, may_fall_back: bool) -> LineEnd:
         """Buffers and RNG back as after call k·m, then fit, step rule and the move to s_upd, on
         the device; without any rate yet s_upd is 0 and the move lands on θ₀ itself. A first
         closure that did not repeat its loss makes the fit invalid (its samples are not of one
-        line), and its error is to be raised. The measured rate (and a fall-back's) are read
-        with the verdict into `rate`, which shows it × `multiplier`."""
+        line), and its error is to be raised. The measured rate (and a fall-back's, when
+        `may_fall_back`) are read with the verdict into `rate`, which shows it × `multiplier`."""
         self.buffers.restore()
         restore_rng(meas.line_rng)
         mismatch = None
@@ -169,19 +169,24 @@ class Measuring:
         publish(self.flats, run)
         # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
         verdict = fit["valid"] if self.dist is None else run(self.dist.code, fit["valid"])
-        flags = read([verdict] + self.line.rate_reads + ([] if mismatch is None else
+        # with the measured rate, and the one a fall-back would take when one may follow
+        rates = self.line.rate_reads[:2 if may_fall_back else 1]
+        flags = read([verdict] + rates + ([] if mismatch is None else
                      [mismatch, meas.first_loss, again]))  # host sync 2 of 2
         code = int(flags[0])
         if self.dist is not None and code & ERRORS:
             return LineEnd("interrupted: failed across ranks",
                            self._fail_across_ranks(ops, meas, again, code, run), None)
-        rate.measured, rate.fallback = flags[1:3]
+        rate.measured = flags[1]
+        if may_fall_back:
+            rate.fallback = flags[2]
         rate.show(multiplier)
+        flags = flags[1 + len(rates):]  # the repeat's check
         valid = bool(code & 1)
-        if mismatch is not None and flags[3]:
-            return LineEnd(f"closure not repeatable: loss {flags[4]:.6g} at its first call, "
-                           f"{flags[5]:.6g} again",
-                           not_repeated(flags[4], flags[5], self.hyper.replay_tolerance),
+        if mismatch is not None and flags[0]:
+            return LineEnd(f"closure not repeatable: loss {flags[1]:.6g} at its first call, "
+                           f"{flags[2]:.6g} again",
+                           not_repeated(flags[1], flags[2], self.hyper.replay_tolerance),
                            fit, valid)
         return LineEnd(None if valid else "fit invalid", None, fit, valid)
 

@@ -466,7 +466,7 @@ class LABPAL(torch.optim.Optimizer):
         with self._commit() as run:
             factor = self.rate.multiplier(c.updates)
             end = self._measuring.finish(self.ops, meas, again, factor, c.averaged(self.hyper),
-                                         run, self.rate)
+                                         run, self.rate, self._may_fall_back())
             if end.fit is not None:
                 c.has_rate |= end.valid
                 if c.has_rate:
