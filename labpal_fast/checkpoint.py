@@ -9,7 +9,11 @@ writes only after that, so a damaged or foreign state changes nothing. Every err
 ValueError that names the entry by its path (``state_dict['labpal']['line']['s_upd'] is nan``)
 and says what was expected.
 
-The format (version 3; versions 1 and 2 load too) is what `save` writes.
+The format (version 4; versions 1 to 3 load too) is what `save` writes. Since version 4 LABPAL's
+own entry rides in the first parameter group (`param_groups[0]['labpal']`, where
+torch.distributed.checkpoint's get/set_optimizer_state_dict keep it; versions 1-3 saved it at the
+top level, and either place loads), and its keys do not depend on the step it was saved at
+(`_fixed_layout`: DCP loads into a template, a fresh optimizer's state_dict()).
 Containers are read as mappings and sequences, scalars as Python numbers or 0-dim tensors, so that layouts which store numbers as
 tensors load too; what could corrupt training (a wrong shape that would broadcast, a non-finite
 rate, a counter that breaks the state machine) is refused.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -28,17 +33,21 @@ from .layout import NPART, RECORD_SCALARS
 from .line import Line
 from .shards import fixed_layout, is_dtensor
 
-VERSION = 3
+VERSION = 4
 # version 1 lacked the line's s_base / eta_base (no lr_multiplier_schedule then: factor 1)
-READS = (1, 2, 3)
+READS = (1, 2, 3, 4)
 LINE_SINCE_2 = {"s_base": "s_upd", "eta_base": "eta"}
 # versions 1-2 lacked n̄ of sgd_rate="robust" (the paper's rule needed none): it loads as 0,
 # unknown, and the next TRAINING update's ‖d‖ starts it again (docs/algorithm.md "SGD mode");
 # and the loss scale (no loss scaling then): it starts as this optimizer's loss_scale says
 # (`Hyper.initial_loss_scale`), with no finite direction counted
 LINE_SINCE_3 = ("norm_mean", "loss_scale", "scale_good")
-TOP = ("state", "param_groups", "labpal")
+TOP = ("state", "param_groups")
 LABPAL_KEYS = ("version", "hyper", "shapes", "counters", "line", "records")
+# since version 4: the failed measurements in a row (`LABPAL._failures`) and the factor that
+# assignments to param_groups' 'lr' (ReduceLROnPlateau) put on the measured rate; older
+# states load them as 0 and 1
+SINCE_4 = {"failures": 0, "lr_factor": 1.0}
 # the line's rates and counts: applied or compared on the next update, so finite and >= 0
 LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_updates",
                 "skipped_samples", "s_base", "eta_base", "norm_mean", "loss_scale", "scale_good")
@@ -52,6 +61,8 @@ CHECK_SCALARS = ("s_check", "loss_check", "check_factor")
 @dataclass
 class Checked:
     """A state that passed `check`, ready to be written."""
+    failures: int
+    lr_factor: float
     directions: List[List[torch.Tensor]]              # per flat, per parameter
     grad_sums: List[Optional[List[torch.Tensor]]]     # per flat; None: no sum pending (acc = 0)
     masters: List[List[Optional[torch.Tensor]]]       # per flat, per parameter (None: not saved)
@@ -64,11 +75,11 @@ class Checked:
 def check(opt, state_dict: Any) -> Checked:
     """Everything `opt.load_state_dict` will write, checked against `opt` (a LABPAL)."""
     try:
-        _keys(state_dict, "state_dict", TOP)
+        _keys(state_dict, "state_dict", TOP, optional=("labpal",))
     except ValueError as e:
         raise ValueError(f"{e}: it was not saved by LABPAL.state_dict()") from None
-    extra = state_dict["labpal"]
-    path = "state_dict['labpal']"
+    extra, path = _labpal_entry(state_dict)
+    state_dict = _by_position(state_dict)
     if isinstance(extra, Mapping) and "version" in extra:  # first: other versions, other keys
         version = _item(extra["version"], f"{path}['version']")
         if isinstance(version, bool) or version not in READS:
@@ -76,7 +87,11 @@ def check(opt, state_dict: Any) -> Checked:
                              f"versions {', '.join(map(str, READS))}")
     else:
         version = VERSION
-    _keys(extra, path, LABPAL_KEYS)
+    _keys(extra, path, LABPAL_KEYS, optional=tuple(SINCE_4))
+    failures = _int(extra.get("failures", 0), f"{path}['failures']")
+    lr_factor = _real(extra.get("lr_factor", 1.0), f"{path}['lr_factor']")
+    if not (math.isfinite(lr_factor) and lr_factor > 0):
+        raise ValueError(f"{path}['lr_factor'] is {lr_factor}, expected a finite number > 0")
     # other parameters first: the most likely mistake, and what the rest is indexed by
     index, weight_decays = _check_groups(opt, state_dict["param_groups"])
     _check_shapes(opt, index, extra["shapes"], f"{path}['shapes']")
@@ -86,7 +101,42 @@ def check(opt, state_dict: Any) -> Checked:
                                                     counters["acc"])
     line = _check_line(opt, extra["line"], f"{path}['line']", version, dynamic)
     records = _check_records(opt, extra["records"], f"{path}['records']")
-    return Checked(directions, grad_sums, masters, weight_decays, counters, line, records)
+    return Checked(failures, lr_factor, directions, grad_sums, masters, weight_decays, counters,
+                   line, records)
+
+
+def _labpal_entry(state_dict: Mapping):
+    """LABPAL's own entry and its path: in the first parameter group (version 4), or at the
+    top level (versions 1-3)."""
+    if "labpal" in state_dict:
+        return state_dict["labpal"], "state_dict['labpal']"
+    path = "state_dict['param_groups'][0]['labpal']"
+    groups = state_dict["param_groups"]
+    first = groups[0] if isinstance(groups, Sequence) and groups else None
+    if not isinstance(first, Mapping) or "labpal" not in first:
+        raise ValueError(f"{path} is missing (versions 1-3: state_dict['labpal']): the state "
+                         "was not saved by LABPAL.state_dict()")
+    return first["labpal"], path
+
+
+def _by_position(state_dict: Mapping) -> Mapping:
+    """The state with parameters named by their position in param_groups, as saved.
+    torch.distributed.checkpoint's set_optimizer_state_dict names them by their fully
+    qualified names instead (in the state's keys and the groups' 'params'), in the order
+    of this optimizer's groups."""
+    groups = state_dict["param_groups"]
+    if not isinstance(groups, Sequence) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), Sequence) for g in groups):
+        return state_dict  # refused by _check_groups, with the path
+    names = [n for g in groups for n in g["params"]]
+    if not names or not all(isinstance(n, str) for n in names) or len(set(names)) < len(names):
+        return state_dict
+    position = {n: i for i, n in enumerate(names)}
+    out = dict(state_dict)
+    out["param_groups"] = [dict(g, params=[position[n] for n in g["params"]]) for g in groups]
+    if isinstance(state_dict["state"], Mapping):
+        out["state"] = {position.get(k, k): v for k, v in state_dict["state"].items()}
+    return out
 
 # ---------------------------------------------------------------------------- save and load
 def state_dict(opt) -> Dict[str, Any]:
@@ -129,6 +179,7 @@ def save(opt) -> Dict[str, Any]:
             ids.append(index[id(p)])
         # the learning rate is part of the line state below, not of the groups
         groups.append({"params": ids, "weight_decay": group["weight_decay"]})
+    accumulating = _accumulates(opt)
     meas = opt._measurement
     # an unfinished update's gradient sum is this rank's own until its last call averages it
     # (DDP model= with m > 1): not saved; the update starts over at load, on every rank alike
@@ -147,26 +198,48 @@ def save(opt) -> Dict[str, Any]:
                     entry["master"] = flat.saved(i, w)
                 if s is not None:
                     entry["grad_sum"] = flat.saved(i, s)
+                elif accumulating:  # a fixed layout: zero, ignored at load while acc is 0
+                    entry["grad_sum"] = torch.zeros_like(entry["direction"])
                 state[index[id(p)]] = entry
     counters = asdict(opt.counters)
     if meas is not None:  # resume by starting this measurement over, parameters untouched
         counters.update(acc=0, pending=True)
     elif local_sum:
         counters.update(acc=0)
-    return fixed_layout(opt, {
-        "state": state,
-        "param_groups": groups,
-        "labpal": {
-            "version": VERSION,
-            "hyper": opt.hyper.as_dict(),
-            "shapes": {index[id(p)]: (tuple(p.shape), str(p.dtype))
-                       for f in opt.flats for p in f.params},
-            "counters": counters,
-            "line": {name: getattr(opt.line, name).clone() for name in Line.STATE},
-            "records": [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in r.items()}
-                        for r in opt._records],
-        },
-    })
+    groups[0]["labpal"] = {
+        "version": VERSION,
+        "hyper": opt.hyper.as_dict(),
+        "shapes": {index[id(p)]: (tuple(p.shape), str(p.dtype))
+                   for f in opt.flats for p in f.params},
+        "counters": counters,
+        "line": {name: getattr(opt.line, name).clone() for name in Line.STATE},
+        # one leaf (a tuple), however many there are: DCP saves and loads it whole
+        "records": tuple({k: (v.clone() if torch.is_tensor(v) else v) for k, v in r.items()}
+                         for r in opt._records),
+        "failures": opt._failures,
+        "lr_factor": opt.rate.factor,
+    }
+    return fixed_layout(opt, {"state": state, "param_groups": groups})
+
+
+def _accumulates(opt) -> bool:
+    """Whether a gradient sum can ever be pending: m > 1 somewhere in batch_size_schedule (then
+    every entry holds one, so the keys do not depend on the step; FSDP2: `fixed_layout`)."""
+    return any(mult > 1 for _, mult in opt.hyper.schedule_for(opt._calls.ranks))
+
+
+def live_state(opt) -> Dict[torch.Tensor, Dict[str, torch.Tensor]]:
+    """`LABPAL.state`: per trained parameter, views into the flat buffers (module doc there)."""
+    state: Dict[torch.Tensor, Dict[str, torch.Tensor]] = defaultdict(dict)
+    name = "momentum_buffer" if opt.hyper.momentum > 0 else "direction"
+    for flat in opt.flats:
+        for key, buf in ((name, flat.direction),
+                         ("master_weights", flat.param if flat.master else None),
+                         ("grad_sum", flat.grad_sum)):
+            if buf is not None:
+                for p, view in zip(flat.params, flat.slices(buf)):
+                    state[p][key] = view
+    return state
 
 
 def load(opt, state_dict: Any) -> None:
@@ -190,10 +263,11 @@ def load(opt, state_dict: Any) -> None:
     opt.line.multiplier = None  # s_upd = s_base·factor is made again at the next update
     for group, weight_decay in zip(opt.param_groups, new.weight_decays):
         group["weight_decay"] = weight_decay
-        group["lr"] = opt.line.lr
     opt.counters = type(opt.counters)(**new.counters)
     opt._measurement = None
     opt._records = new.records
+    opt._failures = new.failures
+    opt.rate.load(opt.line, new.lr_factor, opt.counters.updates)
 
 
 # ---------------------------------------------------------------------------- the parts
@@ -220,7 +294,7 @@ def _check_groups(opt, groups: Any, path: str = "state_dict['param_groups']"):
     """The saved index of each of this optimizer's parameters (by id), and the weight decays."""
     groups = _sequence(groups, path, "a list of parameter groups")
     for i, g in enumerate(groups):
-        _keys(g, f"{path}[{i}]", ("params", "weight_decay"))
+        _keys(g, f"{path}[{i}]", ("params", "weight_decay"), optional=("labpal",) if i == 0 else ())
         _sequence(g["params"], f"{path}[{i}]['params']", "a list of parameter indices")
     saved = [len(g["params"]) for g in groups]
     mine = [len(g["params"]) for g in opt.param_groups]

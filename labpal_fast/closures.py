@@ -5,11 +5,15 @@ parameters' post-accumulate-grad hooks tell; the gradient lands in the flats. Un
 DistributedDataParallel ``model=`` with m > 1, backward runs under ``no_sync`` and the last call
 of an update averages the summed gradient once. A call that only gives a loss sample runs the
 forward pass without autograd (unless the closure runs backward itself).
+
+The same hooks see a gradient accumulated outside a closure call (a backward of the user's
+own, e.g. Lightning accumulating batches without LABPALCallback): it is marked, and a step that
+finds it still there refuses (`refuse_outside_gradients`) rather than add it to its own.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,11 +39,45 @@ class Closures:
                  watch: Any = None) -> Tuple[torch.Tensor, bool]:
         """(loss, whether the closure ran backward itself) of one of an update's m calls (`last`:
         the m-th); the gradient is in the flats' grad buffers. `watch`: a context around it."""
-        with self._grad_sync(m, last):
+        with self._grad_sync(m, last), self._calling():
             if watch is None:
                 return self._forward_backward(closure)
             with watch:
                 return self._forward_backward(closure)
+
+    @contextmanager
+    def _calling(self) -> Iterator[None]:
+        """A closure call and its backward: the gradients reaching the parameters are LABPAL's."""
+        self.backward_seen.calling = True
+        try:
+            yield
+        finally:
+            self.backward_seen.calling = False
+
+    def refuse_outside_gradients(self) -> None:
+        """At a step: a gradient accumulated outside a closure call and not cleared since (by
+        zero_grad, `p.grad = None`, or anything else that zeroes or replaces it) is refused."""
+        marks, versions = self.backward_seen.outside, self.backward_seen.versions
+        for key, (p, grad) in list(marks.items()):
+            # the gradients of a flat are views of one buffer and share its version counter:
+            # an in-place change since the last outside backward (a zeroing) clears the marks
+            if p.grad is None or p.grad is not grad or grad._version != versions[_storage(grad)]:
+                del marks[key]
+        if not marks:
+            versions.clear()
+        if marks:
+            raise RuntimeError(
+                "a gradient was accumulated into the parameters outside LABPAL.step() (a "
+                "backward() since the last step that nothing cleared): LABPAL computes each "
+                "step's gradient from its closure and would add this one to it. Under Lightning "
+                "this is accumulate_grad_batches > 1 without LABPALCallback: add LABPALCallback() "
+                "to the Trainer's callbacks and set accumulate_grad_batches=1 (LABPAL averages "
+                "micro-batches itself: batch_size_schedule). A backward for analysis: clear it "
+                "with opt.zero_grad(), model.zero_grad() or p.grad = None before step()")
+
+    def forget_outside_gradients(self) -> None:
+        self.backward_seen.outside.clear()
+        self.backward_seen.versions.clear()
 
     def _forward_backward(self, closure: Callable) -> Tuple[torch.Tensor, bool]:
         """Gradients that reached a parameter while the closure ran mean it ran backward itself
@@ -75,9 +113,9 @@ class Closures:
         closure runs backward itself (torch's convention needs autograd); its gradient is
         dropped then."""
         if not own_backward:
-            with torch.no_grad():
+            with torch.no_grad(), self._calling():
                 return checked_loss(closure()).detach()
-        with torch.enable_grad():
+        with torch.enable_grad(), self._calling():
             loss = checked_loss(closure()).detach()
         for flat in self.flats:
             flat.attach_grads()
@@ -129,19 +167,32 @@ class Closures:
 
 
 class _Flag:
-    """A bool the parameters' post-accumulate-grad hooks set (held by them, not the optimizer)."""
-    __slots__ = ("value",)
+    """A bool the parameters' post-accumulate-grad hooks set (held by them, not the optimizer),
+    and the marks of gradients accumulated outside a closure call (`refuse_outside_gradients`)."""
+    __slots__ = ("value", "calling", "outside", "versions")
 
     def __init__(self):
         self.value = False
+        self.calling = False  # a closure call (or its backward) is running
+        self.outside: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # id -> param, grad
+        self.versions: Dict[int, int] = {}  # per gradient storage: its version after then
 
     def hook(self, param: torch.Tensor) -> None:
         self.value = True
+        if not self.calling:
+            self.outside[id(param)] = (param, param.grad)
+            self.versions[_storage(param.grad)] = param.grad._version
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def checked_loss(loss: Any) -> torch.Tensor:
+    """The closure's loss as a 0-dim tensor: any one-element loss is taken, as backward() takes
+    it (a (1,)-shaped one would not stack with the others' samples in the line's reads)."""
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
         raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
-    return loss
+    return loss.reshape(())

@@ -2,14 +2,18 @@
 
 Other libraries' ways that cannot work with a line search that calls the closure again and
 owns its learning rate: torch.amp.GradScaler (and Accelerate's fp16 wrapper), torch.compile
-of step(), LR schedulers and assignments to 'lr', copies of the optimizer. And parameters it
-cannot hold: groups that set hyper-parameters, mixed devices, non-float or memory-sharing
-parameters, a requires_grad changed after construction. `LABPAL` calls these at the points
-named in each; they hold no state.
+of step(), LR schedulers that set 'lr' from an initial one, copies of the optimizer. And
+parameters it cannot hold: groups that set hyper-parameters, mixed devices, non-float or
+memory-sharing parameters, a requires_grad changed after construction. `LABPAL` calls these
+at the points named in each; they hold no state. `Rate` is the one exception: what
+param_groups' 'lr' shows, and the factor that assigning it (ReduceLROnPlateau) puts on the
+measured rate.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+import math
+import numbers
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,20 +28,25 @@ NOT_COPYABLE = (
 
 _NO_SCHEDULER = (
     "LABPAL measures its learning rate: param_groups[i]['lr'] shows the rate in use and cannot "
-    "be set, so torch LR schedulers (and assigning 'lr') cannot drive it. To scale the measured "
-    "rate over training, pass lr_multiplier_schedule=((update, factor), ...) to LABPAL: the "
-    "factor runs linearly between the points, e.g. ((0, 1.0), (10000, 0.1)) decays it to a "
-    "tenth over 10000 updates (README, 'Learning-rate schedules').")
+    "be set from an initial lr, so torch LR schedulers other than ReduceLROnPlateau (StepLR, "
+    "LambdaLR, ...) cannot drive it. To scale the measured rate over training, pass "
+    "lr_multiplier_schedule=((update, factor), ...) to LABPAL: the factor runs linearly between "
+    "the points, e.g. ((0, 1.0), (10000, 0.1)) decays it to a tenth over 10000 updates (README, "
+    "'Learning-rate schedules'). ReduceLROnPlateau works: it scales the measured rate.")
 
 
 class Group(dict):
-    """A parameter group whose 'lr' is LABPAL's measured rate (a device tensor, updated in
-    place): a torch LR scheduler (it records 'initial_lr') or an assignment to 'lr' is refused,
-    rather than change what is shown but not what is used."""
+    """A parameter group whose 'lr' is LABPAL's rate (`Rate`): a torch LR scheduler that
+    records 'initial_lr' is refused; an assignment to 'lr' (ReduceLROnPlateau's) is checked by
+    the optimizer's `Rate` and becomes a factor on the measured rate at the next step."""
+
+    rate: Optional["Rate"] = None  # the optimizer's, once it is built
 
     def __setitem__(self, key, value):
-        if key == "initial_lr" or (key == "lr" and "lr" in self and value is not self["lr"]):
+        if key == "initial_lr":
             raise RuntimeError(_NO_SCHEDULER)
+        if key == "lr" and self.rate is not None:
+            value = self.rate.checked(value)
         super().__setitem__(key, value)
 
     def setdefault(self, key, default=None):
@@ -53,6 +62,64 @@ class Group(dict):
     def update(self, *args, **kwargs):
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
+
+
+class Rate:
+    """param_groups[i]['lr'], a Python float: the measured rate as a measurement's host read
+    gave it (`measured`: s_base; paper SGD: η_base), times the multiplier in force:
+    lr_multiplier_schedule's factor × `factor`, the product of the assignments to 'lr' (as
+    ReduceLROnPlateau makes them; saved in the state). The line multiplies its device rate by
+    the same multiplier in the same fp64 arithmetic, so the lr shown is the lr used."""
+
+    def __init__(self, groups: List["Group"], hyper: Any):
+        self.groups, self.hyper = groups, hyper
+        self.measured = 0.0  # 0 until a measurement gives a rate
+        self.fallback = 0.0  # the measured rate a fall-back would take (read with the rest)
+        self.factor = 1.0
+        self.shown = 0.0
+        self.show(1.0)
+        for group in groups:
+            group.rate = self
+
+    def multiplier(self, update: int) -> float:
+        """What the line multiplies the measured rate by at update `update`."""
+        return self.hyper.lr_multiplier_at(update) * self.factor
+
+    def show(self, multiplier: float) -> None:
+        """Every group's 'lr' = the measured rate × `multiplier` (host arithmetic, no read)."""
+        self.shown = self.measured * multiplier
+        for group in self.groups:
+            dict.__setitem__(group, "lr", self.shown)
+
+    def checked(self, value: Any) -> float:
+        """An assignment to 'lr': a finite number > 0, once a rate exists."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                not (math.isfinite(value) and value > 0):
+            raise ValueError(f"param_groups[i]['lr'] = {value!r}: LABPAL takes a finite Python "
+                             "number > 0 there, as a factor on its measured rate (new lr / lr)")
+        if self.shown <= 0:
+            raise RuntimeError("param_groups[i]['lr'] cannot be scaled before LABPAL has "
+                               "measured a rate (it shows 0 until the first measurement ends)")
+        return float(value)
+
+    def take_assigned(self) -> None:
+        """At a step: an 'lr' assigned since the last one (every group alike: LABPAL has one
+        rate) becomes part of `factor`, used from this step on."""
+        values = [dict.__getitem__(group, "lr") for group in self.groups]
+        if all(v == self.shown for v in values):
+            return
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"param_groups' 'lr' differ ({values}): LABPAL measures one rate "
+                               "for all groups, so scale it alike in every group")
+        self.factor *= values[0] / self.shown
+        self.shown = values[0]
+
+    def load(self, line: Any, factor: float, update: int) -> None:
+        """After load_state_dict: the saved rate (one read, as loading reads anyway)."""
+        self.factor = factor
+        sgd = self.hyper.mode == "SGD" and self.hyper.sgd_rate == "paper"
+        self.measured = (line.eta_base if sgd else line.s_base).item()
+        self.show(self.multiplier(update))
 
 
 def check_groups(param_groups: List[dict], hyper_names: Sequence[str]) -> None:

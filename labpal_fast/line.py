@@ -11,7 +11,7 @@ Nothing here walks parameter memory: moving parameters is the backends' business
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -336,15 +336,28 @@ class Line:
         s_upd = min(largest position measured (× resolve_positions' factor), max_step_size),
         η = s_upd/‖d‖ of the last direction (ε when that is not finite), both at least ε.
         The measured rates (s_base, η_base) become these, so lr_multiplier_schedule scales them."""
-        h = self.hyper
-        s = self.at.max().clamp(max=h.max_step_size, min=h.epsilon)
-        eta = (s / self._norm()).clamp(min=h.epsilon)
+        s, eta = self._fallback_rates()
         self.s_base.copy_(s)
-        self.eta_base.copy_(torch.where(torch.isfinite(eta), eta, h.epsilon))
+        self.eta_base.copy_(eta)
         factor = 1.0 if self.multiplier is None else self.multiplier
         torch.mul(self.s_base, factor, out=self.s_upd)
         torch.mul(self.eta_base, factor, out=self.eta)
         self._show_rate()
+
+    def _fallback_rates(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.hyper
+        s = self.at.max().clamp(max=h.max_step_size, min=h.epsilon)
+        eta = (s / self._norm()).clamp(min=h.epsilon)
+        return s, torch.where(torch.isfinite(eta), eta, h.epsilon)
+
+    @property
+    def rate_reads(self) -> List[torch.Tensor]:
+        """For a measurement's host read, what param_groups' lr is made of (`guards.Rate`): the
+        measured rate (s_base; paper SGD: η_base) and the one a fall-back would take now."""
+        s, eta = self._fallback_rates()
+        if self.hyper.mode == "SGD" and not self.robust_sgd:
+            return [self.eta_base, eta]
+        return [self.s_base, s]
 
     # -- the fit and the step rule ----------------------------------------------------
     def fit(self, averaged: bool) -> Dict[str, torch.Tensor]:

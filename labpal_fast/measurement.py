@@ -146,6 +146,9 @@ def read(values: List[torch.Tensor]) -> List[float]:
     if len(values) == 1:
         return [values[0].item()]
     device = values[0].device
+    if len(values) == 2:  # one complex scalar: one item(), as a single value is read
+        z = torch.complex(values[0].double(), values[1].double().to(device)).item()
+        return [z.real, z.imag]
     return torch.stack([v.double().to(device) for v in values]).tolist()
 
 

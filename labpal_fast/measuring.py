@@ -19,6 +19,7 @@ from .closures import Closures
 from .commit import Commit
 from .distributed import ERRORS, Collectives
 from .flat import Flat, publish
+from .guards import Rate
 from .hyper import Hyper
 from .layout import ABANDON_REASONS
 from .line import Line
@@ -61,14 +62,19 @@ class Measuring:
 
     # ------------------------------------------------------------------ calls 1..k·m
     def form_direction(self, ops: Backend, meas: Measurement, decays: List[List[float]], m: int,
-                       run: Commit) -> Optional[str]:
+                       run: Commit, fallback: Optional[Rate] = None) -> Optional[str]:
         """Call m: form d (the old one kept to restore); returns why it is abandoned, if it is
-        (the old d is then back)."""
+        (the old d is then back). `fallback`: the optimizer's rate when abandoning may make it
+        fall back; the rate it would take is read with the rest, into `fallback.fallback`."""
         for flat in self.flats:
             run(ops.save_direction, flat)
         ops.direction(self.flats, decays, self.line, m=m, line_terms=True, run=run)
         meas.formed = True
-        code = int(run(self.line.abandon_code).item())  # host sync 1 of 2
+        extra = [] if fallback is None else self.line.rate_reads[1:]
+        flags = read([run(self.line.abandon_code)] + extra)  # host sync 1 of 2
+        code = int(flags[0])
+        if fallback is not None:
+            fallback.fallback = flags[1]
         if not code:
             return None
         for flat in self.flats:
@@ -150,11 +156,12 @@ class Measuring:
         self.dist.reduce_line(self.line, start_call, start_update, missed=missed)
 
     def finish(self, ops: Backend, meas: Measurement, again: Optional[torch.Tensor], multiplier: float,
-               averaged: bool, run: Commit) -> LineEnd:
+               averaged: bool, run: Commit, rate: Rate, may_fall_back: bool) -> LineEnd:
         """Buffers and RNG back as after call k·m, then fit, step rule and the move to s_upd, on
         the device; without any rate yet s_upd is 0 and the move lands on θ₀ itself. A first
         closure that did not repeat its loss makes the fit invalid (its samples are not of one
-        line), and its error is to be raised."""
+        line), and its error is to be raised. The measured rate (and a fall-back's, when
+        `may_fall_back`) are read with the verdict into `rate`, which shows it × `multiplier`."""
         self.buffers.restore()
         restore_rng(meas.line_rng)
         mismatch = None
@@ -166,15 +173,23 @@ class Measuring:
         publish(self.flats, run)
         # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
         verdict = fit["valid"] if self.dist is None else run(self.dist.code, fit["valid"])
-        flags = read([verdict] if mismatch is None else [verdict, mismatch, meas.first_loss, again,
-                                                         meas.last_loss, meas.late])  # sync 2 of 2
+        # with the measured rate, and the one a fall-back would take when one may follow
+        rates = self.line.rate_reads[:2 if may_fall_back else 1]
+        flags = read([verdict] + rates + ([] if mismatch is None else
+                     [mismatch, meas.first_loss, again, meas.last_loss, meas.late])
+                     )  # host sync 2 of 2
         code = int(flags[0])
         if self.dist is not None and code & ERRORS:
             return LineEnd("interrupted: failed across ranks",
                            self._fail_across_ranks(ops, meas, again, code, run), None)
+        rate.measured = flags[1]
+        if may_fall_back:
+            rate.fallback = flags[2]
+        rate.show(multiplier)
+        flags = flags[1 + len(rates):]  # the repeat's check
         valid = bool(code & 1)
-        if mismatch is not None and flags[1]:
-            error, reason = repeat_failure(*flags[2:], meas.late_names,
+        if mismatch is not None and flags[0]:
+            error, reason = repeat_failure(*flags[1:], meas.late_names,
                                            self.hyper.replay_tolerance)
             return LineEnd(reason, error, fit, valid)
         return LineEnd(None if valid else "fit invalid", None, fit, valid)

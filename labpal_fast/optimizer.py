@@ -191,8 +191,7 @@ class LABPAL(torch.optim.Optimizer):
             raise
         self.line: Line = self._measuring.line
         self._dist, self._calls = self._measuring.dist, self._measuring.calls
-        for group in self.param_groups:
-            group["lr"] = self.line.lr
+        self.rate = guards.Rate(self.param_groups, self.hyper)  # param_groups' 'lr'
         # which parameters the flats hold: a change of requires_grad is refused at the next step
         self._requires_grad = tuple(p.requires_grad for p in self._params)
         self.counters = Counters()
@@ -237,12 +236,33 @@ class LABPAL(torch.optim.Optimizer):
         return self.counters.m
 
     @property
+    def lr_tensor(self) -> torch.Tensor:
+        """The rate of the last update as applied to d, live: a 0-dim fp64 device tensor that
+        every update overwrites in place (reading it syncs). NSGD: s_upd/‖d‖; SGD: η (robust:
+        that update's s_upd/n̄ capped). param_groups[i]['lr'] is the measured rate as a Python
+        float (README, "Learning-rate schedules")."""
+        return self.line.lr
+
+    @property
     def grad_norm(self) -> torch.Tensor:
         """‖ḡ‖, the global L2 norm of the averaged loss gradient of the last direction formed,
         before clipping: a 0-dim fp64 device tensor that the next direction overwrites (clone it
         to keep it; reading it syncs). NaN when max_grad_norm is None (not computed) and before
         the first direction."""
         return self.line.grad_norm
+
+    @property
+    def state(self) -> Dict[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Per trained parameter, live views of LABPAL's buffers (read them; writes to the
+        mapping are not kept): `momentum_buffer` (the direction d, momentum > 0; else
+        `direction`), `master_weights` (fp32, for fp16 / bf16 parameters), `grad_sum` (the
+        gradients summed toward an update, once m > 1 made it). `state_dict()` is the
+        checkpoint (`checkpoint.live_state`)."""
+        return checkpoint.live_state(self) if "flats" in vars(self) else {}
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        pass  # torch.optim.Optimizer.__init__ sets an empty one: LABPAL's is its buffers
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to run backward on in a closure that runs backward itself, under
@@ -277,6 +297,8 @@ class LABPAL(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             guards.refuse_compile()
         self._check_can_step()
+        self._calls.refuse_outside_gradients()  # Lightning accumulating without the callback
+        self.rate.take_assigned()  # ReduceLROnPlateau's lr, as a factor on the measured rate
         self._stepping = threading.get_ident()
         try:
             for flat in self.flats:
@@ -300,6 +322,7 @@ class LABPAL(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the flat gradient buffer (gradients stay views into it, never None)."""
+        self._calls.forget_outside_gradients()
         with torch.no_grad():
             for flat in self.flats:
                 flat.attach_grads()
@@ -377,11 +400,13 @@ class LABPAL(torch.optim.Optimizer):
                 for flat in self.flats:
                     run(self.ops.accumulate, flat, first=c.acc == 1)
             else:  # the m-th call: form d, move θ along it
-                run(self.line.set_multiplier, self.hyper.lr_multiplier_at(c.updates))
+                factor = self.rate.multiplier(c.updates)
+                run(self.line.set_multiplier, factor)
                 self.ops.update(self.flats, self._decays(), self.line, m=m, run=run)
                 publish(self.flats, run)
                 c.acc = 0
                 c.updates += 1
+                self.rate.show(factor)
         return loss
 
     # ------------------------------------------------------------------ measurements
@@ -419,8 +444,9 @@ class LABPAL(torch.optim.Optimizer):
                 for flat in self.flats:
                     run(self.ops.accumulate, flat, first=j == 1)
             else:
-                abandoned = self._measuring.form_direction(self.ops, meas, self._decays(), m,
-                                                           run)
+                abandoned = self._measuring.form_direction(
+                    self.ops, meas, self._decays(), m, run,
+                    fallback=self.rate if self._may_fall_back() else None)
                 if abandoned is not None:
                     self._end_measurement(abandoned, run)
             if self._measurement is meas and meas.calls == meas.total:
@@ -462,9 +488,9 @@ class LABPAL(torch.optim.Optimizer):
         again = self._measuring.evaluate(self.ops, meas)
         self._measuring.reduce(meas, again, c.measure_start_call, c.measure_start_update)
         with self._commit() as run:
-            end = self._measuring.finish(self.ops, meas, again,
-                                         self.hyper.lr_multiplier_at(c.updates),
-                                         c.averaged(self.hyper), run)
+            factor = self.rate.multiplier(c.updates)
+            end = self._measuring.finish(self.ops, meas, again, factor, c.averaged(self.hyper),
+                                         run, self.rate, self._may_fall_back())
             if end.fit is not None:
                 c.has_rate |= end.valid
                 if c.has_rate:
@@ -493,11 +519,18 @@ class LABPAL(torch.optim.Optimizer):
                 run(self.ops.clear_direction, flat)
             c.pending = True
 
+    def _may_fall_back(self) -> bool:
+        """Whether a measurement ending now without a rate might fall back (`_fall_back`)."""
+        return not self.counters.has_rate and self._failures + 1 >= FAIL_LIMIT and \
+            self.hyper.line_fit != "paper"
+
     def _fall_back(self, reason: Optional[str], run: Commit) -> None:
         """FAIL_LIMIT measurements in a row gave no rate and none exists (robust fits only; the
         paper's measures again forever): train on with the safe step (`Line.fall_back`), say
         why once. Later measurements replace it as usual."""
         run(self.line.fall_back)
+        self.rate.measured = self.rate.fallback  # as the last read saw it
+        self.rate.show(1.0 if self.line.multiplier is None else self.line.multiplier)
         self.counters.has_rate = True
         self._failures = 0
         if not self._warned_fallback:

@@ -297,14 +297,13 @@ def fixed_layout(opt, state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """Under FSDP2, a state dict whose layout does not depend on the step it was saved at:
     torch.distributed.checkpoint loads into a template (the state_dict() of the optimizer to
     resume) and reads only the keys the template has. So every entry holds a grad_sum (zero
-    when no micro-batch is pending: ignored on load when counters['acc'] is 0), and the
-    records are one tuple (a leaf that it saves and loads whole, however many there are)."""
+    when no micro-batch is pending: ignored on load when counters['acc'] is 0), whatever the
+    schedule (the records are one tuple already, `checkpoint.save`)."""
     if not isinstance(opt.ops, ShardedOps):
         return state_dict
     for entry in state_dict["state"].values():
         if "grad_sum" not in entry:
             entry["grad_sum"] = torch.zeros_like(entry["direction"])
-    state_dict["labpal"]["records"] = tuple(state_dict["labpal"]["records"])
     return state_dict
 
 

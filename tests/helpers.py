@@ -53,3 +53,8 @@ def closure_for(model, x, y):
     def closure():
         return torch.nn.functional.cross_entropy(model(x), y)
     return closure
+
+
+def labpal_entry(state_dict):
+    """LABPAL's own entry of a state_dict() (since version 4 in the first parameter group)."""
+    return state_dict["param_groups"][0]["labpal"]

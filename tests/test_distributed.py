@@ -70,7 +70,7 @@ def train(model, called, opt, batches, rank: int, ranks: int, start: int = 0):
         xs, ys = x[rank::ranks], y[rank::ranks]
         opt.step(lambda xs=xs, ys=ys: torch.nn.functional.cross_entropy(called(xs), ys))
     return {"params": [p.detach().clone() for p in model.parameters()],
-            "lr": opt.param_groups[0]["lr"].item(), "updates": opt.updates,
+            "lr": opt.param_groups[0]["lr"], "updates": opt.updates,
             "records": opt.measurements()}
 
 
@@ -321,6 +321,52 @@ def test_checkpoint_saved_on_rank_0_resumes_exactly(tmp_path):
         else:  # in a measurement, or in an update whose gradients are rank-local (DDP model=,
             # m > 1): it starts over at load, alike on every rank (checked above)
             assert got["updates"] < full["updates"]
+
+
+def _dcp_worker(rank, world, path, at, calls):
+    """torch.distributed.checkpoint without FSDP2 (DDP model=): dcp.save / dcp.load of
+    opt.state_dict(), and of get_optimizer_state_dict into set_optimizer_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    batches = global_batches(calls)
+    model, called, opt = build(CKPT_CASE, world)
+    full = train(model, called, opt, batches, rank, world)
+    model, called, opt = build(CKPT_CASE, world)
+    train(model, called, opt, batches[:at], rank, world)
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()},
+             checkpoint_id=os.path.join(path, "plain"))
+    dcp.save({"optim": get_optimizer_state_dict(called, opt)},
+             checkpoint_id=os.path.join(path, "dsd"))
+    resumed = []
+    for how in ("plain", "dsd"):
+        model, called, opt = build(CKPT_CASE, world)
+        with torch.no_grad():  # the fresh model must get everything from the checkpoint
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        state = {"model": model.state_dict()}
+        if how == "plain":
+            state["optim"] = opt.state_dict()
+            dcp.load(state, checkpoint_id=os.path.join(path, "plain"))
+            opt.load_state_dict(state["optim"])
+        else:
+            dcp.load(state, checkpoint_id=os.path.join(path, "plain"))
+            optim = {"optim": get_optimizer_state_dict(called, opt)}
+            dcp.load(optim, checkpoint_id=os.path.join(path, "dsd"))
+            set_optimizer_state_dict(called, opt, optim["optim"])
+        model.load_state_dict(state["model"])
+        resumed.append(train(model, called, opt, batches, rank, world, start=at))
+    return full, resumed
+
+
+def test_distributed_checkpoint_without_fsdp_resumes_exactly(tmp_path):
+    """Saved between updates (call 17) with torch.distributed.checkpoint on 2 DDP ranks."""
+    results = run_ranks(_dcp_worker, 2, str(tmp_path), 17, 26, deadline=120)
+    for full, resumed in results:
+        assert len(full["records"]) >= 3
+        for got in resumed:
+            assert all(torch.equal(a, b) for a, b in zip(got["params"], full["params"]))
+            assert got["lr"] == full["lr"] and same_records(got["records"], full["records"])
 
 
 # ---------------------------------------------------------------- faults and misuse

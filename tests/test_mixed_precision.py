@@ -15,7 +15,7 @@ from labpal_fast import LABPAL
 from labpal_fast.hyper import LOSS_SCALE_GROWTH_INTERVAL, Hyper
 from labpal_fast.layout import ABANDON_REASONS, Abandon, Partial
 
-from helpers import batches, closure_for, small_net
+from helpers import batches, labpal_entry, closure_for, small_net
 from test_sync_and_memory import Watch
 
 OVERFLOW = ABANDON_REASONS[int(Abandon.OVERFLOW)]
@@ -418,7 +418,7 @@ def test_master_weights_and_the_loss_scale_resume_bit_for_bit():
         opt.step(closure_for(net, x, y))
     state, params = saved
     assert all(e["master"].dtype == torch.float32 for e in state["state"].values())
-    assert state["labpal"]["line"]["scale_good"].item() > 0  # a count under way
+    assert labpal_entry(state)["line"]["scale_good"].item() > 0  # a count under way
     net2, opt2 = _fp16_net(1)
     net2.load_state_dict(params)
     opt2.load_state_dict(state)
@@ -457,9 +457,9 @@ def test_a_version_2_state_loads_with_the_documented_defaults():
     for x, y in data[:5]:
         opt.step(closure_for(net, x, y))
     state = copy.deepcopy(opt.state_dict())
-    state["labpal"]["version"] = 2
+    labpal_entry(state)["version"] = 2
     for name in ("loss_scale", "scale_good", "norm_mean"):
-        del state["labpal"]["line"][name]
+        del labpal_entry(state)["line"][name]
     for entry in state["state"].values():
         del entry["master"]
     net2, opt2 = _fp16_net(1)
@@ -470,6 +470,6 @@ def test_a_version_2_state_loads_with_the_documented_defaults():
     assert torch.equal(flat.param, flat.low.float())  # the model's fp16 values, exactly
     opt2.step(closure_for(net2, *data[5]))  # and it trains on
     # a version-3 state without them is damaged
-    state["labpal"]["version"] = 3
+    labpal_entry(state)["version"] = 3
     with pytest.raises(ValueError, match=re.escape("['line']['norm_mean'] is missing")):
         _fp16_net(2)[1].load_state_dict(state)

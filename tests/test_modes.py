@@ -70,7 +70,7 @@ def test_training_updates_match_a_hand_written_loop(mode, rate, momentum, mult, 
     for i, (x, y) in enumerate(data):
         opt.step(closure_for(net, x, y))
         if i >= k * mult and (i + 1 - k * mult) % mult == 0:
-            lrs.append(float(opt.param_groups[1]["lr"]))
+            lrs.append(float(opt.lr_tensor))
     rec = opt.measurements()[0]
     assert rec["valid"] and opt.updates == 1 + n_updates
     ref_lrs = hand_loop(ref, data, mode=mode, momentum=momentum, m=mult, k=k, decays=decays,
@@ -80,12 +80,14 @@ def test_training_updates_match_a_hand_written_loop(mode, rate, momentum, mult, 
     assert lrs == pytest.approx(ref_lrs, rel=1e-10)
 
 
-def test_lr_is_a_device_tensor_shared_by_all_groups():
+def test_lr_is_a_float_shared_by_all_groups_and_lr_tensor_the_device_value():
     net = small_net(0)
     opt = LABPAL([{"params": net[0].parameters()}, {"params": net[2].parameters()}],
                  approximation_batches=1)
     x, y = batches(1, 8, 6, seed=0)[0]
     opt.step(closure_for(net, x, y))
     lr0, lr1 = opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]
-    assert torch.is_tensor(lr0) and lr0.dim() == 0 and lr0 is lr1
-    assert float(lr0) > 0
+    assert type(lr0) is float and lr0 == lr1 == opt.line.s_upd.item() > 0  # NSGD: s_upd
+    live = opt.lr_tensor
+    assert torch.is_tensor(live) and live.dim() == 0 and live is opt.lr_tensor
+    assert float(live) > 0

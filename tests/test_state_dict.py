@@ -56,7 +56,8 @@ def test_resume_in_training_continues_bit_for_bit(mode):
         for p, q in zip(net.state_dict().values(), net_c.state_dict().values()):
             assert torch.equal(p, q), f"resumed at call {cut}"
         assert repr(opt_c.measurements()) == repr(opt.measurements())  # repr: NaN == NaN
-        assert torch.equal(opt_c.param_groups[0]["lr"], opt.param_groups[0]["lr"])
+        assert opt_c.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        assert torch.equal(opt_c.lr_tensor, opt.lr_tensor)
     # the cuts covered both update boundaries and the middle of an accumulation (m = 2)
     assert {acc for _, acc in resumed_at} == {0, 1}
 

@@ -13,7 +13,7 @@ from labpal_fast import LABPAL
 from labpal_fast.line import Line
 from labpal_fast.optimizer import Counters
 
-from helpers import batches, closure_for, small_net
+from helpers import batches, closure_for, labpal_entry, small_net
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -49,6 +49,10 @@ def saved_state(backend, with_params=False):
         assert opt.counters.acc == 1 and opt.counters.has_rate and opt.updates == 2
         _cache[backend] = opt.state_dict(), net.state_dict()
     state, params = copy.deepcopy(_cache[backend])
+    # in the layout of versions 1-3, which loads as well (LABPAL's entry at the top level, the
+    # records a list): the paths below name it so
+    state["labpal"] = state["param_groups"][0].pop("labpal")
+    state["labpal"]["records"] = list(state["labpal"]["records"])
     return (state, params) if with_params else state
 
 
@@ -286,11 +290,11 @@ def test_state_dict_that_is_not_a_dict_is_refused():
 
 def test_an_unknown_version_names_both(backend):
     sd = saved_state(backend)
-    sd["labpal"]["version"] = 4
+    sd["labpal"]["version"] = 5
     sd["labpal"]["format_of_the_future"] = {}  # other keys are not what the error is about
     net, opt = fresh(seed=0)
     with pytest.raises(ValueError, match=re.escape(
-            "state_dict['labpal']['version'] is 4: this LABPAL reads state versions 1, 2, 3")):
+            "state_dict['labpal']['version'] is 5: this LABPAL reads state versions 1, 2, 3, 4")):
         opt.load_state_dict(sd)
 
 
@@ -355,7 +359,8 @@ def test_a_version_2_state_resumes_with_the_running_mean_of_the_norm_unknown(bac
     net, opt = sgd(seed=1)
     run(net, opt, 0, 5)
     saved, params = opt.state_dict(), copy.deepcopy(net.state_dict())
-    assert saved["labpal"]["version"] == 3 and float(saved["labpal"]["line"]["norm_mean"]) > 0
+    lab = labpal_entry(saved)
+    assert lab["version"] == 4 and float(lab["line"]["norm_mean"]) > 0
     run(net, opt, 5, AFTER)
     straight = [p.detach().clone() for p in net.parameters()], opt.line.norm_mean.clone()
 
@@ -370,17 +375,17 @@ def test_a_version_2_state_resumes_with_the_running_mean_of_the_norm_unknown(bac
     assert all(torch.equal(p, q) for p, q in zip(got[0], straight[0]))
     assert torch.equal(got[1], straight[1])
     unknown = copy.deepcopy(saved)
-    unknown["labpal"]["line"]["norm_mean"].zero_()
+    labpal_entry(unknown)["line"]["norm_mean"].zero_()
     v2 = copy.deepcopy(saved)
-    v2["labpal"]["version"] = 2  # as saved then: no n̄, no loss scaling state
+    labpal_entry(v2)["version"] = 2  # as saved then: no n̄, no loss scaling state
     for name in ("norm_mean", "loss_scale", "scale_good"):
-        del v2["labpal"]["line"][name]
+        del labpal_entry(v2)["line"][name]
     expected, got = resumed(unknown), resumed(v2)
     assert all(torch.equal(p, q) for p, q in zip(got[0], expected[0]))
     assert torch.equal(got[1], expected[1]) and float(got[1]) > 0
     assert not torch.equal(got[1], straight[1])  # n̄ was started again
     # a version-3 state without it is damaged
-    v2["labpal"]["version"] = 3
+    labpal_entry(v2)["version"] = 3
     with pytest.raises(ValueError, match=re.escape("['line']['norm_mean'] is missing")):
         sgd(seed=0)[1].load_state_dict(v2)
 
@@ -388,8 +393,10 @@ def test_a_version_2_state_resumes_with_the_running_mean_of_the_norm_unknown(bac
 def test_a_grad_sum_is_needed_only_while_gradients_are_being_summed(backend):
     net, opt = fresh(seed=1)
     run(net, opt, 0, 4)
-    sd = opt.state_dict()  # acc = 0: no running sum is saved
-    assert opt.counters.acc == 0 and all("grad_sum" not in e for e in sd["state"].values())
+    sd = opt.state_dict()  # acc = 0: the running sum is saved as zero (a fixed layout)
+    assert opt.counters.acc == 0 and all(not e["grad_sum"].any() for e in sd["state"].values())
+    for e in sd["state"].values():
+        del e["grad_sum"]
     net2, opt2 = fresh(seed=3)
     opt2.load_state_dict(sd)
     # and a sum saved with acc = 0 is checked but not needed

@@ -142,12 +142,12 @@ def parse_names(text: str) -> List[str]:
 
 
 def current_lr(built: Built) -> torch.Tensor | float:
-    """The learning rate in force (a device tensor for LABPAL; D-Adaptation and Prodigy
-    report lr·d, their effective rate)."""
+    """The learning rate in force (for LABPAL the rate of the last update, a device tensor:
+    `lr_tensor`; D-Adaptation and Prodigy report lr·d, their effective rate)."""
+    if built.labpal:
+        return built.optimizer.lr_tensor.detach().clone()
     group = built.optimizer.param_groups[0]
     lr = group["lr"]
-    if built.labpal:
-        return lr.detach().clone()
     lr = float(lr)
     if "d" in group and isinstance(group["d"], (int, float)):
         lr *= float(group["d"])

@@ -62,13 +62,13 @@ def prepare(accelerator: Any, *objects: Any) -> Any:
 
 class MeasuredRate:
     """Stands where the Trainer expects its learning-rate scheduler: `get_last_lr()` is LABPAL's
-    measured rate (one device read), `step()` changes nothing (LABPAL sets the rate)."""
+    measured rate (`param_groups[0]["lr"]`), `step()` changes nothing (LABPAL sets the rate)."""
 
     def __init__(self, optimizer: LABPAL):
         self.optimizer = optimizer
 
     def get_last_lr(self) -> List[float]:
-        lr = float(self.optimizer.param_groups[0]["lr"])  # one tensor shared by every group
+        lr = float(self.optimizer.param_groups[0]["lr"])  # one rate shared by every group
         return [lr] * len(self.optimizer.param_groups)
 
     def step(self, *args: Any, **kwargs: Any) -> None:

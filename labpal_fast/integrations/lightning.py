@@ -21,19 +21,21 @@ repeating, and the batch's outputs (`on_train_batch_end`) are those of its first
 Other hooks inside the closure (`on_before_backward`, `on_after_backward`,
 `on_before_optimizer_step`) do run on repeats; test `opt.repeating` there.
 
-It refuses, at `on_fit_start`, what cannot work with LABPAL: learning-rate schedulers (LABPAL
-measures the rate; its own schedule is `lr_multiplier_schedule`), `accumulate_grad_batches > 1`
+It refuses, at `on_fit_start`, what cannot work with LABPAL: learning-rate schedulers but
+ReduceLROnPlateau (LABPAL measures the rate; its own schedule is `lr_multiplier_schedule`), `accumulate_grad_batches > 1`
 (LABPAL averages its own micro-batches), `gradient_clip_val` (use LABPAL's `max_grad_norm`)
 and fp16 mixed precision with a GradScaler (it steps without a closure). fp16 works as
 `precision="16-true"` with `LABPAL(loss_scale="dynamic")`: the callback runs Lightning's backward
 on `opt.scale_loss(loss)`, and LABPAL keeps fp32 master weights.
-`param_groups[i]["lr"]` is the measured rate, so `LearningRateMonitor` logs it as it is; the
-callback also keeps the monitor's in-memory `lrs` lists from holding the one live lr tensor.
+`param_groups[i]["lr"]` is the measured rate (a Python float), so `LearningRateMonitor` logs it
+as it is.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, List
+
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ..optimizer import LABPAL
 from . import require
@@ -70,18 +72,6 @@ class LABPALCallback(pl.Callback):
         # scaled loss (the closure returns the unscaled one)
         pl_module.backward = _scaled_backward(pl_module.backward, self._optimizers[0])
 
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                                 optimizer: Any) -> None:
-        # LearningRateMonitor appends param_groups' lr to its `lrs` lists as it is: LABPAL's
-        # one lr tensor, which LABPAL updates in place. Still before this step's update, put a
-        # copy (on the device, no read) in its place, so the lists keep the history.
-        rates = [opt.param_groups[0]["lr"] for opt in self._optimizers]
-        for callback in trainer.callbacks:
-            if isinstance(callback, pl.callbacks.LearningRateMonitor):
-                for values in callback.lrs.values():
-                    if values and any(values[-1] is rate for rate in rates):
-                        values[-1] = values[-1].detach().clone()
-
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                  stage: str) -> None:
         for name in _WRAPPED:
@@ -93,6 +83,8 @@ class LABPALCallback(pl.Callback):
 
 def _check_trainer(trainer: "pl.Trainer", optimizers: List[LABPAL]) -> None:
     for config in trainer.lr_scheduler_configs:
+        if isinstance(config.scheduler, ReduceLROnPlateau):
+            continue  # it scales the measured rate (README, "Learning-rate schedules")
         if any(config.scheduler.optimizer is opt for opt in optimizers):
             raise ValueError(
                 f"configure_optimizers returned a learning-rate scheduler "

@@ -58,8 +58,7 @@ def measurement_figures(record: Dict[str, Any], mode: str) -> Dict[str, float]:
 def hparams(opt) -> Dict[str, Union[int, float, str, bool]]:
     """LABPAL's settings as Python scalars for `writer.add_hparams(hparams(opt), metrics)`:
     every hyper-parameter (tuples as strings), the backend, each group's weight decay, and `lr`,
-    the measured rate now (one device read). `param_groups[i]["lr"]` itself is a 0-dim device
-    tensor, which add_hparams cannot take."""
+    the measured rate now (`param_groups[0]["lr"]`, a Python float)."""
     opt = unwrap(opt)
     out: Dict[str, Union[int, float, str, bool]] = {}
     for name, value in opt.hyper.as_dict().items():
