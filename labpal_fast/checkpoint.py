@@ -266,9 +266,13 @@ def _check_shapes(opt, index: Dict[int, int], shapes: Any, path: str) -> None:
 
 def _check_counters(opt, counters: Any, path: str) -> Dict[str, Any]:
     """The state machine's counters (the `Counters` fields), with their invariants."""
-    spec = fields(opt.counters)
-    _keys(counters, path, [f.name for f in spec])
-    c = {}
+    spec = [f for f in fields(opt.counters) if f.name != "noise"]
+    _keys(counters, path, [f.name for f in spec], optional=("noise",))
+    # ν measured; None: not yet (and in checkpoints from before it, the next measurement's)
+    noise = counters.get("noise")
+    c = {"noise": None if noise is None else _real(noise, f"{path}['noise']")}
+    if c["noise"] is not None and not 0 <= c["noise"] < math.inf:
+        raise ValueError(f"{path}['noise'] is {c['noise']}, expected a finite ν >= 0 or None")
     for f in spec:
         at = f"{path}[{f.name!r}]"
         c[f.name] = _bool(counters[f.name], at) if isinstance(f.default, bool) else \

@@ -34,6 +34,7 @@ class LineEnd:
     error: Optional[str]    # the error to raise once the commit is done (None: none)
     fit: Optional[Dict[str, Any]]  # the fit's record (None: the measurement failed across ranks)
     valid: bool = False     # the fit gave a rate
+    noise: Optional[float] = None  # ρ of `Line.noise_ratio`, where asked for and valid
 
 
 class Measuring:
@@ -145,12 +146,13 @@ class Measuring:
         meas.reduced = True
         self.dist.reduce_line(self.line, start_call, start_update, missed=missed)
 
-    def finish(self, ops: Backend, meas: Measurement, again: Optional[torch.Tensor], multiplier: float,
-               averaged: bool, run: Commit) -> LineEnd:
+    def finish(self, ops: Backend, meas: Measurement, again: Optional[torch.Tensor],
+               multiplier: float, averaged: bool, run: Commit, noise: bool = False) -> LineEnd:
         """Buffers and RNG back as after call k·m, then fit, step rule and the move to s_upd, on
         the device; without any rate yet s_upd is 0 and the move lands on θ₀ itself. A first
         closure that did not repeat its loss makes the fit invalid (its samples are not of one
-        line), and its error is to be raised."""
+        line), and its error is to be raised. `noise`: the line's noise ratio is read too (in
+        the same transfer) and kept in the record."""
         self.buffers.restore()
         restore_rng(meas.line_rng)
         mismatch = None
@@ -162,8 +164,12 @@ class Measuring:
         publish(self.flats, run)
         # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
         verdict = fit["valid"] if self.dist is None else run(self.dist.code, fit["valid"])
-        flags = read([verdict] if mismatch is None else
-                     [verdict, mismatch, meas.first_loss, again])  # host sync 2 of 2
+        if noise:
+            fit["noise"] = run(self.line.noise_ratio, fit["b"], meas.total //
+                               self.hyper.approximation_batches)
+        flags = read([verdict] + ([fit["noise"]] if noise else []) + (
+            [] if mismatch is None else [mismatch, meas.first_loss, again]))  # host sync 2 of 2
+        ratio = flags.pop(1) if noise else None
         code = int(flags[0])
         if self.dist is not None and code & ERRORS:
             return LineEnd("interrupted: failed across ranks",
@@ -174,7 +180,8 @@ class Measuring:
                            f"{flags[3]:.6g} again",
                            not_repeated(flags[2], flags[3], self.hyper.replay_tolerance),
                            fit, valid)
-        return LineEnd(None if valid else "fit invalid", None, fit, valid)
+        return LineEnd(None if valid else "fit invalid", None, fit, valid,
+                       ratio if valid else None)
 
     def _fail_across_ranks(self, ops: Backend, meas: Measurement,
                            again: Optional[torch.Tensor], code: int, run: Commit) -> str:

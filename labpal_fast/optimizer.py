@@ -51,6 +51,7 @@ class Counters:
     has_rate: bool = False        # some measurement has produced a rate
     measure_start_call: int = 0
     measure_start_update: int = 0
+    noise: Optional[float] = None  # ν as the first measurement found it (Hyper.measures_noise)
 
     def measure_now(self, m: int, hyper: Hyper) -> bool:
         """At an update's first call, with m as the schedule says now: whether a measurement
@@ -331,7 +332,8 @@ class LABPAL(torch.optim.Optimizer):
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
-        m = self.hyper.multiplier_at(self.counters.calls, self._calls.ranks)
+        c = self.counters
+        m = self.hyper.multiplier_at(c.calls, self._calls.ranks, c.noise)
         return m, self.counters.measure_now(m, self.hyper)
 
     def _decays(self) -> List[List[float]]:
@@ -440,7 +442,10 @@ class LABPAL(torch.optim.Optimizer):
         with self._commit() as run:
             end = self._measuring.finish(self.ops, meas, again,
                                          self.hyper.lr_multiplier_at(c.updates),
-                                         c.averaged(self.hyper), run)
+                                         c.averaged(self.hyper), run,
+                                         noise=self.hyper.measures_noise and c.noise is None)
+            if end.noise is not None:  # m follows from the next call on (a new measurement)
+                c.noise = self.hyper.measured_noise(end.noise)
             if end.fit is not None:
                 c.has_rate |= end.valid
                 if c.has_rate:
