@@ -47,6 +47,8 @@ LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_u
 RECORD_KEYS = ("call", "update", "m", "reason", "averaged", "partials", "sums", "counts")
 # the step check's figures (records of versions <= 3 made without it lack them)
 CHECK_SCALARS = ("s_check", "loss_check", "check_factor")
+# the noise ratio the first measurement found (records made before it, or later, lack it)
+NOISE_SCALARS = ("noise",)
 
 
 @dataclass
@@ -364,7 +366,8 @@ def _check_records(opt, records: Any, path: str) -> List[Dict[str, Any]]:
     out = []
     for j, r in enumerate(records):
         at = f"{path}[{j}]"
-        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + CHECK_SCALARS + ("valid", "positions"))
+        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + CHECK_SCALARS + NOISE_SCALARS
+              + ("valid", "positions"))
         rec = {}
         for key, value in r.items():  # values of fits may be NaN: invalid fits are kept as such
             where = f"{at}[{key!r}]"

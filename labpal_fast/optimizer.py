@@ -107,9 +107,11 @@ class LABPAL(torch.optim.Optimizer):
         weight_decay: L2 weight decay, part of the objective the line measures.
         mode: "NSGD" (θ ← θ − s_upd·d/‖d‖) or "SGD" (θ ← θ − η·d, η from ``sgd_rate``).
         momentum: β in d ← β·d + ḡ.
-        dataset_size: N, for the noise factor ν = (128/batch_size)·(N/40000).
-        batch_size: b, the batch of one closure call, for ν.
-        noise_factor: ν set directly (None: from dataset_size and batch_size).
+        dataset_size: N, for the paper's noise factor ν = (128/batch_size)·(N/40000)
+            (used by line_fit "paper" and "gradient"; the robust fit measures ν).
+        batch_size: b, the batch of one closure call, for the paper's ν.
+        noise_factor: ν set directly (None: measured by the first measurement with the
+            robust fit, else the paper's; docs/algorithm.md "m from the measured noise").
         batch_size_schedule: (closure call, multiplier) pairs: from that call on,
             m = max(⌊multiplier·ν⌋, 1) closure calls are averaged per update.
         approximation_batches: k: a measurement takes k·m closure calls.
