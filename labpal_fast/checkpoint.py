@@ -56,6 +56,8 @@ LINE_CHECKED = ("s_upd", "eta", "lr", "hist_s", "hist_eta", "hist_n", "skipped_u
 RECORD_KEYS = ("call", "update", "m", "reason", "averaged", "partials", "sums", "counts")
 # the step check's figures (records of versions <= 3 made without it lack them)
 CHECK_SCALARS = ("s_check", "loss_check", "check_factor")
+# the noise ratio the first measurement found (records made before it, or later, lack it)
+NOISE_SCALARS = ("noise",)
 
 
 @dataclass
@@ -340,9 +342,13 @@ def _check_shapes(opt, index: Dict[int, int], shapes: Any, path: str) -> None:
 
 def _check_counters(opt, counters: Any, path: str) -> Dict[str, Any]:
     """The state machine's counters (the `Counters` fields), with their invariants."""
-    spec = fields(opt.counters)
-    _keys(counters, path, [f.name for f in spec])
-    c = {}
+    spec = [f for f in fields(opt.counters) if f.name != "noise"]
+    _keys(counters, path, [f.name for f in spec], optional=("noise",))
+    # ν measured; None: not yet (and in checkpoints from before it, the next measurement's)
+    noise = counters.get("noise")
+    c = {"noise": None if noise is None else _real(noise, f"{path}['noise']")}
+    if c["noise"] is not None and not 0 <= c["noise"] < math.inf:
+        raise ValueError(f"{path}['noise'] is {c['noise']}, expected a finite ν >= 0 or None")
     for f in spec:
         at = f"{path}[{f.name!r}]"
         c[f.name] = _bool(counters[f.name], at) if isinstance(f.default, bool) else \
@@ -434,7 +440,8 @@ def _check_records(opt, records: Any, path: str) -> List[Dict[str, Any]]:
     out = []
     for j, r in enumerate(records):
         at = f"{path}[{j}]"
-        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + CHECK_SCALARS + ("valid", "positions"))
+        _keys(r, at, RECORD_KEYS, optional=RECORD_SCALARS + CHECK_SCALARS + NOISE_SCALARS
+              + ("valid", "positions"))
         rec = {}
         for key, value in r.items():  # values of fits may be NaN: invalid fits are kept as such
             where = f"{at}[{key!r}]"

@@ -59,6 +59,13 @@ MAX_GRAD_NORM = 1e12
 MAX_LOSS_SCALE = 2.0 ** 64
 # the dynamic loss scale: its start (GradScaler's init_scale) and the finite updates in a row
 # after which it doubles (GradScaler's growth_interval); an overflow halves it
+# m from the measured gradient noise (noise_factor=None with the robust fit, docs/algorithm.md
+# "m from the measured noise"): ν = ρ/NOISE_PER_UPDATE, ρ the noise-to-signal ratio of one
+# batch's gradient along d, estimated by the first measurement; so m = ⌊ν⌋ calls keep an
+# update's gradient at most about NOISE_PER_UPDATE times as noisy as it is informative.
+NOISE_PER_UPDATE = 3.0
+# ρ beyond this (no signal seen at all: the slope of the line is all noise) counts as this
+MAX_MEASURED_RATIO = 48.0
 LOSS_SCALE_INIT = 2.0 ** 16
 LOSS_SCALE_GROWTH_INTERVAL = 2000
 
@@ -115,9 +122,17 @@ class Hyper:
         """The noise factor: explicit, or (128/b)·(N/40000)."""
         return self.noise_for(1)
 
+    @property
+    def measures_noise(self) -> bool:
+        """Whether ν comes from the first measurement (`noise_factor` None, the robust fit over
+        at least 2 batches) rather than from dataset_size and batch_size (the paper's rule)."""
+        return (self.noise_factor is None and self.line_fit == "robust"
+                and self.approximation_batches >= 2)
+
     def noise_for(self, ranks: int) -> float:
-        """ν when `ranks` data-parallel processes each evaluate a batch of batch_size per closure
-        call: explicit, or (128/(ranks·b))·(N/40000), the global batch being ranks·b."""
+        """ν by the paper's rule when `ranks` data-parallel processes each evaluate a batch of
+        batch_size per closure call: explicit, or (128/(ranks·b))·(N/40000), the global batch
+        being ranks·b."""
         if self.noise_factor is not None:
             return float(self.noise_factor)
         return (128.0 / (ranks * self.batch_size)) * (self.dataset_size / 40000.0)
@@ -127,16 +142,20 @@ class Hyper:
         """(closure call, m) pairs sorted by call, m = max(floor(multiplier·ν), 1)."""
         return self.schedule_for(1)
 
-    def schedule_for(self, ranks: int) -> Tuple[Tuple[int, int], ...]:
-        nu = self.noise_for(ranks)
+    def schedule_for(self, ranks: int, measured: Optional[float] = None
+                     ) -> Tuple[Tuple[int, int], ...]:
+        """The schedule with ν measured (`measures_noise`; None: not yet, m = 1) or the
+        paper's."""
+        nu = (measured or 0.0) if self.measures_noise else self.noise_for(ranks)
         return tuple(sorted((int(c), max(int(math.floor(mult * nu)), 1))
                             for c, mult in self.batch_size_schedule))
 
-    def multiplier_at(self, call: int, ranks: int = 1) -> int:
+    def multiplier_at(self, call: int, ranks: int = 1, measured: Optional[float] = None) -> int:
         """m in force from closure call `call` on (0-based): the last entry at or before it
-        (`ranks`: data-parallel processes, see `noise_for`)."""
+        (`ranks`: data-parallel processes, see `noise_for`; `measured`: ν measured, see
+        `schedule_for`)."""
         m = 1
-        for start, mult in self.schedule_for(ranks):
+        for start, mult in self.schedule_for(ranks, measured):
             if start <= call:
                 m = mult
         return m
@@ -151,6 +170,15 @@ class Hyper:
             if update < u1:
                 return f0 + (f1 - f0) * (update - u0) / (u1 - u0)
         return points[-1][1]
+
+    def measured_noise(self, ratio: float) -> float:
+        """ν from ρ, the noise-to-signal ratio of one update's gradient the first measurement
+        saw (`Line.noise_ratio`, NaN where it saw no signal): ρ/NOISE_PER_UPDATE, bounded so
+        that every schedule entry keeps m within MAX_MULTIPLIER."""
+        ratio = MAX_MEASURED_RATIO if not math.isfinite(ratio) else min(max(ratio, 0.0),
+                                                                          MAX_MEASURED_RATIO)
+        largest = max(mult for _, mult in self.batch_size_schedule)
+        return min(ratio / NOISE_PER_UPDATE, MAX_MULTIPLIER / largest)
 
     @property
     def resolving(self) -> bool:

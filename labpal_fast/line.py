@@ -238,6 +238,17 @@ class Line:
         self.clip_factor.copy_(torch.where(torch.isfinite(norm), factor, float("nan")))
         return self.clip_factor
 
+    def noise_ratio(self, b: torch.Tensor, m: int) -> torch.Tensor:
+        """ρ, the noise-to-signal ratio of one closure's gradient along d (its variance over the
+        full-batch gradient's square), from the line just fitted: the slope −b averages k·m
+        batches, m of which formed d, their own slope along d being ⟨ḡ, d⟩/‖d‖ (loss part);
+        the others' estimate ⟨G, d⟩/‖d‖, and r = ⟨G, d⟩/⟨ḡ, d⟩ ≈ 1/(1 + ρ/m). NaN where
+        the other batches show no descent along d (r ≤ 0): no signal seen."""
+        k = self.hyper.approximation_batches
+        own = (self.partials[Partial.GD] - self.partials[Partial.WD_TD]) / self._norm()
+        r = (-b - own / k) / ((1 - 1 / k) * own)
+        return torch.where(r > 0, m * (1 - r.clamp(max=1)) / r, float("nan"))
+
     def _norm(self) -> torch.Tensor:
         """max(‖d‖, ε): the divisor of every move along d/‖d‖."""
         return self.partials[Partial.DD].sqrt().clamp(min=self.hyper.epsilon)

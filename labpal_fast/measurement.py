@@ -184,6 +184,8 @@ def record_to_python(r: Dict[str, Any], hyper: Hyper) -> Dict[str, Any]:
         # the step check (nan when off): the step proposed, its mean loss, the factor taken
         "s_check": num("s_check"), "loss_check": num("loss_check"),
         "check_factor": num("check_factor"),
+        # ρ, the gradient's noise-to-signal ratio the first measurement saw (nan elsewhere)
+        "noise_ratio": num("noise"),
         "direction_norm": math.sqrt(dd) if dd >= 0 else float("nan"),
         "directional_derivative": (-partials[Partial.GD] / max(math.sqrt(dd), hyper.epsilon)
                                    if dd >= 0 else float("nan")),

@@ -36,6 +36,7 @@ class LineEnd:
     error: Optional[str]    # the error to raise once the commit is done (None: none)
     fit: Optional[Dict[str, Any]]  # the fit's record (None: the measurement failed across ranks)
     valid: bool = False     # the fit gave a rate
+    noise: Optional[float] = None  # ρ of `Line.noise_ratio`, where asked for and valid
 
 
 class Measuring:
@@ -156,12 +157,15 @@ class Measuring:
         self.dist.reduce_line(self.line, start_call, start_update, missed=missed)
 
     def finish(self, ops: Backend, meas: Measurement, again: Optional[torch.Tensor], multiplier: float,
-               averaged: bool, run: Commit, rate: Rate, may_fall_back: bool) -> LineEnd:
+               averaged: bool, run: Commit, rate: Rate, may_fall_back: bool,
+               noise: bool = False) -> LineEnd:
         """Buffers and RNG back as after call k·m, then fit, step rule and the move to s_upd, on
         the device; without any rate yet s_upd is 0 and the move lands on θ₀ itself. A first
         closure that did not repeat its loss makes the fit invalid (its samples are not of one
         line), and its error is to be raised. The measured rate (and a fall-back's, when
-        `may_fall_back`) are read with the verdict into `rate`, which shows it × `multiplier`."""
+        `may_fall_back`) are read with the verdict into `rate`, which shows it × `multiplier`.
+        `noise`: the line's noise ratio is read too (in the same transfer) and kept in the
+        record."""
         self.buffers.restore()
         restore_rng(meas.line_rng)
         mismatch = None
@@ -175,9 +179,14 @@ class Measuring:
         verdict = fit["valid"] if self.dist is None else run(self.dist.code, fit["valid"])
         # with the measured rate, and the one a fall-back would take when one may follow
         rates = self.line.rate_reads[:2 if may_fall_back else 1]
+        if noise:
+            fit["noise"] = run(self.line.noise_ratio, fit["b"], meas.total //
+                               self.hyper.approximation_batches)
+            rates = rates + [fit["noise"]]
         flags = read([verdict] + rates + ([] if mismatch is None else
                      [mismatch, meas.first_loss, again, meas.last_loss, meas.late])
                      )  # host sync 2 of 2
+        ratio = flags[len(rates)] if noise else None
         code = int(flags[0])
         if self.dist is not None and code & ERRORS:
             return LineEnd("interrupted: failed across ranks",
@@ -192,7 +201,8 @@ class Measuring:
             error, reason = repeat_failure(*flags[1:], meas.late_names,
                                            self.hyper.replay_tolerance)
             return LineEnd(reason, error, fit, valid)
-        return LineEnd(None if valid else "fit invalid", None, fit, valid)
+        return LineEnd(None if valid else "fit invalid", None, fit, valid,
+                       ratio if valid else None)
 
     def _fail_across_ranks(self, ops: Backend, meas: Measurement,
                            again: Optional[torch.Tensor], code: int, run: Commit) -> str:

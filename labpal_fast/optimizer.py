@@ -53,6 +53,7 @@ class Counters:
     has_rate: bool = False        # some measurement has produced a rate
     measure_start_call: int = 0
     measure_start_update: int = 0
+    noise: Optional[float] = None  # ν as the first measurement found it (Hyper.measures_noise)
 
     def measure_now(self, m: int, hyper: Hyper) -> bool:
         """At an update's first call, with m as the schedule says now: whether a measurement
@@ -108,9 +109,11 @@ class LABPAL(torch.optim.Optimizer):
         weight_decay: L2 weight decay, part of the objective the line measures.
         mode: "NSGD" (θ ← θ − s_upd·d/‖d‖) or "SGD" (θ ← θ − η·d, η from ``sgd_rate``).
         momentum: β in d ← β·d + ḡ.
-        dataset_size: N, for the noise factor ν = (128/batch_size)·(N/40000).
-        batch_size: b, the batch of one closure call, for ν.
-        noise_factor: ν set directly (None: from dataset_size and batch_size).
+        dataset_size: N, for the paper's noise factor ν = (128/batch_size)·(N/40000)
+            (used by line_fit "paper" and "gradient"; the robust fit measures ν).
+        batch_size: b, the batch of one closure call, for the paper's ν.
+        noise_factor: ν set directly (None: measured by the first measurement with the
+            robust fit, else the paper's; docs/algorithm.md "m from the measured noise").
         batch_size_schedule: (closure call, multiplier) pairs: from that call on,
             m = max(⌊multiplier·ν⌋, 1) closure calls are averaged per update.
         approximation_batches: k: a measurement takes k·m closure calls.
@@ -376,7 +379,8 @@ class LABPAL(torch.optim.Optimizer):
     def _boundary(self) -> Tuple[int, bool]:
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
-        m = self.hyper.multiplier_at(self.counters.calls, self._calls.ranks)
+        c = self.counters
+        m = self.hyper.multiplier_at(c.calls, self._calls.ranks, c.noise)
         return m, self.counters.measure_now(m, self.hyper)
 
     def _decays(self) -> List[List[float]]:
@@ -490,7 +494,10 @@ class LABPAL(torch.optim.Optimizer):
         with self._commit() as run:
             factor = self.rate.multiplier(c.updates)
             end = self._measuring.finish(self.ops, meas, again, factor, c.averaged(self.hyper),
-                                         run, self.rate, self._may_fall_back())
+                                         run, self.rate, self._may_fall_back(),
+                                         noise=self.hyper.measures_noise and c.noise is None)
+            if end.noise is not None:  # m follows from the next call on (a new measurement)
+                c.noise = self.hyper.measured_noise(end.noise)
             if end.fit is not None:
                 c.has_rate |= end.valid
                 if c.has_rate:

@@ -79,10 +79,19 @@ class TaskResults:
         return _mean([figs.get(s) for s in self.seeds]) if figs else math.nan
 
     def paired(self, name: str, ref: str) -> Optional[float]:
-        """The mean over common seeds of (figure − reference's figure), in the figure's unit."""
+        """The mean over common seeds of (figure − reference's figure), in the figure's unit;
+        a seed where only the reference diverged is left out (`name` is ahead there: see
+        `ref_diverged`), one where `name` diverged makes it NaN."""
         a, b = self.figures(name), self.figures(ref)
-        common = [s for s in self.seeds if s in a and s in b]
+        common = [s for s in self.seeds if s in a and s in b
+                  and s not in self.ref_diverged(name, ref)]
         return _mean([a[s] - b[s] for s in common]) if common else None
+
+    def ref_diverged(self, name: str, ref: str) -> List[int]:
+        """Seeds where the reference's figure is not finite and `name`'s is."""
+        a, b = self.figures(name), self.figures(ref)
+        return [s for s in self.seeds if s in a and s in b and math.isfinite(a[s])
+                and not math.isfinite(b[s])]
 
     def better(self, a: float, b: float) -> bool:
         return self.sign * (a - b) > 0
@@ -92,7 +101,10 @@ class TaskResults:
         d = self.paired(name, ref)
         if d is None:
             return None
-        return -self.sign * d - margin(self.task.metric, self.mean(ref))
+        left_out = self.ref_diverged(name, ref)
+        figs = self.figures(ref)
+        base = _mean([figs.get(s) for s in self.seeds if s not in left_out])
+        return -self.sign * d - margin(self.task.metric, base)
 
     def baseline_names(self) -> List[str]:
         return [n for n in list(UNTUNED) + [TUNED_SGD] if n in self.runs]
@@ -185,6 +197,12 @@ def task_table(res: TaskResults) -> List[str]:
     return lines + [""]
 
 
+def _diverged_note(res: "TaskResults", name: str, ref: str) -> str:
+    seeds = res.ref_diverged(name, ref) if ref in res.runs and name in res.runs else []
+    return f" ({config(ref).label if ref != TUNED_SGD else 'tuned SGD'} diverged on seed " \
+        f"{', '.join(map(str, seeds))}: left out)" if seeds else ""
+
+
 def _miss(short: Optional[float]) -> str:
     if short is None:
         return "—"
@@ -226,7 +244,8 @@ def targets(results: List[TaskResults]) -> List[str]:
         lines.append("| " + " | ".join(
             [res.task.name, "—" if counts is None else "yes" if counts else "no",
              _label(ref, res) if ref else "—"] + cells +
-            [_miss(claim_short), f"{config(peer).label} {res.mean(peer):.4g}" if peer else "—",
+            [_miss(claim_short) + _diverged_note(res, "labpal", TUNED_SGD),
+             f"{config(peer).label} {res.mean(peer):.4g}" if peer else "—",
              _signed(res.paired("labpal", peer)) if peer else "—"]) + " |")
     lines.append("")
     for n in configs:

@@ -1,0 +1,120 @@
+"""m from the measured gradient noise (docs/algorithm.md "m from the measured noise"): the first
+measurement's noise ratio against one computed by hand from per-batch gradients, on linear
+least squares (every batch's loss an exact parabola along any line, so the fit's slope is the
+exact one), and the m it gives."""
+import math
+
+import pytest
+import torch
+
+from labpal_fast import LABPAL
+from labpal_fast.hyper import NOISE_PER_UPDATE
+
+pytestmark = pytest.mark.usefixtures("backend")
+
+K = 6  # approximation_batches
+
+
+def _problem(seed: int, label_noise: float, same_batch: bool = False):
+    """A linear model and K + 60 batches of 4 (x, y = x·w* + noise); `same_batch`: every
+    closure sees the same batch (no gradient noise at all)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(5, 1).double()
+    with torch.no_grad():
+        # near w*: a small signal beside the labels' noise
+        model.weight.copy_(w.T + 0.2 * torch.randn(1, 5, generator=g, dtype=torch.float64))
+        model.bias.zero_()
+    data = []
+    for _ in range(K + 60):
+        x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+        data.append((x, x @ w + label_noise * torch.randn(4, 1, generator=g, dtype=torch.float64)))
+    if same_batch:
+        data = [data[0]] * len(data)
+    return model, data
+
+
+def _closure(model, x, y):
+    return lambda: torch.nn.functional.mse_loss(model(x), y)
+
+
+def _ratio_by_hand(model, data):
+    """ρ of the first measurement from the per-batch gradients at θ₀: d = the first batch's
+    gradient (m = 1), r = (mean over the other K − 1 batches of ⟨g_i, d⟩) / ⟨g_1, d⟩,
+    ρ = (1 − r)/r."""
+    grads = []
+    for x, y in data[:K]:
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+    model.zero_grad(set_to_none=True)
+    d = grads[0]
+    r = float(torch.stack([g @ d for g in grads[1:]]).mean() / (d @ d))
+    return (1 - r) / r
+
+
+def _train(opt, model, data, calls):
+    for x, y in data[:calls]:
+        opt.step(_closure(model, x, y))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_noise_ratio_is_the_hand_computed_one_and_sets_m(seed):
+    model, data = _problem(seed, label_noise=1.0)
+    expected = _ratio_by_hand(model, data)
+    assert expected > 2 * NOISE_PER_UPDATE   # noisy enough that m changes
+    opt = LABPAL(model.parameters(), approximation_batches=K)
+    _train(opt, model, data, K + 1)          # the first measurement, then the next call
+    first = opt.measurements()[0]
+    assert first["m"] == 1 and first["valid"]
+    assert first["noise_ratio"] == pytest.approx(expected, rel=1e-6)
+    m = max(int(math.floor(expected / NOISE_PER_UPDATE)), 1)
+    assert opt.multiplier == m > 1 and opt.phase == "measuring"   # m changed: measured again
+    _train(opt, model, data[K + 1:], K * m)
+    second = opt.measurements()[1]
+    assert second["m"] == m and math.isnan(second["noise_ratio"])  # measured once
+
+
+def test_no_noise_keeps_m_1():
+    model, data = _problem(2, label_noise=1.0, same_batch=True)
+    opt = LABPAL(model.parameters(), approximation_batches=K)
+    _train(opt, model, data, K + 5)
+    assert opt.measurements()[0]["noise_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert opt.multiplier == 1 and opt.updates == 6
+
+
+@pytest.mark.parametrize("hyper,m", [
+    (dict(noise_factor=2.0), 2),                                            # ν given
+    (dict(line_fit="paper", dataset_size=40000, batch_size=40), 3),         # the paper's ν
+    (dict(line_fit="gradient", dataset_size=40000, batch_size=40), 3),
+])
+def test_the_paper_rule_where_noise_is_not_measured(hyper, m):
+    model, data = _problem(3, label_noise=1.0)
+    opt = LABPAL(model.parameters(), approximation_batches=K, **hyper)
+    _train(opt, model, data, K * m + 1)
+    first = opt.measurements()[0]
+    assert first["m"] == m and math.isnan(first["noise_ratio"]) and opt.multiplier == m
+
+
+def test_measured_noise_is_saved_and_resumed():
+    model, data = _problem(1, label_noise=1.0)
+    opt = LABPAL(model.parameters(), approximation_batches=K)
+    _train(opt, model, data, K)              # the first measurement ends: ν measured
+    state = opt.state_dict()
+    assert state["labpal"]["counters"]["noise"] > 2
+    twin_model, _ = _problem(1, label_noise=1.0)
+    twin_model.load_state_dict(model.state_dict())
+    twin = LABPAL(twin_model.parameters(), approximation_batches=K)
+    twin.load_state_dict(state)
+    m = max(int(state["labpal"]["counters"]["noise"]), 1)
+    _train(opt, model, data[K:], K * m)      # the second measurement, at the measured m
+    _train(twin, twin_model, data[K:], K * m)
+    assert opt.multiplier == twin.multiplier == m > 1 and len(twin.measurements()) == 2
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # a checkpoint from before the measured noise has no 'noise': it loads, and the next
+    # measurement measures it
+    del state["labpal"]["counters"]["noise"]
+    fresh = LABPAL(_problem(1, 1.0)[0].parameters(), approximation_batches=K)
+    fresh.load_state_dict(state)
+    assert fresh.counters.noise is None
