@@ -332,7 +332,7 @@ def _draw_line(ax, rec: Dict[str, Any], settings: Dict[str, Any]) -> None:
     a, b, c = (rec.get(k) for k in ("a", "b", "c"))
     s_min, s_new, s_upd = rec.get("s_min"), rec.get("s_new"), rec.get("s_upd")
     cap, adapt = settings.get("max_step_size"), settings.get("update_step_adaptation")
-    marks = [v for v in (s_min, s_new, s_upd) if _finite(v)]
+    marks = [v for v in (s_min, s_new, s_upd, rec.get("s_check")) if _finite(v)]
     right = max(pos + marks) * 1.12 or 1.0
     fit = _parabola(a, b, c) if all(_finite(v) for v in (a, b, c)) else None
     ax.plot(pos, means, "o", color="C0", ms=7, zorder=4,
@@ -348,6 +348,18 @@ def _draw_line(ax, rec: Dict[str, Any], settings: Dict[str, Any]) -> None:
                    label=f"clamp: max_step_size = {cap:g} < s_min")
     base = min(s_min, cap) if _finite(s_min) and _finite(cap) else None
     rule = f" = {adapt:g} × {base:.3g}" if _finite(adapt) and base is not None else ""
+    # the step check's factor (and the momentum correction, when on) make s_new smaller still
+    factor = s_new / (adapt * base) if rule and _finite(s_new) and adapt * base > 0 else 1.0
+    if rule and abs(factor - 1.0) > 1e-6:
+        rule += f" × {factor:.3g}"
+        if _finite(rec.get("check_factor")) and rec["check_factor"] != 1.0:
+            rule += " (step check"
+            rule += ")" if abs(rec["check_factor"] - factor) < 1e-6 * factor else ", momentum)"
+        else:
+            rule += " (momentum correction)"
+    if _finite(rec.get("s_check")) and _finite(rec.get("loss_check")):
+        ax.plot([rec["s_check"]], [rec["loss_check"]], "x", color="C3", ms=9, mew=2, zorder=5,
+                label=f"loss at the proposed step {rec['s_check']:.3g} (step check)")
     averaged = _finite(s_upd) and _finite(s_new) and abs(s_upd - s_new) > 1e-9 * s_upd
     if averaged and fit is not None:
         ax.plot([s_new], [fit(s_new)], "D", color="C3", ms=6, mfc="white", zorder=5,
