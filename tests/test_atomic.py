@@ -28,14 +28,16 @@ OPS = ("accumulate", "form_direction", "train_update", "line_move", "save_origin
 LINE_METHODS = ("reset_samples", "record", "set_partials", "abandon_code", "position_coef",
                 "target_coef", "train_coef", "fit", "drop_unless_repeated", "clip_scale",
                 "set_multiplier", "set_resolution", "fall_back", "scaled", "unscale",
-                "update_loss_scale", "unscale_slope", "check_coef", "record_check", "check_step")
+                "update_loss_scale", "unscale_slope", "check_coef", "record_check", "check_step",
+                "noise_ratio")
 # what launches no kernel on Triton
 COPIES = ("save_origin", "restore_origin", "save_direction", "restore_direction",
           "clear_direction", "zero_grad")
 # (and the robust fit: Line's torch math on Triton as well, docs/algorithm.md)
 LINE_COPIES = ("reset_samples", "set_partials", "drop_unless_repeated", "clip_scale",
                "set_multiplier", "set_resolution", "fit", "fall_back", "scaled", "unscale",
-               "update_loss_scale", "unscale_slope", "check_coef", "record_check", "check_step")
+               "update_loss_scale", "unscale_slope", "check_coef", "record_check", "check_step",
+                "noise_ratio")
 K, M = 2, 2          # approximation_batches, micro-batches per update
 WINDOW = K * M + M  # the calls faults are injected into: a measurement and an update
 MORE = 20            # steps after the fault

@@ -10,6 +10,8 @@ import torch
 from labpal_fast import LABPAL
 from labpal_fast.hyper import NOISE_PER_UPDATE
 
+from helpers import labpal_entry
+
 pytestmark = pytest.mark.usefixtures("backend")
 
 K = 6  # approximation_batches
@@ -101,12 +103,12 @@ def test_measured_noise_is_saved_and_resumed():
     opt = LABPAL(model.parameters(), approximation_batches=K)
     _train(opt, model, data, K)              # the first measurement ends: ν measured
     state = opt.state_dict()
-    assert state["labpal"]["counters"]["noise"] > 2
+    assert labpal_entry(state)["counters"]["noise"] > 2
     twin_model, _ = _problem(1, label_noise=1.0)
     twin_model.load_state_dict(model.state_dict())
     twin = LABPAL(twin_model.parameters(), approximation_batches=K)
     twin.load_state_dict(state)
-    m = max(int(state["labpal"]["counters"]["noise"]), 1)
+    m = max(int(labpal_entry(state)["counters"]["noise"]), 1)
     _train(opt, model, data[K:], K * m)      # the second measurement, at the measured m
     _train(twin, twin_model, data[K:], K * m)
     assert opt.multiplier == twin.multiplier == m > 1 and len(twin.measurements()) == 2
@@ -114,7 +116,7 @@ def test_measured_noise_is_saved_and_resumed():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     # a checkpoint from before the measured noise has no 'noise': it loads, and the next
     # measurement measures it
-    del state["labpal"]["counters"]["noise"]
+    del labpal_entry(state)["counters"]["noise"]
     fresh = LABPAL(_problem(1, 1.0)[0].parameters(), approximation_batches=K)
     fresh.load_state_dict(state)
     assert fresh.counters.noise is None
