@@ -142,20 +142,22 @@ class Hyper:
         """(closure call, m) pairs sorted by call, m = max(floor(multiplier·ν), 1)."""
         return self.schedule_for(1)
 
-    def schedule_for(self, ranks: int, measured: Optional[float] = None
-                     ) -> Tuple[Tuple[int, int], ...]:
-        """The schedule with ν measured (`measures_noise`; None: not yet, m = 1) or the
-        paper's."""
-        nu = (measured or 0.0) if self.measures_noise else self.noise_for(ranks)
+    def schedule_for(self, ranks: int, measured: Optional[float] = None,
+                     measures: Optional[bool] = None) -> Tuple[Tuple[int, int], ...]:
+        """The schedule with ν measured (`measures`, default `measures_noise`; `measured` None:
+        not yet, m = 1) or the paper's."""
+        on = self.measures_noise if measures is None else measures
+        nu = (measured or 0.0) if on else self.noise_for(ranks)
         return tuple(sorted((int(c), max(int(math.floor(mult * nu)), 1))
                             for c, mult in self.batch_size_schedule))
 
-    def multiplier_at(self, call: int, ranks: int = 1, measured: Optional[float] = None) -> int:
+    def multiplier_at(self, call: int, ranks: int = 1, measured: Optional[float] = None,
+                      measures: Optional[bool] = None) -> int:
         """m in force from closure call `call` on (0-based): the last entry at or before it
-        (`ranks`: data-parallel processes, see `noise_for`; `measured`: ν measured, see
-        `schedule_for`)."""
+        (`ranks`: data-parallel processes, see `noise_for`; `measured`, `measures`: ν measured,
+        see `schedule_for`)."""
         m = 1
-        for start, mult in self.schedule_for(ranks, measured):
+        for start, mult in self.schedule_for(ranks, measured, measures):
             if start <= call:
                 m = mult
         return m

@@ -194,6 +194,9 @@ class LABPAL(torch.optim.Optimizer):
             raise
         self.line: Line = self._measuring.line
         self._dist, self._calls = self._measuring.dist, self._measuring.calls
+        # ν from the first measurement (docs/algorithm.md "m from the measured noise"); under
+        # torch.distributed the paper's ν (not yet checked to agree with one process)
+        self._measures_noise = self.hyper.measures_noise and self._dist is None
         self.rate = guards.Rate(self.param_groups, self.hyper)  # param_groups' 'lr'
         # which parameters the flats hold: a change of requires_grad is refused at the next step
         self._requires_grad = tuple(p.requires_grad for p in self._params)
@@ -380,7 +383,7 @@ class LABPAL(torch.optim.Optimizer):
         """Start of an update's accumulation: m as the schedule says now, and whether a
         measurement starts (both applied by the call's commit, so a failed call changes none)."""
         c = self.counters
-        m = self.hyper.multiplier_at(c.calls, self._calls.ranks, c.noise)
+        m = self.hyper.multiplier_at(c.calls, self._calls.ranks, c.noise, self._measures_noise)
         return m, self.counters.measure_now(m, self.hyper)
 
     def _decays(self) -> List[List[float]]:
@@ -495,7 +498,7 @@ class LABPAL(torch.optim.Optimizer):
             factor = self.rate.multiplier(c.updates)
             end = self._measuring.finish(self.ops, meas, again, factor, c.averaged(self.hyper),
                                          run, self.rate, self._may_fall_back(),
-                                         noise=self.hyper.measures_noise and c.noise is None)
+                                         noise=self._measures_noise and c.noise is None)
             if end.noise is not None:  # m follows from the next call on (a new measurement)
                 c.noise = self.hyper.measured_noise(end.noise)
             if end.fit is not None:

@@ -32,8 +32,9 @@ def hyper(ranks: int, **over):
     h = dict(approximation_batches=2, reuse_updates=4, warmup_updates=6, averaging_window=3,
              dataset_size=DATASET, batch_size=GLOBAL // ranks,
              batch_size_schedule=((0, 1), (30, 2)), sample_positions=(0.0, 0.03, 0.1))
-    if ranks == 1:  # the one-process oracle: the step check is off under torch.distributed
-        h["step_check"] = False
+    if ranks == 1:  # the one-process oracle: the step check is off under torch.distributed,
+        # and ν is the paper's there: (128/8)·(DATASET/40000) = 1 on every rank count
+        h.update(step_check=False, noise_factor=1.0)
     h.update(over)
     return h
 
@@ -535,9 +536,10 @@ def test_misuse_fails_loudly_on_every_rank():
     assert "On this rank" not in r0["not_repeated"][0]
     assert r0["out_of_step"][1] == r1["out_of_step"][1]  # the same message on every rank
     # alone: no collective, each rank fits its own samples (the ranks' parameters part)
-    # and counts its batch alone in ν: (128/4)·(N/40000) = 2, so m = 2, k·m = 4 samples
+    # and is one process: ν is measured (m = 1 until the first measurement, k·m = 2 samples;
+    # the paper's ν would count its batch alone: (128/4)·(N/40000) = 2, k·m = 4)
     first = r0["alone"]["records"][0]
-    assert first["m"] == 2 and first["counts"][0] == 4
+    assert first["m"] == 1 and first["counts"][0] == 2
     assert not torch.equal(r0["alone"]["params"][0], r1["alone"]["params"][0])
 
 
