@@ -178,15 +178,16 @@ class Measuring:
         # the verdict: the fit's validity, or across ranks the collective's code (bit 0: valid)
         verdict = fit["valid"] if self.dist is None else run(self.dist.code, fit["valid"])
         # with the measured rate, and the one a fall-back would take when one may follow
-        rates = self.line.rate_reads[:2 if may_fall_back else 1]
+        # and the noise ratio when asked for: [verdict, rate, (fall-back rate), (noise), ...]
+        decided = self.line.rate_reads[:2 if may_fall_back else 1]
         if noise:
             fit["noise"] = run(self.line.noise_ratio, fit["b"], meas.total //
                                self.hyper.approximation_batches)
-            rates = rates + [fit["noise"]]
-        flags = read([verdict] + rates + ([] if mismatch is None else
+            decided = decided + [fit["noise"]]
+        flags = read([verdict] + decided + ([] if mismatch is None else
                      [mismatch, meas.first_loss, again, meas.last_loss, meas.late])
                      )  # host sync 2 of 2
-        ratio = flags[len(rates)] if noise else None
+        ratio = flags[len(decided)] if noise else None
         code = int(flags[0])
         if self.dist is not None and code & ERRORS:
             return LineEnd("interrupted: failed across ranks",
@@ -195,7 +196,7 @@ class Measuring:
         if may_fall_back:
             rate.fallback = flags[2]
         rate.show(multiplier)
-        flags = flags[1 + len(rates):]  # the repeat's check
+        flags = flags[1 + len(decided):]  # the repeat's check
         valid = bool(code & 1)
         if mismatch is not None and flags[0]:
             error, reason = repeat_failure(*flags[1:], meas.late_names,
