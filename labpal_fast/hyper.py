@@ -64,6 +64,11 @@ MAX_LOSS_SCALE = 2.0 ** 64
 # batch's gradient along d, estimated by the first measurement; so m = ⌊ν⌋ calls keep an
 # update's gradient at most about NOISE_PER_UPDATE times as noisy as it is informative.
 NOISE_PER_UPDATE = 3.0
+# reuse_updates=None: updates between two measurements. The paper's 1000 where momentum keeps the
+# direction (or line_fit="paper"); without momentum a measured step is followed every 200
+# updates: measured on the quality suite, docs/algorithm.md "How often to measure"
+PAPER_REUSE_UPDATES = 1000
+REUSE_UPDATES = 200
 # ρ beyond this (no signal seen at all: the slope of the line is all noise) counts as this
 MAX_MEASURED_RATIO = 48.0
 LOSS_SCALE_INIT = 2.0 ** 16
@@ -79,7 +84,9 @@ class Hyper:
     noise_factor: Optional[float] = None
     batch_size_schedule: Tuple[Tuple[int, float], ...] = ((0, 1), (75000, 2), (112500, 4))
     approximation_batches: int = 10
-    reuse_updates: int = 1000
+    # None: REUSE_UPDATES without momentum, the paper's PAPER_REUSE_UPDATES with momentum or
+    # line_fit="paper" (docs/algorithm.md "How often to measure")
+    reuse_updates: Optional[int] = None
     warmup_updates: int = 400
     averaging_window: int = 25
     sample_positions: Tuple[float, ...] = (0.0, 1.77e-4, 0.01)
@@ -190,6 +197,14 @@ class Hyper:
         return self.resolve_positions
 
     @property
+    def reuse(self) -> int:
+        """Updates between two measurements (`reuse_updates`, or its default by momentum)."""
+        if self.reuse_updates is not None:
+            return self.reuse_updates
+        paper = self.line_fit == "paper" or self.momentum > 0
+        return PAPER_REUSE_UPDATES if paper else REUSE_UPDATES
+
+    @property
     def checking(self) -> bool:
         """Whether the proposed step is measured before it is taken (`step_check`)."""
         if self.step_check is None:
@@ -296,8 +311,9 @@ def _validate(h: Hyper) -> None:
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
     for name in ("dataset_size", "batch_size"):
         set_(name, number(name, getattr(h, name), 1, MAX_COUNT, integer=True))
-    for name in ("reuse_updates", "warmup_updates"):
-        set_(name, number(name, getattr(h, name), 0, MAX_COUNT, integer=True))
+    if h.reuse_updates is not None:
+        set_("reuse_updates", number("reuse_updates", h.reuse_updates, 0, MAX_COUNT, integer=True))
+    set_("warmup_updates", number("warmup_updates", h.warmup_updates, 0, MAX_COUNT, integer=True))
     if h.noise_factor is not None:
         set_("noise_factor", number("noise_factor", h.noise_factor, 0.0, MAX_NOISE_FACTOR,
                                      low_open=True))

@@ -60,7 +60,7 @@ class Counters:
         starts (the trigger of docs/algorithm.md)."""
         return (self.pending or self.calls == 0 or m != self.m
                 or (not self.warm_measured and self.updates >= hyper.warmup_updates)
-                or self.updates - self.last_end >= hyper.reuse_updates)
+                or self.updates - self.last_end >= hyper.reuse)
 
     def averaged(self, hyper: Hyper) -> bool:
         """The measurement (running or ending) started after the warm-up: its rate is averaged."""
@@ -117,7 +117,9 @@ class LABPAL(torch.optim.Optimizer):
         batch_size_schedule: (closure call, multiplier) pairs: from that call on,
             m = max(⌊multiplier·ν⌋, 1) closure calls are averaged per update.
         approximation_batches: k: a measurement takes k·m closure calls.
-        reuse_updates: updates between two measurements.
+        reuse_updates: updates between two measurements (None: 200 without momentum, the
+            paper's 1000 with momentum or line_fit "paper"; docs/algorithm.md "How often to
+            measure").
         warmup_updates: measurements before this many updates are not averaged.
         averaging_window: after the warm-up, s_upd and η are the mean of this many
             measurements.
@@ -154,7 +156,7 @@ class LABPAL(torch.optim.Optimizer):
                  noise_factor: Optional[float] = None,
                  batch_size_schedule: Tuple[Tuple[int, float], ...] = (
                      (0, 1), (75000, 2), (112500, 4)),
-                 approximation_batches: int = 10, reuse_updates: int = 1000,
+                 approximation_batches: int = 10, reuse_updates: Optional[int] = None,
                  warmup_updates: int = 400, averaging_window: int = 25,
                  sample_positions: Tuple[float, ...] = (0.0, 1.77e-4, 0.01),
                  update_step_adaptation: float = 3.6, max_step_size: float = 0.5,

@@ -125,7 +125,7 @@ def _flag_text(value):
 # a valid value other than the default for hyper-parameters whose default is None (off)
 _INSTEAD_OF_NONE = {"noise_factor": 2.0, "max_grad_norm": 1.5, "resolve_positions": False,
                     "loss_scale": "dynamic", "master_weights": False, "step_check": False,
-                    "momentum_correction": False}
+                    "momentum_correction": False, "reuse_updates": 300}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in command._HYPER_SKIP])

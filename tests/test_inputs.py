@@ -115,7 +115,7 @@ def test_public_names_and_defaults_are_those_of_the_specification(backend):
     assert Hyper().as_dict() == {
         "mode": "NSGD", "momentum": 0.0, "dataset_size": 40000, "batch_size": 128,
         "noise_factor": None, "batch_size_schedule": ((0, 1), (75000, 2), (112500, 4)),
-        "approximation_batches": 10, "reuse_updates": 1000, "warmup_updates": 400,
+        "approximation_batches": 10, "reuse_updates": None, "warmup_updates": 400,
         "averaging_window": 25, "sample_positions": (0.0, 1.77e-4, 0.01),
         "update_step_adaptation": 3.6, "max_step_size": 0.5, "direction_norm_range": (1e-3, 100.0),
         "epsilon": 1e-6, "replay_tolerance": 1e-3, "lr_multiplier_schedule": ((0, 1.0),),

@@ -78,6 +78,10 @@ def _optional_float(text: str):
     return None if text.lower() in ("none", "auto", "") else float(text)
 
 
+def _optional_int(text: str):
+    return None if text.lower() in ("none", "auto", "") else int(text)
+
+
 def _loss_scale(text: str):
     """'none' (off), 'dynamic', or a fixed scale."""
     return text if text == "dynamic" else _optional_float(text)
@@ -98,6 +102,7 @@ def _optional_bool(text: str):
 # every hyper-parameter whose default's type cannot parse its own text (tests/test_cli.py
 # checks that each one round-trips)
 _HYPER_TYPES = {"noise_factor": (_optional_float, "X|none"),
+                "reuse_updates": (_optional_int, "N|none"),
                 "max_grad_norm": (_optional_float, "X|none"),
                 "replay_tolerance": (_optional_float, "X|none"),
                 "resolve_positions": (_optional_bool, "true|false|none"),
