@@ -104,7 +104,7 @@ FIGURES = [
     Figure("low-precision", "docs/paper_and_quality.md",
            "| precision | line_fit | val accuracy | measurements with a rate |",
            _script("tools/low_precision_digits.py")),
-    Figure("mixed-precision", "docs/mixed_precision.md", "| run | accuracy | valid |",
+    Figure("mixed-precision", "docs/mixed_precision.md", "| run | accuracy | test loss | valid |",
            _script("tools/mixed_precision_digits.py")),
     Figure("memory-per-parameter", "docs/mixed_precision.md",
            "| parameters | LABPAL, m = 1 | LABPAL, m > 1 | SGD + momentum | Adam |",
