@@ -165,7 +165,7 @@ NOT_FIGURES = {
     ("docs/quality.md", "| optimizer | mean ± std | seeds | Δ vs Adam | Δ vs tuned SGD | "
      "diverged |"): "history: the suite at the defaults of e788cf1, raw results not kept",
     ("docs/usage.md", "| name | default | bounds | meaning |"):
-        "the hyper-parameters (tests/test_docs.py checks defaults and bounds)",
+        "the hyper-parameters (tests/test_signature.py checks their names and defaults)",
 }
 
 
