@@ -20,12 +20,18 @@ low- and mixed-precision digits runs, the line accuracy and the gradient noise (
 each). `--list` names every figure and every table of the pages that is not one (NOT_FIGURES,
 with the reason); tests/test_check_figures.py fails on a table in README.md or docs/ that is in
 neither.
+
+A new suite run into the pages: `make suite-labpal` (or any `labpal-fast suite ... --out OUT`),
+then `cp OUT/report.jsonl benchmarks/suite/report.jsonl` and `python tools/check_figures.py
+--only suite-results quality-targets --write` (docs/suite_results.md is the whole report,
+docs/quality.md the targets table and the list under it); commit the record with the pages.
+SGD mode's rates: `python tools/sgd_rate_table.py --out runs/sgd_rate`, then `cp
+runs/sgd_rate/runs.jsonl benchmarks/sgd_rate/runs.jsonl` and `--only sgd-rate --write`.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
-import functools
 import pathlib
 import shutil
 import subprocess
@@ -47,13 +53,12 @@ class Figure(NamedTuple):
 
 
 def _script(*argv: str) -> Callable[[argparse.Namespace], str]:
-    @functools.lru_cache(maxsize=None)  # two pages may show one output
-    def run() -> str:
+    def produce(_args) -> str:
         done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
         return done.stdout
-    return lambda _args: run()
+    return produce
 
 
 def _demo(args) -> str:
@@ -93,9 +98,6 @@ def _suite(record: str, part: str) -> Callable[[argparse.Namespace], str]:
     return produce
 
 
-SGD_RATE = _script("tools/sgd_rate_table.py", "--record", "benchmarks/sgd_rate/runs.jsonl")
-SGD_RATE_HEADER = ("| task (figure) | sgd_rate | per seed 0, 1, 2 | mean | final train loss per "
-                   "seed | diverged runs | NaN/inf train losses |")
 SUITE_RECORD = "benchmarks/suite/report.jsonl"   # the run behind docs/suite_results.md
 FIGURES = [
     Figure("demo", "README.md",
@@ -115,8 +117,11 @@ FIGURES = [
     Figure("gradient-noise", "benchmarks/RESULTS.md",
            "| task | b | ν (paper) | step | B_simple | B_simple / b |",
            _script("tools/gradient_noise.py")),
-    Figure("sgd-rate", "docs/usage.md", SGD_RATE_HEADER, SGD_RATE, cheap=True),
-    Figure("sgd-rate-results", "benchmarks/RESULTS.md", SGD_RATE_HEADER, SGD_RATE, cheap=True),
+    # (benchmarks/RESULTS.md keeps its dated table of 2026-12-05, as its other entries)
+    Figure("sgd-rate", "docs/usage.md", "| task (figure) | sgd_rate | per seed 0, 1, 2 | mean | "
+           "final train loss per seed | diverged runs | NaN/inf train losses |",
+           _script("tools/sgd_rate_table.py", "--record", "benchmarks/sgd_rate/runs.jsonl"),
+           cheap=True),
     Figure("suite-results", "docs/suite_results.md", None, _suite(SUITE_RECORD, "report"),
            cheap=True),
     Figure("quality-targets", "docs/quality.md", None, _suite(SUITE_RECORD, "targets-table"),
