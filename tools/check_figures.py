@@ -92,7 +92,8 @@ def suite_part(report: str, part: str) -> str:
 def _suite(record: str, part: str) -> Callable[[argparse.Namespace], str]:
     """The report `labpal-fast suite` printed, rendered again from its committed record."""
     def produce(_args) -> str:
-        sys.path.insert(0, str(ROOT))
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
         from labpal_fast.cli import suite_report
         return suite_part(suite_report.render_record(str(ROOT / record)), part)
     return produce
@@ -253,7 +254,8 @@ def check(figure: Figure, args) -> bool:
         return False
     try:
         fresh = _printed(figure, figure.produce(args))
-    except (RuntimeError, OSError, ValueError) as e:  # the tool failed: the others still run
+    except (RuntimeError, OSError, ValueError, subprocess.CalledProcessError) as e:
+        # the tool failed: the other figures are still checked
         print(f"{figure.name}: {e}")
         return False
     if not fresh:
