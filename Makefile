@@ -85,7 +85,7 @@ gpu-verify: $(VENV)/.installed-all  # without --records it runs the tests (all b
 # committed raw results (tools/check_figures.py; --list: what it covers and what not);
 # CHECK_FIGURES_ARGS="--write" puts the fresh tables in the pages, "--cheap" the seconds-long ones
 CHECK_FIGURES_ARGS ?=
-check-figures: $(VENV)/.installed  # ~MINUTES min on 2 idle cores: the demo, digits runs, lines, noise
+check-figures: $(VENV)/.installed  # ~10 min on 2 idle cores (mixed precision ~5, the demo 1-3)
 	$(PY) tools/check_figures.py $(CHECK_FIGURES_ARGS)
 
 bench: $(VENV)/.installed
