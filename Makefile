@@ -80,10 +80,12 @@ GPU_VERIFY_ARGS ?=
 gpu-verify: $(VENV)/.installed-all  # without --records it runs the tests (all but test_install)
 	$(PY) tools/gpu_verify.py $(GPU_VERIFY_ARGS)
 
-# the documentation's tables that cheap scripts print, rerun and compared (tools/check_figures.py:
-# what it covers and what not); CHECK_FIGURES_ARGS="--write" puts the fresh tables in the pages
+# the documentation's tables, each compared with what its tool prints now: the scripts that take
+# minutes rerun, the long runs (the quality suite, SGD mode's rates) re-rendered from their
+# committed raw results (tools/check_figures.py; --list: what it covers and what not);
+# CHECK_FIGURES_ARGS="--write" puts the fresh tables in the pages, "--cheap" the seconds-long ones
 CHECK_FIGURES_ARGS ?=
-check-figures: $(VENV)/.installed  # ~5 min on 2 idle cores: the demo, two small digits runs
+check-figures: $(VENV)/.installed  # ~10 min on 2 idle cores (mixed precision ~5, the demo 1-3)
 	$(PY) tools/check_figures.py $(CHECK_FIGURES_ARGS)
 
 bench: $(VENV)/.installed

@@ -75,6 +75,26 @@ def test_killed_by_a_signal_and_resumed_equals_an_uninterrupted_run(uninterrupte
     assert _rows(out) == uninterrupted
 
 
+def test_the_report_renders_again_from_its_record_alone(uninterrupted, tmp_path):
+    out = str(tmp_path)
+    assert command.run(SMOKE + ["--workers", "0", "--out", out]) == 0
+    record = os.path.join(out, suite_report.RECORD)
+    os.remove(os.path.join(out, suite.RESULTS))   # the record alone, as committed
+    with open(os.path.join(out, "suite.md")) as f:
+        assert suite_report.render_record(record) + "\n" == f.read()   # as it was written
+    with open(record) as f:
+        rows = [json.loads(line) for line in f][1:]
+    assert {(r["optimizer"], r["seed"]) for r in rows} == set(uninterrupted)
+    assert not any("curve" in r or "val_curve" in r for r in rows)  # the figures, not the curves
+
+
+def test_a_file_that_is_no_record_is_refused_with_what_to_copy(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"task": "digits-mlp", "optimizer": "adam", "seed": 0}) + "\n")
+    with pytest.raises(ValueError, match="report.jsonl"):
+        suite_report.render_record(str(path))
+
+
 def test_a_torn_last_line_is_skipped_so_its_job_runs_again(tmp_path):
     path = str(tmp_path / suite.RESULTS)
     whole = dict(task="digits-mlp", optimizer="adam", seed=0, figure=90.0)

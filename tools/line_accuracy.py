@@ -8,6 +8,7 @@ exactly). Prints a Markdown table (docs/paper_and_quality.md, "What differs from
 
     PYTHONPATH=$PWD python tools/line_accuracy.py            # all cases, a minute or two
     PYTHONPATH=$PWD python tools/line_accuracy.py --quick    # 1M instead of 10M parameters
+    PYTHONPATH=$PWD python tools/line_accuracy.py --summary  # the page's table (make check-figures)
 """
 from __future__ import annotations
 
@@ -135,6 +136,11 @@ def measure(make_model, batches, hyper: dict, *, dtype=None, autocast=False):
     return rec, a, b
 
 
+# --summary: the page's table, one column per fit (its header there)
+SUMMARY = {"paper": "paper", "paper + resolve": "paper fit + resolved positions",
+           "gradient slope": '`"gradient"` slope', "robust (default)": "robust (default)"}
+
+
 def rel(x, ref):
     return abs(x - ref) / abs(ref) if math.isfinite(x) else float("inf")
 
@@ -146,7 +152,12 @@ def main() -> None:
                     help="resolve_positions' RESOLVE_ULPS (line.py) to try instead of its value")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated labels of the fits to compare")
+    ap.add_argument("--summary", action="store_true",
+                    help="the table of docs/paper_and_quality.md: the fits of SUMMARY, a column "
+                         "each")
     args = ap.parse_args()
+    if args.summary:
+        args.variants = ",".join(SUMMARY)
     if args.ulps is not None:
         from labpal_fast import line
         line.RESOLVE_ULPS = args.ulps
@@ -183,15 +194,38 @@ def main() -> None:
         ("bf16 autocast, least squares", ls, same, dict(autocast=True)),
         ("fp32 least squares, 10 batches", ls, mixed, {}),
     ]
-    print("| case | fit | a (exact) | a fitted | err a | b (exact) | b fitted | err b | "
-          "valid / reason |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, make, batches, kw in cases:
-        for variant, hyper in chosen.items():
-            rec, a, b = measure(make, batches, hyper, **kw)
-            print(f"| {label} | {variant} | {a:.4g} | {rec['a']:.4g} | {rel(rec['a'], a):.1%} | "
-                  f"{b:.4g} | {rec['b']:.4g} | {rel(rec['b'], b):.1%} | "
-                  f"{'valid' if rec['valid'] else rec['reason']} |", flush=True)
+    results = [(label, [(variant, *measure(make, batches, hyper, **kw))
+                        for variant, hyper in chosen.items()])
+               for label, make, batches, kw in cases]
+    print("\n".join(summary(results) if args.summary else details(results)), flush=True)
+
+
+def details(results):
+    """A row per case and fit: the exact and the fitted a and b, their errors, the verdict."""
+    lines = ["| case | fit | a (exact) | a fitted | err a | b (exact) | b fitted | err b | "
+             "valid / reason |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, fits in results:
+        for variant, rec, a, b in fits:
+            lines.append(f"| {label} | {variant} | {a:.4g} | {rec['a']:.4g} | "
+                         f"{rel(rec['a'], a):.1%} | {b:.4g} | {rec['b']:.4g} | "
+                         f"{rel(rec['b'], b):.1%} | "
+                         f"{'valid' if rec['valid'] else rec['reason']} |")
+    return lines
+
+
+def summary(results):
+    """A row per case, a column per fit: the relative errors of a and b, or the fit refused."""
+    lines = ["| case | " + " | ".join(SUMMARY.values()) + " |", "|---" * (len(SUMMARY) + 1) + "|"]
+    for label, fits in results:
+        _, _, a, b = fits[0]
+        cells = []
+        for _variant, rec, _a, _b in fits:
+            if rec["valid"]:
+                cells.append(f"{rel(rec['a'], a):.1%}, {rel(rec['b'], b):.1%}")
+            else:
+                cells.append(f"a = {float(rec['a']):.2g}, b = {float(rec['b']):.2g}: refused")
+        lines.append(f"| {label} (exact a = {a:.3g}, b = {b:.3g}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ seeds, and how many runs diverged and how many training losses were NaN/inf.
     .venv/bin/python tools/sgd_rate_table.py --out runs/sgd_rate             # all of it
     .venv/bin/python tools/sgd_rate_table.py --tasks digits-b32 --seeds 0    # a quick look
 
-A run already in --out (its summary.json) is read, not run again.
+A run already in --out (its summary.json) is read, not run again. Every run's figures also go to
+OUT/runs.jsonl; a copy committed as benchmarks/sgd_rate/runs.jsonl is what the documentation's
+tables are rendered from again (`--record FILE`: the table of a runs.jsonl, nothing trained;
+`make check-figures` compares it with docs/usage.md and benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -70,6 +73,27 @@ def result(path: str, task: str) -> Tuple[float, bool, int, float]:
     return value, diverged, bad, train
 
 
+def table(runs: List[Dict]) -> List[str]:
+    """The markdown table of the runs' figures (dicts of variant, rate, seed, value, diverged,
+    bad, train), tasks and rates in the order they come."""
+    seeds = sorted({r["seed"] for r in runs})
+    lines = ["| task (figure) | sgd_rate | per seed " + ", ".join(map(str, seeds)) +
+             " | mean | final train loss per seed | diverged runs | NaN/inf train losses |",
+             "|---|---|---|---:|---|---:|---:|"]
+    for variant, rate in dict.fromkeys((r["variant"], r["rate"]) for r in runs):
+        got = sorted((r for r in runs if (r["variant"], r["rate"]) == (variant, rate)),
+                     key=lambda r: r["seed"])
+        unit = "val bits/char, lower is better" if VARIANTS[variant][0] == "charlm" \
+            else "val accuracy %"
+        finite = [g["value"] for g in got if math.isfinite(g["value"])]
+        mean = f"{statistics.mean(finite):.2f}" if finite else "—"
+        lines.append(f"| {variant} ({unit}) | {rate} | "
+                     + ", ".join(f"{g['value']:.2f}" for g in got) + f" | {mean} | "
+                     + ", ".join(f"{g['train']:.3g}" for g in got)
+                     + f" | {sum(g['diverged'] for g in got)} | {sum(g['bad'] for g in got)} |")
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(VARIANTS))
@@ -77,25 +101,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default: each task's own")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/sgd_rate")
+    p.add_argument("--record", help="print the table of this runs.jsonl; train nothing")
     a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    lines = ["| task (figure) | sgd_rate | per seed " + ", ".join(map(str, seeds)) +
-             " | mean | final train loss per seed | diverged runs | NaN/inf train losses |",
-             "|---|---|---|---:|---|---:|---:|"]
+    if a.record:
+        with open(a.record) as f:
+            print("\n".join(table([json.loads(line) for line in f if line.strip()])))
+        return 0
+    runs = []
     for variant in a.tasks.split(","):
-        task = VARIANTS[variant][0]
-        unit = "val bits/char, lower is better" if task == "charlm" else "val accuracy %"
         for rate in RATES:
-            got = [result(run_train(variant, seed, rate, a.out, a.threads, a.steps), task)
-                   for seed in seeds]
-            values = [g[0] for g in got]
-            finite = [v for v in values if math.isfinite(v)]
-            mean = f"{statistics.mean(finite):.2f}" if finite else "—"
-            lines.append(f"| {variant} ({unit}) | {rate} | "
-                         + ", ".join(f"{v:.2f}" for v in values) + f" | {mean} | "
-                         + ", ".join(f"{g[3]:.3g}" for g in got)
-                         + f" | {sum(g[1] for g in got)} | {sum(g[2] for g in got)} |")
-    save_and_print(a.out, "sgd_rate.md", lines)
+            for seed in map(int, a.seeds.split(",")):
+                value, diverged, bad, train = result(
+                    run_train(variant, seed, rate, a.out, a.threads, a.steps), VARIANTS[variant][0])
+                runs.append(dict(variant=variant, rate=rate, seed=seed, value=value,
+                                 diverged=diverged, bad=bad, train=train))
+    with open(os.path.join(a.out, "runs.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in runs)
+    save_and_print(a.out, "sgd_rate.md", table(runs))
     return 0
 
 

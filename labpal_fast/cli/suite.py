@@ -12,7 +12,9 @@ One job is one (task, optimizer, seed): a `Run` of the command's harness (`runs.
 in worker processes (1 thread each); each finished job is appended to OUT/results.jsonl, so a
 rerun with the same OUT skips what is done. Tuned SGD: SGD+momentum 0.9 with its step schedule
 at each of the task's 4 rates on seed 0, the rate with the best validation figure on the other
-seeds. The report (cli/suite_report.py) goes to OUT/suite.md with a plot per task.
+seeds. The report (cli/suite_report.py) goes to OUT/suite.md with a plot per task, and what it
+was made from to OUT/report.jsonl: committed under benchmarks/suite/, it renders the docs' tables
+again (tools/check_figures.py, `make check-figures`).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ least 3 margins. Reported beyond: the best untuned peer per task against LABPAL.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -323,9 +324,17 @@ def plot(res: TaskResults, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------- all of it
-def write(rows: List[Dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int], out: str,
-          info: Dict[str, Any], plots: bool = True) -> str:
-    """suite.md (and plots/<task>.png) in `out`; returns the markdown."""
+# OUT/report.jsonl: what the report was made from (its header, then every row it read, the loss
+# curves left out), so that a copy committed with the documentation (benchmarks/suite/) renders
+# the same tables again: tools/check_figures.py compares them with docs/suite_results.md and
+# docs/quality.md
+RECORD = "report.jsonl"
+_CURVES = ("curve", "val_curve")
+
+
+def render(rows: List[Dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int],
+           info: Dict[str, Any]) -> str:
+    """The report's markdown (suite.md)."""
     results = [TaskResults(suite_tasks.loaded(t), rows, seeds) for t in tasks]
     v = info.get("versions", {})
     lines = ["# Quality suite", "",
@@ -338,11 +347,41 @@ def write(rows: List[Dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int]
               "initialization and batch order), in the task's unit.", ""]
     for res in results:
         lines += task_table(res)
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def write_record(path: str, rows: List[Dict[str, Any]], tasks: Sequence[str],
+                 seeds: Sequence[int], info: Dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps({"report": {"info": info, "tasks": list(tasks),
+                                       "seeds": list(seeds)}}) + "\n")
+        for row in sorted(rows, key=lambda r: (r["task"], r["optimizer"], r["seed"])):
+            f.write(json.dumps({k: v for k, v in row.items() if k not in _CURVES},
+                               allow_nan=True) + "\n")
+
+
+def render_record(path: str) -> str:
+    """The report of a report.jsonl, as `write` made it."""
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or "report" not in lines[0]:
+        raise ValueError(f"{path} is not a suite report record (its first line holds no "
+                         f"'report' header): copy the OUT/{RECORD} that `labpal-fast suite` wrote")
+    head = lines[0]["report"]
+    return render(lines[1:], head["tasks"], head["seeds"], head["info"])
+
+
+def write(rows: List[Dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int], out: str,
+          info: Dict[str, Any], plots: bool = True) -> str:
+    """suite.md, its record report.jsonl (and plots/<task>.png) in `out`; returns the
+    markdown."""
+    text = render(rows, tasks, seeds, info)
     with open(os.path.join(out, "suite.md"), "w") as f:
         f.write(text + "\n")
+    write_record(os.path.join(out, RECORD), rows, tasks, seeds, info)
     if plots:
         os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-        for res in results:
-            plot(res, os.path.join(out, "plots", f"{res.task.name}.png"))
+        for t in tasks:
+            res = TaskResults(suite_tasks.loaded(t), rows, seeds)
+            plot(res, os.path.join(out, "plots", f"{t}.png"))
     return text
