@@ -254,7 +254,7 @@ def test_the_fault_points_are_every_op_and_line_method():
     assert public(Line) == set(LINE_METHODS)
 
 
-def test_every_fault_point_leaves_a_state_before_or_after_the_call(backend, monkeypatch, one_thread):
+def test_every_fault_point_leaves_a_state_before_or_after_the_call(backend, monkeypatch):
     outcomes = _run("raise", monkeypatch)
     # closure and backward faults drop the call; op faults finish it; faults during the line
     # evaluations (and the ops of the final call before them: resolve_positions and the saved
