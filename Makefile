@@ -65,14 +65,17 @@ suite-baselines: $(VENV)/.suite  # rewrites benchmarks/suite/baselines.jsonl (~3
 # `make test`: the behaviour suites, every backend (every suite but the ones listed below).
 # `make test-all` (CI) adds what needs more set-up or time: installing from the built sdist and
 # wheel, the framework integrations (their packages come with .installed-all) and the multi-rank
-# suites (gloo process groups). pytest's exit code 5 (no tests ran) fails both.
+# suites (gloo process groups). pytest's exit code 5 (no tests ran) fails both. Both run the
+# tests in one pytest worker per core (pytest-xdist), a file's tests in one worker (its module and
+# session fixtures run once); PYTEST_WORKERS=0: all in this process.
 TEST_ALL_ONLY := tests/test_install.py tests/test_integration_*.py tests/test_distributed.py \
 	tests/test_fsdp.py tests/test_docs_ranks.py
+PYTEST_WORKERS ?= auto
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests $(addprefix --ignore=,$(wildcard $(TEST_ALL_ONLY)))
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests $(addprefix --ignore=,$(wildcard $(TEST_ALL_ONLY)))
 
 test-all: $(VENV)/.installed-all
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 # GPU code checked without a GPU (README, "Verifying GPU code without a GPU"): every recorded
 # Triton specialization compiled for sm_80/sm_90, the CUDA extension built against the CUDA torch

@@ -142,7 +142,7 @@ class Closures:
     def _reduce_grads(self) -> None:
         """The last call's backward is done: average Σ(earlier calls) + this call's gradient
         across ranks into each flat's spare buffer, leaving grad_sum and grad untouched, so that
-        a failed collective drops the call like a failed backward (`LABPAL._drop_call`)."""
+        a failed collective drops the call like a failed backward (`steps._drop_call`)."""
         with torch.no_grad():
             for flat in self.flats:
                 flat.attach_grads()

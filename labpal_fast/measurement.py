@@ -19,7 +19,7 @@ from .layout import Partial
 from .replay import RngState
 
 # robust fits: after this many measurements in a row without a rate (none existing yet), train
-# on with a safe step instead of measuring again forever (`LABPAL._fall_back`)
+# on with a safe step instead of measuring again forever (`steps._fall_back`)
 FAIL_LIMIT = 3
 # what to do about the reason of the last failed measurement (a substring of it -> the fix)
 _FALLBACK_FIXES = (

@@ -1,14 +1,15 @@
 """LABPAL as a torch.optim.Optimizer: the phases as a small host-side state machine.
 
 The optimizer keeps integer counters only (`Counters`, and a `measurement.Measurement` while
-one runs) and decides with them; every value computed from tensors stays on the device
-(`line.Line`) and every pass over parameter memory is a step of the backend
+one runs) and decides with them which call each step is; `steps` carries the call out (a
+training call, a measurement's call, its end, a fault). Every value computed from tensors stays
+on the device (`line.Line`) and every pass over parameter memory is a step of the backend
 (`ops.base.Backend`). Calling the closure is `closures.Closures`', a measurement's device
 work (the direction, the line's origin, its evaluations, collective and fit)
 `measuring.Measuring`'s, the checkpoint format `checkpoint`'s, what is refused and why
-`guards`'. The host reads a device value exactly
-twice per measurement: whether to abandon it (after the direction is formed) and whether the
-fit gave a rate. The algorithm as implemented: docs/algorithm.md.
+`guards`'. The host reads a device value exactly twice per measurement: whether to abandon it
+(after the direction is formed) and whether the fit gave a rate. The algorithm as implemented:
+docs/algorithm.md.
 
 A step is atomic (docs/algorithm.md, "Faults"): the closure and backward run first and a fault
 there drops the call; the optimizer's writes then run together (`commit.Commit`); the one long
@@ -18,25 +19,19 @@ from __future__ import annotations
 
 import sys
 import threading
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from . import binding, checkpoint, guards
+from . import checkpoint, guards, steps
 from . import ops as backends
 from . import shards
-from .commit import Commit
-from .flat import Flat, build_flats, publish
+from .flat import Flat, build_flats
 from .hyper import NAMES, Hyper
-from .layout import ABANDON_REASONS, Abandon
 from .line import Line
-from .measurement import FAIL_LIMIT, Measurement, fallback_warning, record_to_python
+from .measurement import Measurement, record_to_python
 from .measuring import Measuring
-from .resolution import AutocastProbe
-from .replay import capture_rng
 
 TRAINING, MEASURING = "training", "measuring"
 
@@ -313,11 +308,11 @@ class LABPAL(torch.optim.Optimizer):
                 flat.attach_params()
             c = self.counters
             if self._measurement is not None:
-                return self._measure_call(closure, c.m)
+                return steps.measure_call(self, closure, c.m)
             m, start = self._boundary() if c.acc == 0 else (c.m, False)
             if start:
-                return self._measure_call(closure, m)
-            return self._train_call(closure, m)
+                return steps.measure_call(self, closure, m)
+            return steps.train_call(self, closure, m)
         finally:
             self._stepping = None
 
@@ -387,213 +382,6 @@ class LABPAL(torch.optim.Optimizer):
         c = self.counters
         m = self.hyper.multiplier_at(c.calls, self._calls.ranks, c.noise, self._measures_noise)
         return m, self.counters.measure_now(m, self.hyper)
-
-    def _decays(self) -> List[List[float]]:
-        """Per flat, the weight decay of each of its segments (as the groups say now)."""
-        return [[self.param_groups[g]["weight_decay"] for g, _, _ in flat.segments]
-                for flat in self.flats]
-
-    def _train_call(self, closure: Callable, m: int) -> torch.Tensor:
-        c = self.counters
-        try:
-            loss, _ = self._calls.gradient(closure, m, last=c.acc + 1 == m)
-        except BaseException:
-            self._drop_call()
-            raise
-        with self._commit() as run:
-            self._calls.take_reduced(run)
-            c.m = m
-            c.calls += 1
-            c.acc += 1
-            if c.acc < m:
-                for flat in self.flats:
-                    run(self.ops.accumulate, flat, first=c.acc == 1)
-            else:  # the m-th call: form d, move θ along it
-                factor = self.rate.multiplier(c.updates)
-                run(self.line.set_multiplier, factor)
-                self.ops.update(self.flats, self._decays(), self.line, m=m, run=run)
-                publish(self.flats, run)
-                c.acc = 0
-                c.updates += 1
-                self.rate.show(factor)
-        return loss
-
-    # ------------------------------------------------------------------ measurements
-    def _measure_call(self, closure: Callable, m: int) -> torch.Tensor:
-        """A call of a measurement (the first starts it): calls 1..m give gradients, the others
-        loss samples only; call k·m saves the line's origin, and the line is closed."""
-        meas = self._measurement
-        j = 1 if meas is None else meas.calls + 1
-        rng = capture_rng(self._measuring.cuda)
-        with self._line_faults():
-            if j <= m:
-                loss = self._gradient_call(closure, m, j, rng)
-            else:
-                loss = self._sample_call(closure, meas, rng)
-            meas = self._measurement
-            if meas is not None and meas.line_rng is not None:
-                self._close_line(meas)
-        return loss
-
-    def _gradient_call(self, closure: Callable, m: int, j: int, rng) -> torch.Tensor:
-        """Calls 1..m: forward and backward; the gradient is summed, call m forms d from it."""
-        # the first call tells the dtype the closure computes in (resolve_positions)
-        probe = AutocastProbe() if j == 1 and self.hyper.resolving else None
-        try:
-            loss, own = self._calls.gradient(closure, m, last=j == m, watch=probe)
-        except BaseException:
-            self._drop_call()
-            raise
-        with self._commit() as run:
-            self._calls.take_reduced(run)
-            meas = self._measurement or self._start_measurement(
-                m, 0.0 if probe is None else probe.eps, run)
-            self._keep_call(meas, closure, rng, own, loss, run)
-            if j < m:
-                for flat in self.flats:
-                    run(self.ops.accumulate, flat, first=j == 1)
-            else:
-                abandoned = self._measuring.form_direction(
-                    self.ops, meas, self._decays(), m, run,
-                    fallback=self.rate if self._may_fall_back() else None)
-                if abandoned is not None:
-                    self._end_measurement(abandoned, run)
-            if self._measurement is meas and meas.calls == meas.total:
-                self._measuring.save_origin(self.ops, meas, run)
-        return loss
-
-    def _sample_call(self, closure: Callable, meas: Measurement, rng) -> torch.Tensor:
-        """Calls m+1..k·m: a loss sample at the line's origin (no gradient is needed)."""
-        own = meas.own_backward[0]  # the measurement's first closure tells the convention
-        try:
-            loss = self._calls.sample(closure, own)
-        except BaseException:
-            self._drop_call()
-            raise
-        with self._commit() as run:
-            self._keep_call(meas, closure, rng, own, loss, run)
-            if meas.calls == meas.total:
-                self._measuring.save_origin(self.ops, meas, run)
-        return loss
-
-    def _start_measurement(self, m: int, compute_eps: float, run: Commit) -> Measurement:
-        self.counters.start_measurement(m, self.hyper)
-        run(self.line.reset_samples)
-        self._measurement = Measurement(self.hyper.approximation_batches * m, compute_eps)
-        return self._measurement
-
-    def _keep_call(self, meas: Measurement, closure: Callable, rng, own: bool,
-                   loss: torch.Tensor, run: Commit) -> None:
-        self.counters.calls += 1
-        checked = self.hyper.replay_tolerance is not None
-        meas.keep(closure, rng, own, loss,
-                  binding.record(closure, self._param_ids) if checked else ())
-        run(self.line.record, 0, loss)
-
-    def _close_line(self, meas: Measurement) -> None:
-        """After call k·m: every kept closure evaluated at the other positions (user code), the
-        measurement's collective, then fit, step rule and the move to s_upd in one commit."""
-        c = self.counters
-        again = self._measuring.evaluate(self.ops, meas)
-        self._measuring.reduce(meas, again, c.measure_start_call, c.measure_start_update)
-        with self._commit() as run:
-            factor = self.rate.multiplier(c.updates)
-            end = self._measuring.finish(self.ops, meas, again, factor, c.averaged(self.hyper),
-                                         run, self.rate, self._may_fall_back(),
-                                         noise=self._measures_noise and c.noise is None)
-            if end.noise is not None:  # m follows from the next call on (a new measurement)
-                c.noise = self.hyper.measured_noise(end.noise)
-            if end.fit is not None:
-                c.has_rate |= end.valid
-                if c.has_rate:
-                    c.updates += 1
-            self._end_measurement(end.reason, run, end.fit)
-        if end.error is not None:
-            raise RuntimeError(end.error)
-
-    def _end_measurement(self, reason: Optional[str], run: Commit,
-                         fit: Optional[dict] = None) -> None:
-        c = self.counters
-        self._records.append(self._measuring.record(fit, reason, c, c.averaged(self.hyper)))
-        self._measurement = None
-        c.end_measurement(reason, self.hyper)
-        if not c.has_rate:
-            # an interruption (an exception, raised to the caller) is not the line's failure,
-            # nor an overflow while a dynamic loss scale is still finding its level (halved)
-            self._failures += not (reason or "").startswith("interrupted") and not (
-                reason == ABANDON_REASONS[int(Abandon.OVERFLOW)]
-                and self.hyper.loss_scale == "dynamic")
-            if self._failures >= FAIL_LIMIT and self.hyper.line_fit != "paper":
-                self._fall_back(reason, run)
-                return
-            # no update has been made yet: measure again, from a direction of zero
-            for flat in self.flats:
-                run(self.ops.clear_direction, flat)
-            c.pending = True
-
-    def _may_fall_back(self) -> bool:
-        """Whether a measurement ending now without a rate might fall back (`_fall_back`)."""
-        return not self.counters.has_rate and self._failures + 1 >= FAIL_LIMIT and \
-            self.hyper.line_fit != "paper"
-
-    def _fall_back(self, reason: Optional[str], run: Commit) -> None:
-        """FAIL_LIMIT measurements in a row gave no rate and none exists (robust fits only; the
-        paper's measures again forever): train on with the safe step (`Line.fall_back`), say
-        why once. Later measurements replace it as usual."""
-        run(self.line.fall_back)
-        self.rate.measured = self.rate.fallback  # as the last read saw it
-        self.rate.show(1.0 if self.line.multiplier is None else self.line.multiplier)
-        self.counters.has_rate = True
-        self._failures = 0
-        if not self._warned_fallback:
-            self._warned_fallback = True
-            warnings.warn(fallback_warning(reason), RuntimeWarning, stacklevel=4)
-
-    # ------------------------------------------------------------------ faults
-    @contextmanager
-    def _commit(self) -> Iterator[Commit]:
-        """A step's writes, made together (`commit.Commit`); if they cannot be finished, the
-        state is half made and every later step is refused."""
-        with Commit() as run, torch.no_grad():
-            try:
-                yield run
-            except BaseException as exc:
-                self._broken = (
-                    f"LABPAL is broken: {type(exc).__name__}: {exc} left a step's writes half "
-                    "made (an op that raised again, or an error between two ops), so its state "
-                    "is undefined. Build a new LABPAL (and load a state_dict saved before).")
-                raise
-
-    def _drop_call(self) -> None:
-        """A fault in a call's closure or backward drops the call: the gradient its backward
-        may have added goes (the earlier micro-batches' sum is in grad_sum, untouched)."""
-        with self._commit() as run:
-            for flat in self.flats:
-                flat.attach_grads()
-                run(flat.clear_model_grads)
-                run(self.ops.zero_grad, flat)
-
-    @contextmanager
-    def _line_faults(self) -> Iterator[None]:
-        """A measurement's call: a fault after its line's origin was saved (call k·m's commit
-        done, the fit's not yet begun) ends the measurement with θ back at the origin. A commit
-        that raised in its writes has broken the optimizer instead (`_commit`)."""
-        try:
-            yield
-        except BaseException as exc:
-            meas = self._measurement
-            if meas is not None and meas.line_rng is not None and self._broken is None:
-                self._abort_line(meas, exc)
-            raise
-
-    def _abort_line(self, meas: Measurement, exc: BaseException) -> None:
-        """θ back at the line's origin (as before the call), buffers and RNG as after it."""
-        with self._commit() as run:
-            self._measuring.abort(self.ops, meas, run)
-            self._end_measurement(
-                f"interrupted: {type(exc).__name__} during the line evaluations", run)
-        self._measuring.join_failed(meas, self.counters.measure_start_call,
-                                    self.counters.measure_start_update)
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict) -> None:

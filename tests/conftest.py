@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the tests' tensors are tiny: one intra-op thread runs them fastest (a second one mostly waits
+# for a busy core), and leaves the other cores to the other pytest workers (make test: -n auto)
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

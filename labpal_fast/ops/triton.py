@@ -488,8 +488,13 @@ def _record(name: str, kernel, args, num_warps: int, constexprs: dict) -> None:
     key = json.dumps(entry, sort_keys=True)
     if key not in _recorded:
         _recorded.add(key)
-        with open(_RECORD_TO, "a") as fh:
-            fh.write(key + "\n")
+        # one write of the whole line to a file opened for appending: processes recording
+        # into the same file at once (pytest workers, ranks) cannot interleave their lines
+        fd = os.open(_RECORD_TO, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (key + "\n").encode())
+        finally:
+            os.close(fd)
 
 
 def _launch(kernel, grid: Tuple[int], *args, num_warps: int, **constexprs) -> None:
