@@ -343,7 +343,7 @@ class Line:
             self.lr.copy_(self.eta if self.hyper.mode == "SGD" else self.s_upd / self._norm())
 
     def fall_back(self) -> None:
-        """The safe step, taken when measurements keep giving no rate (optimizer `_fall_back`):
+        """The safe step, taken when measurements keep giving no rate (`steps._fall_back`):
         s_upd = min(largest position measured (× resolve_positions' factor), max_step_size),
         η = s_upd/‖d‖ of the last direction (ε when that is not finite), both at least ε.
         The measured rates (s_base, η_base) become these, so lr_multiplier_schedule scales them."""

@@ -85,7 +85,7 @@ class Measuring:
     def save_origin(self, ops: Backend, meas: Measurement, run: Commit) -> None:
         """Call k·m: the positions resolved (`_resolve_positions`), then the line's origin, the
         buffers and the RNG, to come back to. From here (a held Ctrl-C included) a fault ends
-        the measurement there (`LABPAL._line_faults`, `abort`)."""
+        the measurement there (`steps._line_faults`, `abort`)."""
         self._resolve_positions(ops, meas, run)
         for flat in self.flats:
             run(ops.save_origin, flat)

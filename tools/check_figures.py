@@ -100,6 +100,9 @@ def _suite(record: str, part: str) -> Callable[[argparse.Namespace], str]:
 
 
 SUITE_RECORD = "benchmarks/suite/report.jsonl"   # the run behind docs/suite_results.md
+# the run before reuse_updates=None (R = 1000 for every configuration), and the experiment with
+# reuse_updates=200 for every configuration (results rows named <configuration>@r200)
+BEFORE_REUSE = "benchmarks/suite/report-2026-12-07-before-reuse.jsonl"
 FIGURES = [
     Figure("demo", "README.md",
            "| optimizer | val acc (final) | val loss (final) | steps to train loss ≤ 0.05 | "
@@ -127,6 +130,13 @@ FIGURES = [
            cheap=True),
     Figure("quality-targets", "docs/quality.md", None, _suite(SUITE_RECORD, "targets-table"),
            cheap=True),
+    Figure("quality-reuse-paired", "docs/quality.md", None,
+           _script("tools/suite_paired.py", BEFORE_REUSE, SUITE_RECORD), cheap=True),
+    Figure("quality-targets-before-reuse", "docs/quality.md", None,
+           _suite(BEFORE_REUSE, "targets-table"), cheap=True),
+    Figure("reuse-paired", "docs/algorithm.md", None,
+           _script("tools/suite_paired.py", BEFORE_REUSE, "benchmarks/suite/reuse200.jsonl",
+                   "--suffix", "@r200"), cheap=True),
     Figure("quality-seed0", "docs/quality.md", None,
            _suite("benchmarks/suite/report-2026-12-07-seed0.jsonl", "targets"), cheap=True),
 ]
