@@ -54,7 +54,7 @@ from labpal_fast.hyper import Hyper
 from plan import Plan
 
 TRAINING = "training"
-REUSE_DEFAULT = Hyper().reuse_updates  # the share is reported at LABPAL's default
+REUSE_DEFAULT = Hyper().reuse  # the share is reported at the default configuration (NSGD, β = 0)
 # ImageNet-1k's 1,281,167 training images at batch 256: ν = (128/256)·(N/40000) = 16.0
 IMAGENET_NU = Hyper(dataset_size=1_281_167, batch_size=256).nu
 MiB = 2.0 ** 20

@@ -138,7 +138,7 @@ def test_cuda_sync_debug_mode_error():
     syncs = 0
     for _ in range(40):
         c = opt.counters
-        if opt.phase == MEASURING or c.updates - c.last_end >= opt.hyper.reuse_updates:
+        if opt.phase == MEASURING or c.updates - c.last_end >= opt.hyper.reuse:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
