@@ -64,9 +64,10 @@ MAX_LOSS_SCALE = 2.0 ** 64
 # batch's gradient along d, estimated by the first measurement; so m = ⌊ν⌋ calls keep an
 # update's gradient at most about NOISE_PER_UPDATE times as noisy as it is informative.
 NOISE_PER_UPDATE = 3.0
-# reuse_updates=None: updates between two measurements. The paper's 1000 where momentum keeps the
-# direction (or line_fit="paper"); without momentum a measured step is followed every 200
-# updates: measured on the quality suite, docs/algorithm.md "How often to measure"
+# reuse_updates=None: updates between two measurements. In NSGD without momentum a measured step
+# is followed every 200 updates; with momentum, in SGD mode and with line_fit="paper" the paper's
+# 1000: measured on the quality suite and the built-in charlm, docs/algorithm.md "How often to
+# measure"
 PAPER_REUSE_UPDATES = 1000
 REUSE_UPDATES = 200
 # ρ beyond this (no signal seen at all: the slope of the line is all noise) counts as this
@@ -84,8 +85,8 @@ class Hyper:
     noise_factor: Optional[float] = None
     batch_size_schedule: Tuple[Tuple[int, float], ...] = ((0, 1), (75000, 2), (112500, 4))
     approximation_batches: int = 10
-    # None: REUSE_UPDATES without momentum, the paper's PAPER_REUSE_UPDATES with momentum or
-    # line_fit="paper" (docs/algorithm.md "How often to measure")
+    # None: REUSE_UPDATES in NSGD without momentum, else the paper's PAPER_REUSE_UPDATES
+    # (docs/algorithm.md "How often to measure")
     reuse_updates: Optional[int] = None
     warmup_updates: int = 400
     averaging_window: int = 25
@@ -198,11 +199,11 @@ class Hyper:
 
     @property
     def reuse(self) -> int:
-        """Updates between two measurements (`reuse_updates`, or its default by momentum)."""
+        """Updates between two measurements (`reuse_updates`, or its default by mode and momentum)."""
         if self.reuse_updates is not None:
             return self.reuse_updates
-        paper = self.line_fit == "paper" or self.momentum > 0
-        return PAPER_REUSE_UPDATES if paper else REUSE_UPDATES
+        plain = self.line_fit != "paper" and self.mode == "NSGD" and self.momentum == 0
+        return REUSE_UPDATES if plain else PAPER_REUSE_UPDATES
 
     @property
     def checking(self) -> bool:

@@ -112,9 +112,8 @@ class LABPAL(torch.optim.Optimizer):
         batch_size_schedule: (closure call, multiplier) pairs: from that call on,
             m = max(⌊multiplier·ν⌋, 1) closure calls are averaged per update.
         approximation_batches: k: a measurement takes k·m closure calls.
-        reuse_updates: updates between two measurements (None: 200 without momentum, the
-            paper's 1000 with momentum or line_fit "paper"; docs/algorithm.md "How often to
-            measure").
+        reuse_updates: updates between two measurements (None: 200 in NSGD without momentum,
+            else the paper's 1000; docs/algorithm.md "How often to measure").
         warmup_updates: measurements before this many updates are not averaged.
         averaging_window: after the warm-up, s_upd and η are the mean of this many
             measurements.

@@ -124,16 +124,17 @@ def test_after_an_abandoned_measurement(line_fit):
         assert got == [(0, 0, True), (4, 3, False), (9, 7, True), (15, 12, True)]
 
 
-@pytest.mark.parametrize("momentum, line_fit, R", [(0.0, "robust", 200), (0.5, "robust", 1000),
-                                                   (0.0, "paper", 1000)])
-def test_reuse_updates_default_follows_momentum(momentum, line_fit, R):
-    """reuse_updates=None: 200 updates between measurements without momentum, the paper's 1000
-    with momentum or line_fit="paper" (docs/algorithm.md "How often to measure"); the
-    measurements are those of the specification at that R."""
+@pytest.mark.parametrize("mode, momentum, line_fit, R", [
+    ("NSGD", 0.0, "robust", 200), ("NSGD", 0.5, "robust", 1000), ("SGD", 0.0, "robust", 1000),
+    ("NSGD", 0.0, "paper", 1000)])
+def test_reuse_updates_default_follows_mode_and_momentum(mode, momentum, line_fit, R):
+    """reuse_updates=None: 200 updates between measurements in NSGD without momentum, the
+    paper's 1000 with momentum, in SGD mode or with line_fit="paper" (docs/algorithm.md "How
+    often to measure"); the measurements are those of the specification at that R."""
     n_calls, hyper = 2600, dict(approximation_batches=2, warmup_updates=700, noise_factor=1.0,
                                 batch_size_schedule=((0, 1),), line_fit=line_fit)
     quad = Quadratic([4, 3], seed=0, offset=0.3)
-    opt = LABPAL(quad.parameters(), mode="NSGD", momentum=momentum,
+    opt = LABPAL(quad.parameters(), mode=mode, momentum=momentum,
                  direction_norm_range=(0.0, math.inf), **hyper)
     assert opt.hyper.reuse == R
     for _ in range(n_calls):
