@@ -199,7 +199,8 @@ class Hyper:
 
     @property
     def reuse(self) -> int:
-        """Updates between two measurements (`reuse_updates`, or its default by mode and momentum)."""
+        """Updates between two measurements: `reuse_updates`, or its default by mode and
+        momentum."""
         if self.reuse_updates is not None:
             return self.reuse_updates
         plain = self.line_fit != "paper" and self.mode == "NSGD" and self.momentum == 0

@@ -14,7 +14,6 @@ that got worse by more than a margin.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Dict, List
@@ -22,14 +21,9 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from labpal_fast.cli import suite_tasks  # noqa: E402
+from labpal_fast.cli.suite import read_rows  # noqa: E402
 from labpal_fast.cli.suite_configs import LABPAL, config  # noqa: E402
 from labpal_fast.cli.suite_report import TaskResults, margin  # noqa: E402
-
-
-def read(path: str) -> List[Dict[str, Any]]:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if "task" in r]
 
 
 def table(before: List[Dict[str, Any]], after: List[Dict[str, Any]], suffix: str) -> List[str]:
@@ -66,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("after")
     p.add_argument("--suffix", default="", help="AFTER's name of each configuration: name + S")
     a = p.parse_args(argv)
-    print("\n".join(table(read(a.before), read(a.after), a.suffix)))
+    print("\n".join(table(read_rows(a.before), read_rows(a.after), a.suffix)))
     return 0
 
 
