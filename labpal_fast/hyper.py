@@ -43,6 +43,9 @@ MAX_POSITION = 1e3
 # bounds s_upd <= 1e4, a finite move even in fp16 (largest value 65504).
 MAX_ADAPTATION = 100.0
 MAX_STEP_SIZE = 100.0
+# max_step_shrink: a factor of 1 keeps the step in use (up to the line's own step); 1e6 is
+# no limit in practice (the correction alone divides by 1/(1 − β) at most ~1e6 for β < 1 − 1e-6)
+MAX_STEP_SHRINK = 1e6
 # the floor of s_upd, η and of ‖d‖ in divisions: any larger, it would override measured steps.
 MAX_EPSILON = 1e-2
 # lr_multiplier_schedule: factors on the measured rate; 1000× is beyond any sensible boost and
@@ -109,6 +112,10 @@ class Hyper:
     # with momentum β, s_upd (and η) × (1 − β): the updates along a direction that momentum
     # keeps add up to the measured step (docs/algorithm.md); None: on unless line_fit="paper"
     momentum_correction: Optional[bool] = None
+    # with momentum_correction after the warm-up: a measurement divides the step in use by at
+    # most this factor, and never proposes more than the line's own step without the correction
+    # (docs/algorithm.md "The momentum correction"); None: no limit (the measured step × (1 − β))
+    max_step_shrink: Optional[float] = None
     # None: no loss scaling; "dynamic": GradScaler's rule on the device; a number: that scale
     loss_scale: Union[None, str, float] = None
     # fp32 master weights for fp16 / bf16 parameters; None: on for them (off for FSDP2 shards)
@@ -311,6 +318,16 @@ def _validate(h: Hyper) -> None:
                                         "on unless line_fit='paper'"))
     # β < 1: d = β·d + ḡ stays bounded
     set_("momentum", number("momentum", h.momentum, 0.0, 1.0, high_open=True))
+    if h.max_step_shrink is not None:
+        set_("max_step_shrink", number("max_step_shrink", h.max_step_shrink, 1.0,
+                                        MAX_STEP_SHRINK))
+        if h.step_factor == 1.0:  # it would change nothing: say so instead of ignoring it
+            raise ValueError(
+                "max_step_shrink limits how far a measurement shrinks the step of momentum's "
+                f"correction, which is off here (momentum={h.momentum}, momentum_correction="
+                f"{h.momentum_correction}, line_fit={h.line_fit!r}); set momentum > 0 with "
+                "momentum_correction on (None, not with line_fit='paper'), or leave "
+                "max_step_shrink None")
     for name in ("dataset_size", "batch_size"):
         set_(name, number(name, getattr(h, name), 1, MAX_COUNT, integer=True))
     if h.reuse_updates is not None:

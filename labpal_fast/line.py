@@ -398,7 +398,8 @@ class Line:
         h = self.hyper
         norm = self._norm()
         a, b, c, valid, s_min = self._judged_fit(norm)
-        s_new = (self._alpha() * s_min.clamp(max=h.max_step_size)).clamp(min=h.epsilon)
+        s_new = (self._alpha(s_min, averaged) * s_min.clamp(max=h.max_step_size)) \
+            .clamp(min=h.epsilon)
         eta_new = (s_new / norm).clamp(min=h.epsilon)
         if averaged:
             slot = valid & (self._slots == self.hist_n % h.averaging_window)
@@ -433,11 +434,22 @@ class Line:
             s_min = torch.where(valid, torch.where(a > 0, -b / (2 * a), h.max_step_size), 0.0)
         return a, b, c, valid, s_min
 
-    def _alpha(self):
+    def _alpha(self, s_min: Optional[torch.Tensor], averaged: bool):
         """The multiple of min(s_min, max_step_size) taken: α (a Python float, as the paper),
-        × (1 − β) with momentum_correction, × the step check's factor r (a device scalar)."""
-        alpha = self.hyper.update_step_adaptation * self.hyper.step_factor
-        return alpha * self.check[4] if self.checking else alpha
+        × (1 − β) with momentum_correction, × the step check's factor r (a device scalar).
+        With max_step_shrink after the warm-up (`averaged`), the step is at least
+        min(s_prop, s_in_use/max_step_shrink), s_prop = r·α·min(s_min, max_step_size) the
+        step without the correction, s_in_use the measured step in use (s_base; 0: none)."""
+        h = self.hyper
+        alpha = h.update_step_adaptation * h.step_factor
+        alpha = alpha * self.check[4] if self.checking else alpha
+        if not averaged or h.max_step_shrink is None:
+            return alpha
+        s_m = s_min.clamp(max=h.max_step_size)
+        floor = torch.minimum(alpha / h.step_factor, self.s_base / h.max_step_shrink / s_m)
+        return torch.where(s_m > 0, torch.maximum(torch.as_tensor(alpha, dtype=s_m.dtype,
+                                                                  device=s_m.device), floor),
+                           alpha)
 
     # -- the step check (docs/algorithm.md "The step check") --------------------------------
     def check_coef(self) -> torch.Tensor:

@@ -137,6 +137,10 @@ class LABPAL(torch.optim.Optimizer):
             torch.distributed).
         momentum_correction: with momentum β, the measured step (and η) × (1 − β) (None: on
             unless line_fit="paper").
+        max_step_shrink: with momentum_correction, after the warm-up a measurement divides the
+            step in use by at most this factor (never proposing more than the line's step
+            without the correction); None: no limit. An option for language models with
+            momentum (docs/algorithm.md "The momentum correction").
         loss_scale: None, "dynamic" or a fixed scale S: the loss is multiplied by S before
             backward and the gradient divided by it (fp16).
         master_weights: fp32 master copies of fp16 / bf16 parameters (None: on for them, off
@@ -161,6 +165,7 @@ class LABPAL(torch.optim.Optimizer):
                  resolve_positions: Optional[bool] = None, sgd_rate: str = "robust",
                  step_check: Optional[bool] = None,
                  momentum_correction: Optional[bool] = None,
+                 max_step_shrink: Optional[float] = None,
                  loss_scale: Union[None, str, float] = None,
                  master_weights: Optional[bool] = None,
                  **unknown: Any):

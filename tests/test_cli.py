@@ -125,7 +125,9 @@ def _flag_text(value):
 # a valid value other than the default for hyper-parameters whose default is None (off)
 _INSTEAD_OF_NONE = {"noise_factor": 2.0, "max_grad_norm": 1.5, "resolve_positions": False,
                     "loss_scale": "dynamic", "master_weights": False, "step_check": False,
-                    "momentum_correction": False, "reuse_updates": 300}
+                    "momentum_correction": False, "reuse_updates": 300, "max_step_shrink": 2.0}
+# what a hyper-parameter needs beside it to be valid (max_step_shrink acts on momentum's step)
+_COMPANIONS = {"max_step_shrink": {"momentum": 0.9}}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in command._HYPER_SKIP])
@@ -139,10 +141,11 @@ def test_every_hyper_parameter_flag_parses_to_the_value_typed(name):
     args = command.build_parser().parse_args(["train", flag, _flag_text(value)])
     given = command.labpal_hyper(args)
     assert list(given) == [name]
-    assert getattr(Hyper(**given), name) == value
+    companions = _COMPANIONS.get(name, {})
+    assert getattr(Hyper(**given, **companions), name) == value
     if command._HYPER_TYPES.get(name, (None, ""))[1] == "X|none":  # "none" turns it off
         off = command.build_parser().parse_args(["train", flag, "none"])
-        assert getattr(Hyper(**command.labpal_hyper(off)), name) is None
+        assert getattr(Hyper(**command.labpal_hyper(off), **companions), name) is None
 
 
 def test_every_builtin_optimizer_trains(tmp_path):

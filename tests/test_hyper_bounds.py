@@ -144,7 +144,7 @@ NUMPY = dict(mode=np.str_("SGD"), momentum=np.float32(0.5), dataset_size=np.int6
              line_fit=np.str_("paper"), resolve_positions=np.bool_(True),
              sgd_rate=np.str_("paper"), loss_scale=np.float32(1024.0),
              master_weights=np.bool_(False), step_check=np.bool_(True),
-             momentum_correction=np.bool_(True))
+             momentum_correction=np.bool_(True), max_step_shrink=np.float32(2.0))
 PYTHON = dict(mode="SGD", momentum=0.5, dataset_size=1000, batch_size=64,
               batch_size_schedule=((0, 1.0), (6, 2.0)), approximation_batches=2, reuse_updates=4,
               warmup_updates=3, averaging_window=2, sample_positions=(0.0, 0.25, 0.5),
@@ -152,7 +152,8 @@ PYTHON = dict(mode="SGD", momentum=0.5, dataset_size=1000, batch_size=64,
               epsilon=2.0 ** -20, replay_tolerance=0.25,
               lr_multiplier_schedule=((0, 1.0), (5, 0.5)), max_grad_norm=0.75,
               line_fit="paper", resolve_positions=True, sgd_rate="paper", loss_scale=1024.0,
-              master_weights=False, step_check=True, momentum_correction=True)
+              master_weights=False, step_check=True, momentum_correction=True,
+              max_step_shrink=2.0)
 
 
 def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():

@@ -120,8 +120,8 @@ def test_public_names_and_defaults_are_those_of_the_specification(backend):
         "update_step_adaptation": 3.6, "max_step_size": 0.5, "direction_norm_range": (1e-3, 100.0),
         "epsilon": 1e-6, "replay_tolerance": 1e-3, "lr_multiplier_schedule": ((0, 1.0),),
         "max_grad_norm": None, "line_fit": "robust", "resolve_positions": None,
-        "sgd_rate": "robust", "step_check": None, "momentum_correction": None, "loss_scale": None,
-        "master_weights": None}
+        "sgd_rate": "robust", "step_check": None, "momentum_correction": None,
+        "max_step_shrink": None, "loss_scale": None, "master_weights": None}
     net = small_net(0)
     opt = LABPAL(net.parameters())
     assert opt.hyper == Hyper() and opt.backend == backend

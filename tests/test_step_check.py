@@ -119,6 +119,44 @@ def test_paper_variant_is_unchanged(mode):
     assert all(np.isnan(r["check_factor"]) for r in runs[0][1])
 
 
+@pytest.mark.parametrize("limit", [1.0, 2.0])
+@pytest.mark.parametrize("seed,curvature,offset", [(3, 0.5, 1.0), (5, 1.0, 0.2)])
+def test_max_step_shrink_limits_how_far_a_measurement_shrinks_the_step(seed, curvature, offset,
+                                                                        limit):
+    """With momentum β = 0.9 the step of a measurement is (1 − β)·s_prop, s_prop = α·r·min(s_min,
+    0.5) the step without the correction; after the warm-up, with max_step_shrink = L, it is at
+    least min(s_prop, s_in_use/L), s_in_use the step the previous measurement left in use."""
+    quad = Quadratic([7, 13], seed=seed, curvature=curvature, offset=offset)
+    opt = LABPAL(quad.parameters(), momentum=0.9, approximation_batches=2, warmup_updates=2,
+                 reuse_updates=3, max_step_shrink=limit)
+    for _ in range(60):
+        opt.step(quad)
+    in_use, binds = 0.0, set()
+    for rec in opt.measurements():
+        if not rec["valid"]:
+            continue
+        s_prop = 3.6 * rec["check_factor"] * min(rec["s_min"], 0.5)
+        want = 0.1 * s_prop
+        if rec["averaged"] and min(s_prop, in_use / limit) > want:
+            binds.add("limit" if in_use / limit < s_prop else "s_prop")
+            want = min(s_prop, in_use / limit)
+        assert rec["s_new"] == pytest.approx(want, rel=1e-9)
+        in_use = rec["s_upd"]
+    # the case shows both sides of the floor: the limit and the step without the correction
+    assert binds == {"limit", "s_prop"}
+
+
+def test_max_step_shrink_needs_the_momentum_correction():
+    quad = Quadratic([3], seed=0)
+    for extra in ({}, {"momentum": 0.9, "momentum_correction": False},
+                  {"momentum": 0.9, "line_fit": "paper"}):
+        with pytest.raises(ValueError, match="max_step_shrink .*momentum_correction"):
+            LABPAL(quad.parameters(), max_step_shrink=2.0, **extra)
+    for bad in (0.5, float("nan"), "2"):
+        with pytest.raises(ValueError, match="max_step_shrink"):
+            LABPAL(quad.parameters(), momentum=0.9, max_step_shrink=bad)
+
+
 @pytest.mark.parametrize("name", ["step_check", "momentum_correction"])
 def test_switches_are_validated(name):
     quad = Quadratic([3], seed=0)

@@ -816,9 +816,15 @@ class TritonLine(Line):
         npos = self._npos
         out = torch.empty(record_size(npos), dtype=torch.float64, device=self.sums.device)
         valid = torch.empty((), dtype=torch.bool, device=self.sums.device)
-        if self.checking:  # the kernel's α: `Line._alpha`, the step check's factor included
-            torch.mul(self.check[4], h.update_step_adaptation * h.step_factor,
-                      out=self.consts[Const.ALPHA])
+        # the kernel's α: `Line._alpha` (the step check's factor; max_step_shrink's floor after
+        # the warm-up, from the torch fit: a few launches once per measurement)
+        alpha = h.update_step_adaptation * h.step_factor
+        if averaged and h.max_step_shrink is not None:
+            self.consts[Const.ALPHA].copy_(self._alpha(self._judged_fit(self._norm())[4], True))
+        elif self.checking:
+            torch.mul(self.check[4], alpha, out=self.consts[Const.ALPHA])
+        elif h.max_step_shrink is not None:
+            self.consts[Const.ALPHA].fill_(alpha)
         _launch(_fit_kernel, (1,), out, valid, self.at, self.sums, self.counts,
                 self.partials, self.consts, self.s_upd, self.eta, self.lr, self.hist_s,
                 self.hist_eta, self.hist_n, npos, h.averaging_window, int(bool(averaged)),
