@@ -137,6 +137,11 @@ FIGURES = [
     Figure("reuse-paired", "docs/algorithm.md", None,
            _script("tools/suite_paired.py", BEFORE_REUSE, "benchmarks/suite/reuse200.jsonl",
                    "--suffix", "@r200"), cheap=True),
+    # the experiment with max_step_shrink=2 for the two momentum configurations (rows named
+    # <configuration>@shrink2), paired against the suite record of the defaults
+    Figure("max-step-shrink-paired", "docs/algorithm.md", None,
+           _script("tools/suite_paired.py", SUITE_RECORD,
+                   "benchmarks/suite/max-step-shrink2.jsonl", "--suffix", "@shrink2"), cheap=True),
     Figure("quality-seed0", "docs/quality.md", None,
            _suite("benchmarks/suite/report-2026-12-07-seed0.jsonl", "targets"), cheap=True),
 ]

@@ -6,7 +6,8 @@ docs/quality.md).
 
 BEFORE and AFTER are result rows: a suite record (`OUT/report.jsonl`, committed under
 benchmarks/suite/) or a results file. AFTER's configuration `name` is read as `name + S`
-(an experiment that ran the configurations under other names). The baselines (Adam, tuned SGD,
+(an experiment that ran the configurations under other names); a configuration AFTER has no
+rows of is left out. The baselines (Adam, tuned SGD,
 ...) come from BEFORE. Per configuration: the tasks within the parity margin before and after,
 the paired difference summed over the tasks in margins of each task (+: better) and the tasks
 that got worse by more than a margin.
@@ -37,7 +38,7 @@ def table(before: List[Dict[str, Any]], after: List[Dict[str, Any]], suffix: str
     lines = [f"| configuration | parity tasks (of {len(tasks)}), before → after | "
              "Σ paired Δ (margins) | tasks worse by more than a margin |",
              "|---|---|---|---|"]
-    for name in LABPAL:
+    for name in (n for n in LABPAL if any(r["optimizer"] == "after:" + n for r in renamed)):
         parity, total, worse = [0, 0], 0.0, []
         for res in results:
             ref, new = res.parity_ref(), "after:" + name
