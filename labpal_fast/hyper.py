@@ -114,7 +114,7 @@ class Hyper:
     momentum_correction: Optional[bool] = None
     # with momentum_correction after the warm-up: a measurement divides the step in use by at
     # most this factor, and never proposes more than the line's own step without the correction
-    # (docs/algorithm.md "The momentum correction"); None: no limit (the measured step × (1 − β))
+    # (docs/algorithm.md "The step's collapse with momentum"); None: no limit (the measured step × (1 − β))
     max_step_shrink: Optional[float] = None
     # None: no loss scaling; "dynamic": GradScaler's rule on the device; a number: that scale
     loss_scale: Union[None, str, float] = None

@@ -446,10 +446,9 @@ class Line:
         if not averaged or h.max_step_shrink is None:
             return alpha
         s_m = s_min.clamp(max=h.max_step_size)
+        alpha = torch.as_tensor(alpha, dtype=s_m.dtype, device=s_m.device)  # a float unchecked
         floor = torch.minimum(alpha / h.step_factor, self.s_base / h.max_step_shrink / s_m)
-        return torch.where(s_m > 0, torch.maximum(torch.as_tensor(alpha, dtype=s_m.dtype,
-                                                                  device=s_m.device), floor),
-                           alpha)
+        return torch.where(s_m > 0, torch.maximum(alpha, floor), alpha)
 
     # -- the step check (docs/algorithm.md "The step check") --------------------------------
     def check_coef(self) -> torch.Tensor:

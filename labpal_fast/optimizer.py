@@ -140,7 +140,7 @@ class LABPAL(torch.optim.Optimizer):
         max_step_shrink: with momentum_correction, after the warm-up a measurement divides the
             step in use by at most this factor (never proposing more than the line's step
             without the correction); None: no limit. An option for language models with
-            momentum (docs/algorithm.md "The momentum correction").
+            momentum (docs/algorithm.md "The step's collapse with momentum").
         loss_scale: None, "dynamic" or a fixed scale S: the loss is multiplied by S before
             backward and the gradient divided by it (fp16).
         master_weights: fp32 master copies of fp16 / bf16 parameters (None: on for them, off
