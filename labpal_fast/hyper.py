@@ -63,9 +63,10 @@ MAX_LOSS_SCALE = 2.0 ** 64
 # the dynamic loss scale: its start (GradScaler's init_scale) and the finite updates in a row
 # after which it doubles (GradScaler's growth_interval); an overflow halves it
 # m from the measured gradient noise (noise_factor=None with the robust fit, docs/algorithm.md
-# "m from the measured noise"): ν = ρ/NOISE_PER_UPDATE, ρ the noise-to-signal ratio of one
-# batch's gradient along d, estimated by the first measurement; so m = ⌊ν⌋ calls keep an
-# update's gradient at most about NOISE_PER_UPDATE times as noisy as it is informative.
+# "m from the measured noise"): ν = ρ·(1 − β)/(1 + β)/NOISE_PER_UPDATE, ρ the noise-to-signal
+# ratio of one batch's gradient along d, estimated by the first measurement, (1 − β)/(1 + β)
+# what is left of it in a momentum direction; so m = ⌊ν⌋ calls keep an update's direction at
+# most about NOISE_PER_UPDATE times as noisy as it is informative.
 NOISE_PER_UPDATE = 3.0
 # reuse_updates=None: updates between two measurements. In NSGD without momentum a measured step
 # is followed every 200 updates; with momentum, in SGD mode and with line_fit="paper" the paper's
@@ -73,8 +74,10 @@ NOISE_PER_UPDATE = 3.0
 # measure"
 PAPER_REUSE_UPDATES = 1000
 REUSE_UPDATES = 200
-# ρ beyond this (no signal seen at all: the slope of the line is all noise) counts as this
-MAX_MEASURED_RATIO = 48.0
+# ρ beyond this counts as this, and so does no signal seen at all (the slope of the line all
+# noise): one early estimate may not take more than m = 4 of a run's calls per update (at 16
+# on unseen CNN, LSTM and regression tasks, seeds ended at chance: docs/algorithm.md)
+MAX_MEASURED_RATIO = 12.0
 LOSS_SCALE_INIT = 2.0 ** 16
 LOSS_SCALE_GROWTH_INTERVAL = 2000
 
@@ -190,12 +193,15 @@ class Hyper:
 
     def measured_noise(self, ratio: float) -> float:
         """ν from ρ, the noise-to-signal ratio of one update's gradient the first measurement
-        saw (`Line.noise_ratio`, NaN where it saw no signal): ρ/NOISE_PER_UPDATE, bounded so
-        that every schedule entry keeps m within MAX_MULTIPLIER."""
+        saw (`Line.noise_ratio`, NaN where it saw no signal; at most MAX_MEASURED_RATIO):
+        ρ·(1 − β)/(1 + β)/NOISE_PER_UPDATE, bounded so that every schedule entry keeps m within
+        MAX_MULTIPLIER. A momentum direction averages the gradients of about (1 + β)/(1 − β)
+        updates, which leaves (1 − β)/(1 + β) of one batch's noise-to-signal ratio in it."""
         ratio = MAX_MEASURED_RATIO if not math.isfinite(ratio) else min(max(ratio, 0.0),
                                                                           MAX_MEASURED_RATIO)
+        left = (1.0 - self.momentum) / (1.0 + self.momentum)
         largest = max(mult for _, mult in self.batch_size_schedule)
-        return min(ratio / NOISE_PER_UPDATE, MAX_MULTIPLIER / largest)
+        return min(ratio * left / NOISE_PER_UPDATE, MAX_MULTIPLIER / largest)
 
     @property
     def resolving(self) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from labpal_fast import LABPAL
-from labpal_fast.hyper import NOISE_PER_UPDATE
+from labpal_fast.hyper import MAX_MEASURED_RATIO, NOISE_PER_UPDATE, Hyper
 
 from helpers import labpal_entry
 
@@ -60,6 +60,11 @@ def _train(opt, model, data, calls):
         opt.step(_closure(model, x, y))
 
 
+def _m_by_hand(ratio: float, momentum: float = 0.0) -> int:
+    """m = ⌊min(ρ, 12)·(1 − β)/(1 + β)/3⌋, at least 1 (docs/algorithm.md)."""
+    return max(int(math.floor(min(ratio, 12.0) * (1 - momentum) / (1 + momentum) / 3.0)), 1)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_noise_ratio_is_the_hand_computed_one_and_sets_m(seed):
     model, data = _problem(seed, label_noise=1.0)
@@ -70,7 +75,7 @@ def test_noise_ratio_is_the_hand_computed_one_and_sets_m(seed):
     first = opt.measurements()[0]
     assert first["m"] == 1 and first["valid"]
     assert first["noise_ratio"] == pytest.approx(expected, rel=1e-6)
-    m = max(int(math.floor(expected / NOISE_PER_UPDATE)), 1)
+    m = _m_by_hand(expected)
     assert opt.multiplier == m > 1 and opt.phase == "measuring"   # m changed: measured again
     _train(opt, model, data[K + 1:], K * m)
     second = opt.measurements()[1]
@@ -120,3 +125,29 @@ def test_measured_noise_is_saved_and_resumed():
     fresh = LABPAL(_problem(1, 1.0)[0].parameters(), approximation_batches=K)
     fresh.load_state_dict(state)
     assert fresh.counters.noise is None
+
+
+@pytest.mark.parametrize("ratio,momentum,m", [
+    (7.0, 0.0, 2), (11.9, 0.0, 3), (12.5, 0.0, 4), (40.0, 0.0, 4), (float("nan"), 0.0, 4),
+    (40.0, 0.5, 1), (40.0, 0.2, 2), (12.0, 0.9, 1), (float("nan"), 0.9, 1)])
+def test_m_from_the_ratio_is_bounded_and_counts_momentums_averaging(ratio, momentum, m):
+    """ρ beyond MAX_MEASURED_RATIO, or no signal (NaN), counts as the bound; a momentum
+    direction keeps (1 − β)/(1 + β) of the ratio: the schedule's m at call 0."""
+    assert MAX_MEASURED_RATIO == 12.0
+    hyper = Hyper(momentum=momentum)
+    nu = hyper.measured_noise(ratio)
+    assert hyper.multiplier_at(0, measured=nu, measures=True) == m == _m_by_hand(
+        MAX_MEASURED_RATIO if math.isnan(ratio) else ratio, momentum)
+
+
+def test_with_momentum_the_measured_ratio_gives_its_share():
+    """With momentum β the first measurement (d = the first batches' gradient) measures the
+    same ρ as without, and m counts only (1 − β)/(1 + β) of it."""
+    model, data = _problem(1, label_noise=1.0)
+    expected = _ratio_by_hand(model, data)   # 9.5: m = 3 without momentum, 2 with β = 0.2
+    momentum = 0.2
+    assert _m_by_hand(expected, momentum) < _m_by_hand(expected) and _m_by_hand(expected, momentum) > 1
+    opt = LABPAL(model.parameters(), approximation_batches=K, momentum=momentum)
+    _train(opt, model, data, K + 1)
+    assert opt.measurements()[0]["noise_ratio"] == pytest.approx(expected, rel=1e-6)
+    assert opt.multiplier == _m_by_hand(expected, momentum)
