@@ -64,7 +64,8 @@ MAX_LOSS_SCALE = 2.0 ** 64
 # after which it doubles (GradScaler's growth_interval); an overflow halves it
 # m from the measured gradient noise (noise_factor=None with the robust fit, docs/algorithm.md
 # "m from the measured noise"): ν = ρ·(1 − β)/(1 + β)/NOISE_PER_UPDATE, ρ the noise-to-signal
-# ratio of one batch's gradient along d, estimated by the first measurement, (1 − β)/(1 + β)
+# ratio of one batch's gradient along d, estimated by the first measurement and again by each
+# one after the warm-up (ν only grows), (1 − β)/(1 + β)
 # what is left of it in a momentum direction; so m = ⌊ν⌋ calls keep an update's direction at
 # most about NOISE_PER_UPDATE times as noisy as it is informative.
 NOISE_PER_UPDATE = 3.0
@@ -191,17 +192,19 @@ class Hyper:
                 return f0 + (f1 - f0) * (update - u0) / (u1 - u0)
         return points[-1][1]
 
-    def measured_noise(self, ratio: float) -> float:
-        """ν from ρ, the noise-to-signal ratio of one update's gradient the first measurement
-        saw (`Line.noise_ratio`, NaN where it saw no signal; at most MAX_MEASURED_RATIO):
+    def measured_noise(self, ratio: float, before: Optional[float] = None) -> float:
+        """ν from ρ, the noise-to-signal ratio of one update's gradient a measurement saw
+        (`Line.noise_ratio`, NaN where it saw no signal; at most MAX_MEASURED_RATIO):
         ρ·(1 − β)/(1 + β)/NOISE_PER_UPDATE, bounded so that every schedule entry keeps m within
-        MAX_MULTIPLIER. A momentum direction averages the gradients of about (1 + β)/(1 − β)
-        updates, which leaves (1 − β)/(1 + β) of one batch's noise-to-signal ratio in it."""
+        MAX_MULTIPLIER, and never below ν `before` (the noise grows as the loss falls; one low
+        reading does not undo the averaging). A momentum direction averages the gradients of
+        about (1 + β)/(1 − β) updates, which leaves (1 − β)/(1 + β) of one batch's ratio in it."""
         ratio = MAX_MEASURED_RATIO if not math.isfinite(ratio) else min(max(ratio, 0.0),
                                                                           MAX_MEASURED_RATIO)
         left = (1.0 - self.momentum) / (1.0 + self.momentum)
         largest = max(mult for _, mult in self.batch_size_schedule)
-        return min(ratio * left / NOISE_PER_UPDATE, MAX_MULTIPLIER / largest)
+        nu = min(ratio * left / NOISE_PER_UPDATE, MAX_MULTIPLIER / largest)
+        return nu if before is None else max(nu, before)
 
     @property
     def resolving(self) -> bool:

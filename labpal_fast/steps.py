@@ -146,11 +146,14 @@ def _close_line(opt: Any, meas: Measurement) -> None:
     opt._measuring.reduce(meas, again, c.measure_start_call, c.measure_start_update)
     with _commit(opt) as run:
         factor = opt.rate.multiplier(c.updates)
-        end = opt._measuring.finish(opt.ops, meas, again, factor, c.averaged(opt.hyper),
+        averaged = c.averaged(opt.hyper)
+        # ν from the first measurement's noise, then from every one after the warm-up, where it
+        # only grows (docs/algorithm.md "m from the measured noise")
+        end = opt._measuring.finish(opt.ops, meas, again, factor, averaged,
                                     run, opt.rate, _may_fall_back(opt),
-                                    noise=opt._measures_noise and c.noise is None)
+                                    noise=opt._measures_noise and (c.noise is None or averaged))
         if end.noise is not None:  # m follows from the next call on (a new measurement)
-            c.noise = opt.hyper.measured_noise(end.noise)
+            c.noise = opt.hyper.measured_noise(end.noise, c.noise)
         if end.fit is not None:
             c.has_rate |= end.valid
             if c.has_rate:

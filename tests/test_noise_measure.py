@@ -151,3 +151,32 @@ def test_with_momentum_the_measured_ratio_gives_its_share():
     _train(opt, model, data, K + 1)
     assert opt.measurements()[0]["noise_ratio"] == pytest.approx(expected, rel=1e-6)
     assert opt.multiplier == _m_by_hand(expected, momentum)
+
+
+def test_after_the_warm_up_each_measurement_measures_again_and_m_only_grows():
+    """The first measurement sets m (ρ = 9.5: m = 3); each one after the warm-up reads ρ again
+    (its record shows it) and m becomes the larger of the two; warm-up measurements read
+    nothing, and a later low reading does not lower m."""
+    model, data = _problem(1, label_noise=1.0)
+    data = data * 12                          # enough batches for the warm-up and many lines
+    opt = LABPAL(model.parameters(), approximation_batches=K, warmup_updates=3, reuse_updates=4)
+    m_seen = []
+    for x, y in data:
+        opt.step(_closure(model, x, y))
+        m_seen.append(opt.multiplier)
+    records = opt.measurements()
+    first, warm, after = records[0], [r for r in records[1:] if not r["averaged"]], \
+        [r for r in records if r["averaged"]]
+    assert _m_by_hand(first["noise_ratio"]) == 3 and warm
+    assert all(math.isnan(r["noise_ratio"]) for r in warm)
+    read = [r["noise_ratio"] for r in after if math.isfinite(r["noise_ratio"])]
+    assert len(read) >= 5 and max(read) > MAX_MEASURED_RATIO and min(read) < 2 * NOISE_PER_UPDATE
+    expected = max([3] + [_m_by_hand(x) for x in read])
+    assert opt.multiplier == expected == 4 and m_seen == sorted(m_seen)   # never shrinks
+    assert [r["m"] for r in after][-1] == 4
+
+
+def test_measured_noise_never_falls_below_the_last():
+    hyper = Hyper()
+    assert hyper.measured_noise(3.0, before=2.5) == 2.5 and hyper.measured_noise(9.0, 2.5) == 3.0
+    assert hyper.measured_noise(float("nan"), 1.0) == MAX_MEASURED_RATIO / NOISE_PER_UPDATE
