@@ -65,9 +65,9 @@ MAX_LOSS_SCALE = 2.0 ** 64
 # m from the measured gradient noise (noise_factor=None with the robust fit, docs/algorithm.md
 # "m from the measured noise"): ν = ρ·(1 − β)/(1 + β)/NOISE_PER_UPDATE, ρ the noise-to-signal
 # ratio of one batch's gradient along d, estimated by the first measurement and again by each
-# one after the warm-up (ν only grows), (1 − β)/(1 + β)
-# what is left of it in a momentum direction; so m = ⌊ν⌋ calls keep an update's direction at
-# most about NOISE_PER_UPDATE times as noisy as it is informative.
+# one after the warm-up (ν only grows), (1 − β)/(1 + β) what is left of it in a momentum
+# direction; so m = ⌊ν⌋ calls keep an update's direction at most about NOISE_PER_UPDATE times
+# as noisy as it is informative.
 NOISE_PER_UPDATE = 3.0
 # reuse_updates=None: updates between two measurements. In NSGD without momentum a measured step
 # is followed every 200 updates; with momentum, in SGD mode and with line_fit="paper" the paper's
@@ -118,7 +118,8 @@ class Hyper:
     momentum_correction: Optional[bool] = None
     # with momentum_correction after the warm-up: a measurement divides the step in use by at
     # most this factor, and never proposes more than the line's own step without the correction
-    # (docs/algorithm.md "The step's collapse with momentum"); None: no limit (the measured step × (1 − β))
+    # (docs/algorithm.md "The step's collapse with momentum"); None: no limit (the measured
+    # step × (1 − β))
     max_step_shrink: Optional[float] = None
     # None: no loss scaling; "dynamic": GradScaler's rule on the device; a number: that scale
     loss_scale: Union[None, str, float] = None

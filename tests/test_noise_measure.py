@@ -146,7 +146,7 @@ def test_with_momentum_the_measured_ratio_gives_its_share():
     model, data = _problem(1, label_noise=1.0)
     expected = _ratio_by_hand(model, data)   # 9.5: m = 3 without momentum, 2 with β = 0.2
     momentum = 0.2
-    assert _m_by_hand(expected, momentum) < _m_by_hand(expected) and _m_by_hand(expected, momentum) > 1
+    assert 1 < _m_by_hand(expected, momentum) < _m_by_hand(expected)
     opt = LABPAL(model.parameters(), approximation_batches=K, momentum=momentum)
     _train(opt, model, data, K + 1)
     assert opt.measurements()[0]["noise_ratio"] == pytest.approx(expected, rel=1e-6)
